@@ -1,0 +1,190 @@
+#pragma once
+// The tape. A Graph records whole-matrix operations in execution order; each node
+// computes its output eagerly and knows how to push its output gradient back to its
+// inputs. backward() walks the tape once, in reverse: no recursion, no per-scalar nodes.
+//
+// Buffers are reused across steps: clear() rewinds the tape without freeing it, and an op
+// recorded at the same position with the same type reuses the node (and its matrices).
+// A training step with the same shapes as the previous one therefore allocates nothing.
+
+#include <lowrank/core/error.hpp>
+#include <lowrank/core/parameter.hpp>
+#include <lowrank/core/rng.hpp>
+#include <lowrank/core/types.hpp>
+
+#include <cstddef>
+#include <memory>
+#include <typeinfo>
+#include <vector>
+
+namespace lowrank {
+
+template <class T>
+class Graph;
+
+/// One recorded operation (or leaf). `value`/`grad` point at the output and its gradient:
+/// for op nodes these are the node's own buffers, for a parameter leaf they are the
+/// parameter's value and grad, so gradients accumulate straight into the parameter.
+template <class T>
+struct Node {
+    Node() = default;
+    Node(const Node&) = delete;
+    Node& operator=(const Node&) = delete;
+    virtual ~Node() = default;
+
+    /// Accumulates (+=) this node's output gradient into its inputs' gradients.
+    virtual void backward() {}
+
+    Matrix<T> out;
+    Matrix<T> dout;
+    const Matrix<T>* value = &out;
+    Matrix<T>* grad = &dout;
+    bool requires_grad = false;
+    bool owns_grad = true;  // false for parameter leaves: their grad belongs to the Parameter
+    std::size_t index = 0;
+    const Graph<T>* graph = nullptr;
+};
+
+/// A handle to a recorded value. Valid until the graph is cleared.
+template <class T>
+class Var {
+public:
+    Var() = default;
+    explicit Var(Node<T>* node) : node_(node) {}
+
+    const Matrix<T>& value() const { return *node_->value; }
+    Matrix<T>& grad() const { return *node_->grad; }
+    Index rows() const { return node_->value->rows(); }
+    Index cols() const { return node_->value->cols(); }
+    bool requires_grad() const { return node_->requires_grad; }
+    bool valid() const { return node_ != nullptr; }
+    Node<T>* node() const { return node_; }
+
+    /// The scalar value of a (1 x 1) result such as a loss.
+    T item() const {
+        check_shape(value(), 1, 1, "Var::item");
+        return value()(0, 0);
+    }
+
+private:
+    Node<T>* node_ = nullptr;
+};
+
+namespace detail {
+
+template <class T>
+struct InputNode final : Node<T> {};
+
+template <class T>
+struct ParameterNode final : Node<T> {
+    ParameterNode() { this->owns_grad = false; }
+};
+
+/// Sizes `m` to (rows x cols); Eigen keeps the buffer when the size is unchanged.
+template <class T>
+void ensure_shape(Matrix<T>& m, Index rows, Index cols) {
+    if (m.rows() != rows || m.cols() != cols) m.resize(rows, cols);
+}
+
+}  // namespace detail
+
+template <class T>
+class Graph {
+public:
+    Graph() = default;
+    explicit Graph(std::uint64_t seed) : rng_(seed) {}
+    Graph(const Graph&) = delete;
+    Graph& operator=(const Graph&) = delete;
+
+    /// Rewinds the tape for a new step; keeps every buffer for reuse.
+    void clear() { cursor_ = 0; }
+
+    /// Records a constant input (copied into a reused buffer). With requires_grad its
+    /// gradient is computed too (gradient checks with respect to an input use this).
+    Var<T> input(const ConstMatrixRef<T>& x, bool requires_grad = false) {
+        auto& n = record<detail::InputNode<T>>();
+        detail::ensure_shape(n.out, x.rows(), x.cols());
+        n.out = x;
+        n.requires_grad = requires_grad && grad_enabled_;
+        return Var<T>(&n);
+    }
+
+    /// Records a parameter leaf: ops read its value in place and accumulate into its grad.
+    Var<T> param(Parameter<T>& p) {
+        auto& n = record<detail::ParameterNode<T>>();
+        n.value = &p.value;
+        n.grad = &p.grad;
+        n.requires_grad = p.trainable && grad_enabled_;
+        if (n.requires_grad && (p.grad.rows() != p.value.rows() || p.grad.cols() != p.value.cols()))
+            p.grad.setZero(p.value.rows(), p.value.cols());
+        return Var<T>(&n);
+    }
+
+    /// Returns the node at the cursor, reusing the previous step's node when the type
+    /// matches. Ops call this; users do not need to.
+    template <class N>
+    N& record() {
+        if (cursor_ == tape_.size()) tape_.push_back(nullptr);
+        auto& slot = tape_[cursor_];
+        if (!slot || typeid(*slot) != typeid(N)) slot = std::make_unique<N>();
+        auto& node = static_cast<N&>(*slot);
+        node.index = cursor_++;
+        node.graph = this;
+        return node;
+    }
+
+    /// True if any of the vars needs a gradient (and gradients are enabled).
+    template <class... Vars>
+    bool any_requires_grad(const Vars&... vars) const {
+        return grad_enabled_ && (vars.requires_grad() || ...);
+    }
+
+    /// Checks that a Var was recorded by this graph in the current step.
+    void check_owned(const Var<T>& v, const char* op) const {
+        check(v.valid() && v.node()->graph == this && v.node()->index < cursor_, op,
+              "the input Var does not belong to this graph's current step (was the graph cleared?)");
+    }
+
+    /// Back-propagates from a (1 x 1) value. Gradients of parameters are accumulated
+    /// (+=) into Parameter::grad: zero them between steps (Optimizer::zero_grad).
+    void backward(const Var<T>& loss) {
+        check_owned(loss, "Graph::backward");
+        check(grad_enabled_, "Graph::backward", "gradients are disabled (set_grad_enabled(false))");
+        check_shape(loss.value(), 1, 1, "Graph::backward: loss");
+        check(loss.requires_grad(), "Graph::backward",
+              "the loss does not depend on any trainable parameter or input that requires grad");
+        const std::size_t last = loss.node()->index;
+        for (std::size_t i = 0; i <= last; ++i) {
+            auto& n = *tape_[i];
+            if (n.requires_grad && n.owns_grad) n.dout.setZero(n.out.rows(), n.out.cols());
+        }
+        loss.grad()(0, 0) = T(1);
+        for (std::size_t i = last + 1; i-- > 0;) {
+            auto& n = *tape_[i];
+            if (n.requires_grad) n.backward();
+        }
+    }
+
+    /// With gradients disabled (evaluation), ops record no gradient information.
+    void set_grad_enabled(bool on) { grad_enabled_ = on; }
+    bool grad_enabled() const { return grad_enabled_; }
+
+    /// Training mode switches dropout on.
+    void set_training(bool on) { training_ = on; }
+    bool training() const { return training_; }
+
+    /// The generator dropout draws from; seed it for reproducible runs.
+    Rng& rng() { return rng_; }
+
+    /// Number of nodes recorded in the current step.
+    std::size_t size() const { return cursor_; }
+
+private:
+    std::vector<std::unique_ptr<Node<T>>> tape_;
+    std::size_t cursor_ = 0;
+    bool grad_enabled_ = true;
+    bool training_ = true;
+    Rng rng_{0};
+};
+
+}  // namespace lowrank

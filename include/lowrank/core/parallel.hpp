@@ -1,0 +1,27 @@
+#pragma once
+// Row-parallel loops for element-wise and row-wise kernels. Static scheduling keeps the
+// split, and so the results, identical from run to run for a given thread count.
+
+#include <lowrank/core/types.hpp>
+
+namespace lowrank::detail {
+
+/// Below this many scalars a kernel runs on one thread: the fork costs more than it saves.
+inline constexpr Index kParallelThreshold = 1 << 15;
+
+/// Calls f(i) for i in [0, n), in parallel when n * work_per_item is large enough.
+template <class F>
+void parallel_for(Index n, Index work_per_item, F&& f) {
+#ifdef _OPENMP
+    if (n > 1 && n * work_per_item >= kParallelThreshold) {
+#pragma omp parallel for schedule(static)
+        for (Index i = 0; i < n; ++i) f(i);
+        return;
+    }
+#else
+    (void)work_per_item;
+#endif
+    for (Index i = 0; i < n; ++i) f(i);
+}
+
+}  // namespace lowrank::detail

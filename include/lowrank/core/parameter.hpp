@@ -1,0 +1,120 @@
+#pragma once
+// A trainable tensor: stable id, dotted name, value, gradient.
+
+#include <lowrank/core/error.hpp>
+#include <lowrank/core/types.hpp>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lowrank {
+
+namespace detail {
+inline std::uint64_t next_parameter_id() {
+    static std::atomic<std::uint64_t> counter{0};
+    return ++counter;
+}
+}  // namespace detail
+
+/// A named matrix that the optimizer updates. Every parameter is a matrix; a bias is a
+/// (1 x out) row. Optimizer state is keyed by `id()`, which never changes and is never
+/// reused, so reallocating `value` (a rank change) cannot confuse it.
+///
+/// `layout_version()` changes whenever a rank policy changes the shape or the basis of
+/// the value (see `set_value`); an optimizer that sees a new version without having been
+/// told how to carry its state over refuses to step.
+template <class T>
+class Parameter {
+public:
+    Parameter() : id_(detail::next_parameter_id()) {}
+    Parameter(std::string name, Matrix<T> value, bool trainable = true)
+        : id_(detail::next_parameter_id()),
+          name_(std::move(name)),
+          value(std::move(value)),
+          trainable(trainable) {}
+
+    // A copy is a different parameter: it gets a new id.
+    Parameter(const Parameter& other)
+        : id_(detail::next_parameter_id()),
+          name_(other.name_),
+          value(other.value),
+          grad(other.grad),
+          trainable(other.trainable),
+          layout_version_(other.layout_version_) {}
+    Parameter& operator=(const Parameter& other) {
+        if (this != &other) {
+            name_ = other.name_;
+            value = other.value;
+            grad = other.grad;
+            trainable = other.trainable;
+            bump_layout();
+        }
+        return *this;
+    }
+    Parameter(Parameter&&) noexcept = default;
+    Parameter& operator=(Parameter&&) noexcept = default;
+    ~Parameter() = default;
+
+    std::uint64_t id() const { return id_; }
+    const std::string& name() const { return name_; }
+    void set_name(std::string name) { name_ = std::move(name); }
+
+    Index rows() const { return value.rows(); }
+    Index cols() const { return value.cols(); }
+    Index size() const { return value.size(); }
+
+    /// Replaces the value with one of a new shape or basis and marks the layout changed.
+    /// The gradient is resized to match and zeroed.
+    void set_value(Matrix<T> v) {
+        value = std::move(v);
+        grad.setZero(value.rows(), value.cols());
+        bump_layout();
+    }
+
+    /// Marks a change of basis made in place (same shape, e.g. a re-SVD).
+    void bump_layout() { ++layout_version_; }
+    std::uint64_t layout_version() const { return layout_version_; }
+
+    /// Sets the gradient to zero, sizing it to the value on first use.
+    void zero_grad() {
+        if (grad.rows() != value.rows() || grad.cols() != value.cols())
+            grad.setZero(value.rows(), value.cols());
+        else
+            grad.setZero();
+    }
+
+private:
+    std::uint64_t id_;
+    std::string name_;
+
+public:
+    Matrix<T> value;
+    Matrix<T> grad;
+    bool trainable = true;
+
+private:
+    std::uint64_t layout_version_ = 0;
+};
+
+/// The parameters of a model, in a stable order; non-owning.
+template <class T>
+using ParameterList = std::vector<Parameter<T>*>;
+
+template <class T>
+void zero_grad(const ParameterList<T>& params) {
+    for (auto* p : params) p->zero_grad();
+}
+
+/// Number of scalars in the parameters (optionally only the trainable ones).
+template <class T>
+Index count_parameters(const ParameterList<T>& params, bool trainable_only = false) {
+    Index n = 0;
+    for (const auto* p : params)
+        if (!trainable_only || p->trainable) n += p->size();
+    return n;
+}
+
+}  // namespace lowrank

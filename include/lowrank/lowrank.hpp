@@ -1,0 +1,15 @@
+#pragma once
+// The one header users include.
+
+#include <lowrank/autograd/autograd.hpp>
+#include <lowrank/core/error.hpp>
+#include <lowrank/core/init.hpp>
+#include <lowrank/core/parameter.hpp>
+#include <lowrank/core/rng.hpp>
+#include <lowrank/core/threads.hpp>
+#include <lowrank/core/types.hpp>
+#include <lowrank/models/mlp.hpp>
+#include <lowrank/nn/linear.hpp>
+#if __has_include(<lowrank/optim/optim.hpp>)
+#include <lowrank/optim/optim.hpp>
+#endif
