@@ -4,6 +4,7 @@
 #include <lowrank/autograd/autograd.hpp>
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/init.hpp>
+#include <lowrank/core/memory.hpp>
 #include <lowrank/core/parameter.hpp>
 #include <lowrank/core/rng.hpp>
 #include <lowrank/core/threads.hpp>

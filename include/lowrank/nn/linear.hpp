@@ -22,7 +22,7 @@ public:
     /// PyTorch's initialisation: W and b uniform in +-1/sqrt(in).
     Linear(const std::string& name, Index in, Index out, Rng& rng, LinearOptions options = {})
         : name_(name), has_bias_(options.bias) {
-        check(in > 0 && out > 0, name, ": expected positive in and out features, got in = ", in,
+        check(in > 0 && out > 0, name, "expected positive in and out features, got in = ", in,
               ", out = ", out);
         weight = Parameter<T>(name + ".weight", Matrix<T>(out, in));
         init::linear_default<T>(weight.value, rng, in);
@@ -34,7 +34,7 @@ public:
 
     /// x (N x in) -> (N x out).
     Var<T> forward(Graph<T>& g, const Var<T>& x) {
-        check(x.cols() == in_features(), name_, ": expected input with ", in_features(), " features, got ",
+        check(x.cols() == in_features(), name_, "expected input with ", in_features(), " features, got ",
               shape_string(x.value()));
         return linear(g, x, g.param(weight), has_bias_ ? g.param(bias) : Var<T>{});
     }

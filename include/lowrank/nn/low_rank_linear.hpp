@@ -1,0 +1,213 @@
+#pragma once
+// y = x * (W0 + s * U * V^T)^T + b: a rank-r linear layer with an optional frozen base
+// W0 (LoRA, ReLoRA) and scale s (LoRA's alpha / r). Derivation:
+// docs/derivations/low_rank_linear.md.
+
+#include <lowrank/autograd/graph.hpp>
+#include <lowrank/core/init.hpp>
+#include <lowrank/core/parameter.hpp>
+#include <lowrank/linalg/svd.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+namespace lowrank {
+
+/// How the factors start.
+enum class LowRankInit {
+    spectral,  // truncated SVD (balanced split) of a PyTorch-default dense init: U V^T is
+               // the best rank-r approximation of a dense layer's starting weight
+    lora,      // U = 0, V uniform +-1/sqrt(in) (LoRA / PEFT): the product starts at zero
+};
+
+struct LowRankOptions {
+    Index rank = 8;
+    bool bias = true;
+    bool base = false;    // hold a frozen dense W0 (initialised like a dense layer)
+    double scale = 1.0;   // s in W0 + s U V^T; LoRA uses alpha / r
+    LowRankInit init = LowRankInit::spectral;
+};
+
+namespace detail {
+
+/// The fused node. Forward keeps xv = x V (N x r) for backward so that every product
+/// costs O(N r (m + n)); the dense m x n weight is never formed.
+template <class T>
+struct LowRankLinearNode final : Node<T> {
+    Node<T>* x = nullptr;   // (N x n)
+    Node<T>* u = nullptr;   // (m x r)
+    Node<T>* v = nullptr;   // (n x r)
+    Node<T>* w0 = nullptr;  // (m x n) or null
+    Node<T>* b = nullptr;   // (1 x m) or null
+    T scale = T(1);
+    Matrix<T> xv;   // x V
+    Matrix<T> dxv;  // s dy U, the gradient reaching x V
+    void backward() override {
+        const auto& dy = this->dout;
+        const bool need_dxv = x->requires_grad || v->requires_grad;
+        if (need_dxv) {
+            ensure_shape(dxv, dy.rows(), u->value->cols());
+            dxv.noalias() = scale * dy * *u->value;
+        }
+        if (u->requires_grad) u->grad->noalias() += scale * dy.transpose() * xv;
+        if (v->requires_grad) v->grad->noalias() += x->value->transpose() * dxv;
+        if (x->requires_grad) {
+            x->grad->noalias() += dxv * v->value->transpose();
+            if (w0) x->grad->noalias() += dy * *w0->value;
+        }
+        if (w0 && w0->requires_grad) w0->grad->noalias() += dy.transpose() * *x->value;
+        if (b && b->requires_grad) *b->grad += dy.colwise().sum();
+    }
+};
+
+}  // namespace detail
+
+/// The fused op: x (N x n), U (m x r), V (n x r), optional W0 (m x n) and b (1 x m).
+template <class T>
+Var<T> low_rank_linear(Graph<T>& g, const Var<T>& x, const Var<T>& u, const Var<T>& v, T scale,
+                       const Var<T>& w0 = {}, const Var<T>& b = {}) {
+    g.check_owned(x, "low_rank_linear");
+    g.check_owned(u, "low_rank_linear");
+    g.check_owned(v, "low_rank_linear");
+    check(u.cols() == v.cols(), "low_rank_linear", "U ", shape_string(u.value()), " and V ",
+          shape_string(v.value()), " must have the same rank (columns)");
+    check(x.cols() == v.rows(), "low_rank_linear", "input has ", x.cols(), " features but V ",
+          shape_string(v.value()), " expects ", v.rows());
+    auto& n = g.template record<detail::LowRankLinearNode<T>>();
+    n.x = x.node();
+    n.u = u.node();
+    n.v = v.node();
+    n.w0 = nullptr;
+    n.b = nullptr;
+    n.scale = scale;
+    bool needs_grad = g.any_requires_grad(x, u, v);
+    detail::ensure_shape(n.xv, x.rows(), v.cols());
+    n.xv.noalias() = x.value() * v.value();
+    detail::ensure_shape(n.out, x.rows(), u.rows());
+    n.out.noalias() = scale * n.xv * u.value().transpose();
+    if (w0.valid()) {
+        g.check_owned(w0, "low_rank_linear");
+        check_shape(w0.value(), u.rows(), v.rows(), "low_rank_linear: base W0");
+        n.w0 = w0.node();
+        n.out.noalias() += x.value() * w0.value().transpose();
+        needs_grad = needs_grad || g.any_requires_grad(w0);
+    }
+    if (b.valid()) {
+        g.check_owned(b, "low_rank_linear");
+        check_shape(b.value(), 1, u.rows(), "low_rank_linear: bias");
+        n.b = b.node();
+        n.out.rowwise() += b.value().row(0);
+        needs_grad = needs_grad || g.any_requires_grad(b);
+    }
+    n.requires_grad = needs_grad;
+    return Var<T>(&n);
+}
+
+/// A rank-r linear layer, W = (W0) + s U V^T, U (out x r), V (in x r).
+template <class T>
+class LowRankLinear {
+public:
+    LowRankLinear(const std::string& name, Index in, Index out, Rng& rng, LowRankOptions options = {})
+        : name_(name), options_(options) {
+        check(in > 0 && out > 0, name, "expected positive in and out features, got in = ", in,
+              ", out = ", out);
+        check_rank(options.rank, in, out);
+        check(std::isfinite(options.scale), name, "scale must be finite, got ", options.scale);
+        Matrix<T> dense(out, in);
+        init::linear_default<T>(dense, rng, in);
+        if (options.base) base = Parameter<T>(name + ".base", dense, /*trainable=*/false);
+        if (options.init == LowRankInit::lora) {
+            U = Parameter<T>(name + ".U", Matrix<T>::Zero(out, options.rank));
+            V = Parameter<T>(name + ".V", Matrix<T>(in, options.rank));
+            init::linear_default<T>(V.value, rng, in);
+        } else {
+            auto f = linalg::truncated_svd<T>(dense, options.rank, name);
+            U = Parameter<T>(name + ".U", std::move(f.U));
+            V = Parameter<T>(name + ".V", std::move(f.V));
+        }
+        if (options.bias) {
+            bias = Parameter<T>(name + ".bias", Matrix<T>(1, out));
+            init::linear_default<T>(bias.value, rng, in);
+        }
+    }
+
+    /// The best rank-r approximation of a dense weight (exact when r >= rank(W)), by
+    /// truncated SVD with the balanced split; the bias, if given, is kept.
+    static LowRankLinear from_dense(const std::string& name, const ConstMatrixRef<T>& w, Index r,
+                                    const Matrix<T>* b = nullptr) {
+        check(w.rows() > 0 && w.cols() > 0, name, "from_dense expects a non-empty weight, got ",
+              shape_string(w.rows(), w.cols()));
+        check_rank_named(name, r, w.cols(), w.rows());
+        if (b) check_shape(*b, 1, w.rows(), name + ": from_dense bias");
+        LowRankLinear l(name);
+        auto f = linalg::truncated_svd<T>(w, r, name);
+        l.options_ = LowRankOptions{.rank = r, .bias = b != nullptr};
+        l.U = Parameter<T>(name + ".U", std::move(f.U));
+        l.V = Parameter<T>(name + ".V", std::move(f.V));
+        if (b) l.bias = Parameter<T>(name + ".bias", *b);
+        return l;
+    }
+
+    /// x (N x in) -> (N x out).
+    Var<T> forward(Graph<T>& g, const Var<T>& x) {
+        check(x.cols() == in_features(), name_, "expected input with ", in_features(), " features, got ",
+              shape_string(x.value()));
+        return low_rank_linear(g, x, g.param(U), g.param(V), static_cast<T>(options_.scale),
+                               has_base() ? g.param(base) : Var<T>{}, has_bias() ? g.param(bias) : Var<T>{});
+    }
+
+    ParameterList<T> parameters() {
+        ParameterList<T> out{&U, &V};
+        if (has_base()) out.push_back(&base);
+        if (has_bias()) out.push_back(&bias);
+        return out;
+    }
+
+    const std::string& name() const { return name_; }
+    const LowRankOptions& options() const { return options_; }
+    Index in_features() const { return V.rows(); }
+    Index out_features() const { return U.rows(); }
+    Index rank() const { return U.cols(); }
+    double scale() const { return options_.scale; }
+    bool has_base() const { return base.size() > 0; }
+    bool has_bias() const { return bias.size() > 0; }
+    Index parameter_count() const { return U.size() + V.size() + base.size() + bias.size(); }
+    Index trainable_count() const {
+        Index n = 0;
+        for (const auto* p : {&U, &V, &base, &bias})
+            if (p->trainable) n += p->size();
+        return n;
+    }
+    /// Forward FLOPs per token: x V, then (x V) U^T, plus the base product and the bias.
+    double flops_per_token() const {
+        const double m = static_cast<double>(out_features()), n = static_cast<double>(in_features()),
+                     r = static_cast<double>(rank());
+        return 2.0 * r * (m + n) + (has_base() ? 2.0 * m * n : 0.0) + (has_bias() ? m : 0.0);
+    }
+    /// W0 + s U V^T as a dense (out x in) matrix (for inspection and conversion only).
+    Matrix<T> dense_weight() const {
+        Matrix<T> w = static_cast<T>(options_.scale) * U.value * V.value.transpose();
+        if (has_base()) w += base.value;
+        return w;
+    }
+
+    Parameter<T> U;     // (out x r)
+    Parameter<T> V;     // (in x r)
+    Parameter<T> base;  // (out x in), frozen; empty without a base
+    Parameter<T> bias;  // (1 x out); empty without bias
+
+private:
+    explicit LowRankLinear(const std::string& name) : name_(name) {}
+
+    void check_rank(Index r, Index in, Index out) const { check_rank_named(name_, r, in, out); }
+    static void check_rank_named(const std::string& name, Index r, Index in, Index out) {
+        const Index d = std::min(in, out);
+        check(r >= 1 && r <= d, name, "rank must be in [1, min(out, in) = ", d, "], got ", r);
+    }
+
+    std::string name_;
+    LowRankOptions options_;
+};
+
+}  // namespace lowrank
