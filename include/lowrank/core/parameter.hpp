@@ -43,13 +43,15 @@ public:
           value(other.value),
           grad(other.grad),
           trainable(other.trainable),
-          layout_version_(other.layout_version_) {}
+          layout_version_(other.layout_version_),
+          active_cols_(other.active_cols_) {}
     Parameter& operator=(const Parameter& other) {
         if (this != &other) {
             name_ = other.name_;
             value = other.value;
             grad = other.grad;
             trainable = other.trainable;
+            active_cols_ = other.active_cols_;
             bump_layout();
         }
         return *this;
@@ -64,12 +66,25 @@ public:
 
     Index rows() const { return value.rows(); }
     Index cols() const { return value.cols(); }
-    Index size() const { return value.size(); }
+    /// Scalars in use: rows x active_cols().
+    Index size() const { return value.rows() * active_cols(); }
+
+    /// Columns in use. A layer that grows its rank (IncrementalRankLinear) allocates
+    /// `cols()` columns up front and marks the leading ones active: only those are trained
+    /// (the optimizer updates value.leftCols(active_cols()) and keeps state for them), so a
+    /// rank increase needs no reallocation. By default every column is active.
+    Index active_cols() const { return active_cols_ < 0 ? value.cols() : active_cols_; }
+    void set_active_cols(Index k) {
+        check(k >= 0 && k <= value.cols(), name_, "active columns must be in [0, ", value.cols(), "], got ", k);
+        active_cols_ = k;
+        bump_layout();
+    }
 
     /// Replaces the value with one of a new shape or basis and marks the layout changed.
     /// The gradient is resized to match and zeroed.
     void set_value(Matrix<T> v) {
         value = std::move(v);
+        active_cols_ = -1;
         grad.setZero(value.rows(), value.cols());
         bump_layout();
     }
@@ -97,6 +112,7 @@ public:
 
 private:
     std::uint64_t layout_version_ = 0;
+    Index active_cols_ = -1;  // -1: all columns
 };
 
 /// The parameters of a model, in a stable order; non-owning.

@@ -41,19 +41,22 @@ struct LowRankLinearNode final : Node<T> {
     Node<T>* w0 = nullptr;  // (m x n) or null
     Node<T>* b = nullptr;   // (1 x m) or null
     T scale = T(1);
+    Index k = 0;    // active columns of U and V (all of them unless the layer has capacity)
     Matrix<T> xv;   // x V
     Matrix<T> dxv;  // s dy U, the gradient reaching x V
     void backward() override {
         const auto& dy = this->dout;
+        const auto uk = u->value->leftCols(k);
+        const auto vk = v->value->leftCols(k);
         const bool need_dxv = x->requires_grad || v->requires_grad;
         if (need_dxv) {
-            ensure_shape(dxv, dy.rows(), u->value->cols());
-            dxv.noalias() = scale * dy * *u->value;
+            ensure_shape(dxv, dy.rows(), k);
+            dxv.noalias() = scale * dy * uk;
         }
-        if (u->requires_grad) u->grad->noalias() += scale * dy.transpose() * xv;
-        if (v->requires_grad) v->grad->noalias() += x->value->transpose() * dxv;
+        if (u->requires_grad) u->grad->leftCols(k).noalias() += scale * dy.transpose() * xv;
+        if (v->requires_grad) v->grad->leftCols(k).noalias() += x->value->transpose() * dxv;
         if (x->requires_grad) {
-            x->grad->noalias() += dxv * v->value->transpose();
+            x->grad->noalias() += dxv * vk.transpose();
             if (w0) x->grad->noalias() += dy * *w0->value;
         }
         if (w0 && w0->requires_grad) w0->grad->noalias() += dy.transpose() * *x->value;
@@ -63,10 +66,11 @@ struct LowRankLinearNode final : Node<T> {
 
 }  // namespace detail
 
-/// The fused op: x (N x n), U (m x r), V (n x r), optional W0 (m x n) and b (1 x m).
+/// The fused op: x (N x n), U (m x r), V (n x r), optional W0 (m x n) and b (1 x m). With
+/// `active` >= 0 only the leading `active` columns of U and V take part (and get gradients).
 template <class T>
 Var<T> low_rank_linear(Graph<T>& g, const Var<T>& x, const Var<T>& u, const Var<T>& v, T scale,
-                       const Var<T>& w0 = {}, const Var<T>& b = {}) {
+                       const Var<T>& w0 = {}, const Var<T>& b = {}, Index active = -1) {
     g.check_owned(x, "low_rank_linear");
     g.check_owned(u, "low_rank_linear");
     g.check_owned(v, "low_rank_linear");
@@ -81,11 +85,13 @@ Var<T> low_rank_linear(Graph<T>& g, const Var<T>& x, const Var<T>& u, const Var<
     n.w0 = nullptr;
     n.b = nullptr;
     n.scale = scale;
+    check(active <= u.cols(), "low_rank_linear", "active columns ", active, " exceed the factors' ", u.cols());
+    n.k = active < 0 ? u.cols() : active;
     bool needs_grad = g.any_requires_grad(x, u, v);
-    detail::ensure_shape(n.xv, x.rows(), v.cols());
-    n.xv.noalias() = x.value() * v.value();
+    detail::ensure_shape(n.xv, x.rows(), n.k);
+    n.xv.noalias() = x.value() * v.value().leftCols(n.k);
     detail::ensure_shape(n.out, x.rows(), u.rows());
-    n.out.noalias() = scale * n.xv * u.value().transpose();
+    n.out.noalias() = scale * n.xv * u.value().leftCols(n.k).transpose();
     if (w0.valid()) {
         g.check_owned(w0, "low_rank_linear");
         check_shape(w0.value(), u.rows(), v.rows(), "low_rank_linear: base W0");
