@@ -1,0 +1,130 @@
+// After its first step an optimizer allocates nothing: the steady-state step is the hot
+// loop of training, and fresh memory is expensive on these machines (DATA.md).
+//
+// malloc is replaced here (glibc allows it; the real allocator stays reachable as
+// __libc_malloc), which counts Eigen's allocations as well as operator new's. It is left
+// out under sanitizers, which own malloc themselves.
+#include <lowrank/optim/optim.hpp>
+
+#include "optim_test_support.hpp"
+
+#include <atomic>
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define LOWRANK_TEST_COUNT_MALLOC 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+#define LOWRANK_TEST_COUNT_MALLOC 0
+#endif
+#endif
+#if !defined(LOWRANK_TEST_COUNT_MALLOC)
+#if defined(__GLIBC__)
+#define LOWRANK_TEST_COUNT_MALLOC 1
+#else
+#define LOWRANK_TEST_COUNT_MALLOC 0
+#endif
+#endif
+
+#if LOWRANK_TEST_COUNT_MALLOC
+
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> allocations{0};
+
+void count() {
+    if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+}
+
+/// Calls f and returns how many allocations it made.
+template <class F>
+long allocations_in(F&& f) {
+    allocations = 0;
+    counting = true;
+    f();
+    counting = false;
+    return allocations.load();
+}
+}  // namespace
+
+extern "C" {
+void* __libc_malloc(std::size_t size);
+void* __libc_calloc(std::size_t n, std::size_t size);
+void* __libc_realloc(void* p, std::size_t size);
+void __libc_free(void* p);
+
+void* malloc(std::size_t size) noexcept {
+    count();
+    return __libc_malloc(size);
+}
+void* calloc(std::size_t n, std::size_t size) noexcept {
+    count();
+    return __libc_calloc(n, size);
+}
+void* realloc(void* p, std::size_t size) noexcept {
+    count();
+    return __libc_realloc(p, size);
+}
+void free(void* p) noexcept { __libc_free(p); }
+}
+
+using namespace lowrank;
+using lowrank::test::make_param;
+using lowrank::test::set_grad;
+
+namespace {
+
+std::unique_ptr<Optimizer<float>> make_optimizer(const std::string& kind, ParameterList<float> params) {
+    if (kind == "sgd") return std::make_unique<Sgd<float>>(std::move(params), SgdOptions{.lr = 0.01});
+    if (kind == "sgd-nesterov")
+        return std::make_unique<Sgd<float>>(std::move(params),
+                                            SgdOptions{.lr = 0.01, .momentum = 0.9, .nesterov = true});
+    if (kind == "adam") return std::make_unique<Adam<float>>(std::move(params), AdamOptions{});
+    return std::make_unique<AdamW<float>>(std::move(params), AdamOptions{.weight_decay = 0.01});
+}
+
+}  // namespace
+
+TEST_CASE("the allocation counter sees Eigen's and the standard library's allocations",
+          "[optim][alloc]") {
+    // Without this the next test could not fail.
+    CHECK(allocations_in([] { MatrixF m(64, 64); m.setZero(); }) >= 1);
+    CHECK(allocations_in([] { std::string s(100, 'x'); }) >= 1);
+}
+
+TEST_CASE("a steady-state step allocates nothing", "[optim][alloc]") {
+    const std::string kind = GENERATE("sgd", "sgd-nesterov", "adam", "adamw");
+    INFO(kind);
+    // One parameter large enough to take the blocked (possibly parallel) path.
+    auto a = make_param<float>("a", 300, 200);
+    auto b = make_param<float>("b", 1, 7);
+    auto c = make_param<float>("c", 5, 3);
+    auto opt = make_optimizer(kind, {&a, &b});
+    opt->add_group({&c}, GroupOptions{.lr = 1e-4, .weight_decay = 0.1});
+    LrSchedule schedule(ScheduleOptions{.kind = ScheduleKind::warmup_cosine, .warmup_steps = 2, .total_steps = 10});
+    for (auto* p : opt->parameters()) set_grad(*p, 0);
+    schedule.apply(*opt, 0);
+    opt->step();  // allocates the state
+    opt->step();
+    const ParameterList<float> params = opt->parameters();
+    const long n = allocations_in([&] {
+        for (std::int64_t step = 2; step < 6; ++step) {
+            for (auto* p : params) set_grad(*p, static_cast<int>(step));
+            schedule.apply(*opt, step);
+            clip_grad_norm(params, 1.0);
+            opt->step();
+            opt->zero_grad();
+        }
+    });
+    CHECK(n == 0);
+}
+
+#else
+
+TEST_CASE("a steady-state step allocates nothing", "[optim][alloc]") {
+    WARN("not checked: malloc is not replaceable in this build (sanitizer or not glibc)");
+}
+
+#endif
