@@ -9,8 +9,12 @@
 #include <lowrank/core/rng.hpp>
 #include <lowrank/core/threads.hpp>
 #include <lowrank/core/types.hpp>
+#include <lowrank/linalg/svd.hpp>
 #include <lowrank/models/mlp.hpp>
+#include <lowrank/nn/any_linear.hpp>
+#include <lowrank/nn/deep_low_rank_linear.hpp>
+#include <lowrank/nn/incremental_rank_linear.hpp>
 #include <lowrank/nn/linear.hpp>
-#if __has_include(<lowrank/optim/optim.hpp>)
+#include <lowrank/nn/low_rank_linear.hpp>
+#include <lowrank/nn/spectral_linear.hpp>
 #include <lowrank/optim/optim.hpp>
-#endif
