@@ -9,6 +9,8 @@
 #include <lowrank/core/rng.hpp>
 #include <lowrank/core/threads.hpp>
 #include <lowrank/core/types.hpp>
+#include <lowrank/data/batching.hpp>
+#include <lowrank/data/idx.hpp>
 #include <lowrank/linalg/svd.hpp>
 #include <lowrank/models/mlp.hpp>
 #include <lowrank/nn/any_linear.hpp>
@@ -18,3 +20,6 @@
 #include <lowrank/nn/low_rank_linear.hpp>
 #include <lowrank/nn/spectral_linear.hpp>
 #include <lowrank/optim/optim.hpp>
+#include <lowrank/train/evaluate.hpp>
+#include <lowrank/train/metrics_log.hpp>
+#include <lowrank/train/progress.hpp>

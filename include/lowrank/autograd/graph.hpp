@@ -128,6 +128,9 @@ public:
         auto& slot = tape_[cursor_];
         if (!slot || typeid(*slot) != typeid(N)) slot = std::make_unique<N>();
         auto& node = static_cast<N&>(*slot);
+        // A reused node must not keep last step's flag: an op that throws after record()
+        // leaves a half-built node on the tape, and backward() must skip it.
+        node.requires_grad = false;
         node.index = cursor_++;
         node.graph = this;
         return node;

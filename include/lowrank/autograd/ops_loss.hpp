@@ -3,11 +3,13 @@
 // squared error. Derivations: docs/derivations/losses.md.
 
 #include <lowrank/autograd/graph.hpp>
+#include <lowrank/autograd/ops_activation.hpp>
 #include <lowrank/core/parallel.hpp>
 
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 namespace lowrank {
@@ -98,9 +100,10 @@ Var<T> cross_entropy(Graph<T>& g, const Var<T>& logits, const std::vector<std::i
     return cross_entropy(g, logits, std::span<const std::int32_t>(targets), ignore_index);
 }
 
-/// Mean over all entries of (pred - target)^2.
+/// Mean over all entries of (pred - target)^2. The target is not deduced (type_identity), so
+/// any Eigen matrix converts to the Ref and T comes from the graph.
 template <class T>
-Var<T> mse(Graph<T>& g, const Var<T>& pred, const ConstMatrixRef<T>& target) {
+Var<T> mse(Graph<T>& g, const Var<T>& pred, const std::type_identity_t<ConstMatrixRef<T>>& target) {
     g.check_owned(pred, "mse");
     check_shape(target, pred.rows(), pred.cols(), "mse: target");
     check(pred.value().size() > 0, "mse", "expected a non-empty prediction, got ", shape_string(pred.value()));

@@ -1,0 +1,156 @@
+#include <lowrank/train/metrics_log.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#if __has_include(<nlohmann/json.hpp>)
+#include <nlohmann/json.hpp>
+#define LOWRANK_TEST_HAVE_NLOHMANN 1
+#endif
+
+namespace fs = std::filesystem;
+using lowrank::JsonLine;
+
+namespace {
+
+fs::path temp_file(const std::string& stem) {
+    static std::atomic<int> counter{0};
+    return fs::temp_directory_path() /
+           ("lowrank-test-" + stem + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + ".jsonl");
+}
+
+std::vector<std::string> read_lines(const fs::path& path) {
+    std::ifstream f(path);
+    std::vector<std::string> lines;
+    for (std::string line; std::getline(f, line);) lines.push_back(line);
+    return lines;
+}
+
+}  // namespace
+
+TEST_CASE("JsonLine writes numbers, booleans, strings, null and arrays", "[train][metrics_log]") {
+    const std::vector<double> losses{0.5, 0.25};
+    const std::array<int, 3> ranks{8, 16, 32};
+    const std::string s = JsonLine()
+                              .field("epoch", 3)
+                              .field("big", std::numeric_limits<std::int64_t>::max())
+                              .field("size", std::size_t{7})
+                              .field("lr", 0.001)
+                              .field("acc", 0.1f)
+                              .field("ok", true)
+                              .field("no", false)
+                              .field("method", "dense")
+                              .field("name", std::string("mlp"))
+                              .field("none", nullptr)
+                              .field("losses", losses)
+                              .field("ranks", ranks)
+                              .field("empty", std::vector<float>{})
+                              .str();
+    CHECK(s ==
+          R"({"epoch":3,"big":9223372036854775807,"size":7,"lr":0.001,"acc":0.1,"ok":true,"no":false,)"
+          R"("method":"dense","name":"mlp","none":null,"losses":[0.5,0.25],"ranks":[8,16,32],"empty":[]})");
+    CHECK(JsonLine().str() == "{}");
+}
+
+TEST_CASE("JsonLine writes non-finite numbers as null", "[train][metrics_log]") {
+    const double inf = std::numeric_limits<double>::infinity();
+    const std::vector<double> mixed{1.0, std::numeric_limits<double>::quiet_NaN(), -inf};
+    const std::string s = JsonLine()
+                              .field("nan", std::numeric_limits<float>::quiet_NaN())
+                              .field("inf", inf)
+                              .field("mixed", mixed)
+                              .str();
+    CHECK(s == R"({"nan":null,"inf":null,"mixed":[1,null,null]})");
+}
+
+TEST_CASE("JsonLine numbers read back exactly", "[train][metrics_log]") {
+    const double x = 0.1 + 0.2;  // 0.30000000000000004
+    const std::string s = JsonLine().field("x", x).field("tiny", 5e-324).field("neg", -1.5e300).str();
+    CHECK(s == R"({"x":0.30000000000000004,"tiny":5e-324,"neg":-1.5e+300})");
+}
+
+TEST_CASE("JsonLine escapes strings per RFC 8259 and replaces invalid UTF-8", "[train][metrics_log]") {
+    const std::string nasty = std::string("a\"b\\c\nd\re\tf\bg\fh") + '\x01' + '\x1f' + "/\x7f";
+    CHECK(JsonLine().field("s", nasty).str() == R"({"s":"a\"b\\c\nd\re\tf\bg\fh\u0001\u001f/)"
+                                                "\x7f"
+                                                R"("})");
+    // Field names are escaped too.
+    CHECK(JsonLine().field("we\"ird", 1).str() == R"({"we\"ird":1})");
+    // Valid multi-byte UTF-8 passes through; broken sequences become U+FFFD.
+    CHECK(JsonLine().field("u", "h\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80").str() ==
+          "{\"u\":\"h\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80\"}");
+    CHECK(JsonLine().field("u", "\xFF").str() == "{\"u\":\"\xEF\xBF\xBD\"}");
+    CHECK(JsonLine().field("u", "a\xC3").str() == "{\"u\":\"a\xEF\xBF\xBD\"}");            // cut short
+    CHECK(JsonLine().field("u", "\xC0\xAF").str() == "{\"u\":\"\xEF\xBF\xBD\xEF\xBF\xBD\"}");  // overlong
+    CHECK(JsonLine().field("u", "\xED\xA0\x80").str() ==                                    // surrogate
+          "{\"u\":\"\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\"}");
+    std::string with_nul = "x";
+    with_nul += '\0';
+    with_nul += 'y';
+    CHECK(JsonLine().field("z", with_nul).str() == R"({"z":"x\u0000y"})");
+}
+
+#ifdef LOWRANK_TEST_HAVE_NLOHMANN
+TEST_CASE("JsonLine output parses back with nlohmann::json", "[train][metrics_log]") {
+    std::string all_bytes;
+    for (int c = 1; c < 256; ++c) all_bytes += static_cast<char>(c);
+    const std::vector<float> values{1.5f, -0.0f, 3e-8f};
+    const std::string s = JsonLine()
+                              .field("all", all_bytes)
+                              .field("quote", "say \"hi\"\n")
+                              .field("pi", 3.141592653589793)
+                              .field("f", 0.1f)
+                              .field("values", values)
+                              .field("flag", true)
+                              .str();
+    const auto j = nlohmann::json::parse(s);  // throws if the line is not valid JSON / UTF-8
+    CHECK(j.at("quote") == "say \"hi\"\n");
+    CHECK(j.at("pi").get<double>() == 3.141592653589793);
+    CHECK(static_cast<float>(j.at("f").get<double>()) == 0.1f);
+    CHECK(j.at("values").size() == 3);
+    CHECK(static_cast<float>(j.at("values")[2].get<double>()) == 3e-8f);
+    CHECK(j.at("flag") == true);
+    // Every ASCII byte survives; the invalid high bytes became U+FFFD.
+    const std::string back = j.at("all").get<std::string>();
+    CHECK(back.substr(0, 127) == all_bytes.substr(0, 127));
+}
+#endif
+
+TEST_CASE("MetricsLog writes one flushed JSON object per line", "[train][metrics_log]") {
+    const fs::path path = temp_file("metrics");
+    {
+        lowrank::MetricsLog log(path);
+        log.write(JsonLine().field("epoch", 1).field("loss", 0.5));
+        // Flushed already: readable while the log is still open.
+        CHECK(read_lines(path) == std::vector<std::string>{R"({"epoch":1,"loss":0.5})"});
+        log.write(JsonLine().field("epoch", 2).field("note", "line\nbreak"));
+    }
+    CHECK(read_lines(path) ==
+          std::vector<std::string>{R"({"epoch":1,"loss":0.5})", R"({"epoch":2,"note":"line\nbreak"})"});
+    {
+        lowrank::MetricsLog again(path, lowrank::MetricsLog::Mode::append);
+        again.write(JsonLine().field("epoch", 3));
+    }
+    CHECK(read_lines(path).size() == 3);
+    {
+        lowrank::MetricsLog fresh(path);  // truncates
+        fresh.write(JsonLine());
+    }
+    CHECK(read_lines(path) == std::vector<std::string>{"{}"});
+    fs::remove(path);
+}
+
+TEST_CASE("MetricsLog names the file it cannot open", "[train][metrics_log][errors]") {
+    const fs::path bad = fs::temp_directory_path() / "lowrank-no-such-dir-xyz" / "m.jsonl";
+    CHECK_THROWS_WITH(lowrank::MetricsLog(bad), Catch::Matchers::Contains(bad.string()));
+}
