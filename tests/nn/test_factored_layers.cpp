@@ -336,3 +336,30 @@ TEST_CASE("Factored layers reject bad ranks, shapes and non-finite weights", "[n
     CHECK_THROWS_WITH(d.compress(3, gaussian(4, 6, 64)), Catch::Contains("got r = 3"));
     CHECK_THROWS_WITH(d.compress(1, gaussian(6, 6, 65)), Catch::Contains("(4 x 6)"));
 }
+
+TEST_CASE("LowRankLinear one-pass backward equals the GEMM composition", "[nn][gradcheck]") {
+    // 300 tokens: several 64-token tiles and a partial one.
+    Rng rng(70);
+    for (bool base : {false, true}) {
+        INFO("base " << base);
+        LowRankLinear<double> l("fc", 20, 16, rng, {.rank = 4, .bias = true, .base = base, .scale = 0.5});
+        Parameter<double> x("x", gaussian(300, 20, 71));
+        const MatrixD weights = gaussian(300, 16, 72);
+        auto grads = [&](Index one_pass_max_rank) {
+            const Index saved = detail::low_rank_one_pass_max_rank();
+            detail::low_rank_one_pass_max_rank() = one_pass_max_rank;
+            zero_grad(ParameterList<double>{&l.U, &l.V, &l.bias, &x});
+            Graph<double> g;
+            g.backward(weighted_sum_loss(l, x, weights)(g));
+            detail::low_rank_one_pass_max_rank() = saved;
+            return std::tuple{l.U.grad, l.V.grad, l.bias.grad, x.grad};
+        };
+        const auto [u0, v0, b0, x0] = grads(0);
+        const auto [u1, v1, b1, x1] = grads(64);
+        CHECK((u0 - u1).norm() <= 1e-12 * u0.norm());
+        CHECK((v0 - v1).norm() <= 1e-12 * v0.norm());
+        CHECK((b0 - b1).norm() == 0.0);
+        CHECK((x0 - x1).norm() <= 1e-12 * x0.norm());
+        check_gradients(l, 300);
+    }
+}

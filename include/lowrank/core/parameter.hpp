@@ -81,11 +81,14 @@ public:
     }
 
     /// Replaces the value with one of a new shape or basis and marks the layout changed.
-    /// The gradient is resized to match and zeroed.
+    /// The gradient is resized to match and zeroed (freed for a frozen parameter).
     void set_value(Matrix<T> v) {
         value = std::move(v);
         active_cols_ = -1;
-        grad.setZero(value.rows(), value.cols());
+        if (trainable)
+            grad.setZero(value.rows(), value.cols());
+        else
+            grad = Matrix<T>();
         bump_layout();
     }
 
@@ -93,8 +96,10 @@ public:
     void bump_layout() { ++layout_version_; }
     std::uint64_t layout_version() const { return layout_version_; }
 
-    /// Sets the gradient to zero, sizing it to the value on first use.
+    /// Sets the gradient to zero, sizing it to the value on first use. A frozen parameter
+    /// keeps no gradient buffer.
     void zero_grad() {
+        if (!trainable) return;
         if (grad.rows() != value.rows() || grad.cols() != value.cols())
             grad.setZero(value.rows(), value.cols());
         else

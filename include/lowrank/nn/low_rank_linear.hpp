@@ -11,6 +11,11 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace lowrank {
 
@@ -31,8 +36,23 @@ struct LowRankOptions {
 
 namespace detail {
 
+/// Ranks up to this use the one-pass (token-tiled) backward; see LowRankLinearNode.
+/// 0 disables it (benchmarks compare both paths). Not thread-safe to change mid-step.
+inline Index& low_rank_one_pass_max_rank() {
+    static Index limit = 32;
+    return limit;
+}
+
 /// The fused node. Forward keeps xv = x V (N x r) for backward so that every product
 /// costs O(N r (m + n)); the dense m x n weight is never formed.
+///
+/// Backward has two paths with the same arithmetic. At larger r it is four whole-matrix
+/// GEMMs, each at full efficiency. At small r those GEMMs are bound by memory traffic
+/// (each streams an N x m or N x n matrix for only 2r FLOPs per element) and the plain
+/// composition reads dy twice and x once more; the one-pass path walks the tokens in
+/// tiles that stay in cache and does all four products per tile, so dy and x are read
+/// once. Tiles are split statically over threads and the per-thread dU, dV partial sums
+/// are added in thread order: results are reproducible for a given thread count.
 template <class T>
 struct LowRankLinearNode final : Node<T> {
     Node<T>* x = nullptr;   // (N x n)
@@ -44,7 +64,21 @@ struct LowRankLinearNode final : Node<T> {
     Index k = 0;    // active columns of U and V (all of them unless the layer has capacity)
     Matrix<T> xv;   // x V
     Matrix<T> dxv;  // s dy U, the gradient reaching x V
+    std::vector<Matrix<T>> du_part, dv_part;  // per-thread partial sums (one-pass path)
+
+    static constexpr Index kTile = 64;  // tokens per tile: 64 rows of dy and x fit in L2
+
     void backward() override {
+        const bool one_pass = k <= low_rank_one_pass_max_rank() && this->dout.rows() >= 2 * kTile;
+        if (one_pass)
+            backward_one_pass();
+        else
+            backward_gemm();
+        if (w0 && w0->requires_grad) w0->grad->noalias() += this->dout.transpose() * *x->value;
+        if (b && b->requires_grad) *b->grad += this->dout.colwise().sum();
+    }
+
+    void backward_gemm() {
         const auto& dy = this->dout;
         const auto uk = u->value->leftCols(k);
         const auto vk = v->value->leftCols(k);
@@ -59,8 +93,58 @@ struct LowRankLinearNode final : Node<T> {
             x->grad->noalias() += dxv * vk.transpose();
             if (w0) x->grad->noalias() += dy * *w0->value;
         }
-        if (w0 && w0->requires_grad) w0->grad->noalias() += dy.transpose() * *x->value;
-        if (b && b->requires_grad) *b->grad += dy.colwise().sum();
+    }
+
+    void backward_one_pass() {
+        const auto& dy = this->dout;
+        const auto& xval = *x->value;
+        const Index n_tok = dy.rows(), tiles = (n_tok + kTile - 1) / kTile;
+        const auto uk = u->value->leftCols(k);
+        const auto vk = v->value->leftCols(k);
+        const bool need_u = u->requires_grad, need_v = v->requires_grad, need_x = x->requires_grad;
+        ensure_shape(dxv, n_tok, k);
+        int threads = 1;
+#ifdef _OPENMP
+        threads = static_cast<int>(std::min<Index>(omp_get_max_threads(), tiles));
+#endif
+        if (static_cast<int>(du_part.size()) < threads) {
+            du_part.resize(static_cast<std::size_t>(threads));
+            dv_part.resize(static_cast<std::size_t>(threads));
+        }
+        auto work = [&](int t) {
+            auto& du = du_part[static_cast<std::size_t>(t)];
+            auto& dv = dv_part[static_cast<std::size_t>(t)];
+            if (need_u) du.setZero(uk.rows(), k);
+            if (need_v) dv.setZero(vk.rows(), k);
+            const Index first = tiles * t / threads, last = tiles * (t + 1) / threads;
+            for (Index tile = first; tile < last; ++tile) {
+                const Index row = tile * kTile, len = std::min(kTile, n_tok - row);
+                const auto dy_t = dy.middleRows(row, len);
+                auto dxv_t = dxv.middleRows(row, len);
+                dxv_t.noalias() = scale * dy_t * uk;
+                if (need_u) du.noalias() += scale * dy_t.transpose() * xv.middleRows(row, len);
+                if (need_v) dv.noalias() += xval.middleRows(row, len).transpose() * dxv_t;
+                if (need_x) {
+                    auto dx_t = x->grad->middleRows(row, len);
+                    dx_t.noalias() += dxv_t * vk.transpose();
+                    if (w0) dx_t.noalias() += dy_t * *w0->value;
+                }
+            }
+        };
+#ifdef _OPENMP
+        if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+            work(omp_get_thread_num());
+        } else {
+            work(0);
+        }
+#else
+        work(0);
+#endif
+        for (int t = 0; t < threads; ++t) {
+            if (need_u) u->grad->leftCols(k) += du_part[static_cast<std::size_t>(t)];
+            if (need_v) v->grad->leftCols(k) += dv_part[static_cast<std::size_t>(t)];
+        }
     }
 };
 

@@ -244,8 +244,8 @@ private:
 
     void set(Parameter<T>& p, const char* suffix, const Matrix<T>& value, bool trainable) {
         if (p.name().empty()) p.set_name(name_ + suffix);
-        p.set_value(value);
         p.trainable = trainable;
+        p.set_value(value);
     }
 
     Var<T> compute(Graph<T>& g, detail::SpectralLinearNode<T>& n) {
