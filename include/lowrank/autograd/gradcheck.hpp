@@ -41,6 +41,9 @@ template <class Fn>
 GradcheckResult gradcheck(Fn&& loss_fn, const ParameterList<double>& wrt, const GradcheckOptions& opt = {}) {
     check(opt.eps > 0, "gradcheck", "expected eps > 0, got ", opt.eps);
     check(!wrt.empty(), "gradcheck", "expected at least one parameter to check, got none");
+    // A frozen parameter keeps no gradient buffer: there would be no analytic gradient to read.
+    for (const auto* p : wrt)
+        check(p->trainable, "gradcheck", "parameter ", p->name(), " is not trainable, so it has no gradient");
     Graph<double> g;
     const Rng::State rng_state = g.rng().state();
 
