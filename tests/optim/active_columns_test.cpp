@@ -28,7 +28,8 @@ void check_matches_compact(const Options& options) {
         a.step();
         b.step();
     }
-    CHECK((wide.value.leftCols(3) - compact.value).norm() == 0.0);
+    // Equal up to round-off: a row-by-row run may vectorise differently from one long run.
+    CHECK((wide.value.leftCols(3) - compact.value).norm() <= 1e-14 * compact.value.norm());
     CHECK(wide.value.rightCols(3) == value.rightCols(3));  // untouched, even by weight decay
     const auto* s = a.state_of(wide);
     REQUIRE(s != nullptr);

@@ -97,9 +97,12 @@ public:
     std::uint64_t layout_version() const { return layout_version_; }
 
     /// Sets the gradient to zero, sizing it to the value on first use. A frozen parameter
-    /// keeps no gradient buffer.
+    /// keeps no gradient buffer: its gradient is released.
     void zero_grad() {
-        if (!trainable) return;
+        if (!trainable) {
+            if (grad.size() != 0) grad = Matrix<T>();
+            return;
+        }
         if (grad.rows() != value.rows() || grad.cols() != value.cols())
             grad.setZero(value.rows(), value.cols());
         else
