@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds and tests lowrank the way CI does.
+#
+#   bash scripts/test.sh          release preset: build, ctest, then install into
+#                                 build/install and build + run examples/consumer against it
+#   bash scripts/test.sh --asan   asan preset (AddressSanitizer + UBSan): build, ctest
+#
+# Exits non-zero on the first failure.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+mode=release
+for arg in "$@"; do
+    case "$arg" in
+        --asan) mode=asan ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) echo "test: unknown option '$arg' (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+section_name=""
+section_start=0
+script_start=$SECONDS
+end_section() {
+    if [[ -n "$section_name" ]]; then
+        printf '%s: %ds\n' "$section_name" $((SECONDS - section_start))
+    fi
+}
+section() {
+    end_section
+    section_name="$1"
+    section_start=$SECONDS
+    printf '\n==== %s ====\n' "$1"
+}
+
+section "setup"
+bash scripts/setup.sh --no-data
+
+section "configure ($mode)"
+cmake --preset "$mode"
+
+section "build ($mode)"
+cmake --build --preset "$mode"
+
+section "test ($mode)"
+ctest --preset "$mode" --output-on-failure
+
+if [[ "$mode" == release ]]; then
+    prefix="$root/build/install"
+    section "install into build/install"
+    rm -rf "$prefix"  # no stale headers from an earlier install
+    cmake --install build/release --prefix "$prefix"
+
+    section "consumer: find_package(lowrank) from build/install"
+    cmake -S examples/consumer -B build/consumer -G Ninja \
+        -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix"
+    cmake --build build/consumer -j 2
+    ./build/consumer/lowrank-consumer
+fi
+
+end_section
+printf '\n%s: all passed in %ds\n' "test.sh${1:+ $1}" $((SECONDS - script_start))
