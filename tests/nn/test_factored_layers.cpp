@@ -111,7 +111,7 @@ TEST_CASE("SpectralLinear equals the dense layer at init (zero distortion)", "[n
     CHECK((v.transpose() * v - MatrixD::Identity(6, 6)).norm() < 1e-12);
 }
 
-TEST_CASE("SpectralLinear: exact gradients without enhancement; enhanced drops sigma_i", "[nn][sst][gradcheck]") {
+TEST_CASE("SpectralLinear: exact gradients without enhancement and enhanced ones drop sigma_i", "[nn][sst][gradcheck]") {
     for (bool bias : {false, true}) {
         INFO("bias " << bias);
         Rng rng(13);

@@ -73,7 +73,7 @@ TEST_CASE("Adam's first step moves every entry by lr against the gradient's sign
     CHECK(p.value(0, 2) == Approx(0.9).epsilon(1e-14));
 }
 
-TEST_CASE("AdamW takes AdamOptions; its decay is decoupled from the moments", "[optim][adam]") {
+TEST_CASE("AdamW takes AdamOptions and its decay is decoupled from the moments", "[optim][adam]") {
     Parameter<double> p("w", MatrixD{{2.0}});
     p.grad = MatrixD{{0.0}};
     // With a zero gradient the moments stay zero, so only the decay moves the value:
