@@ -21,6 +21,7 @@ say() { printf 'setup: %s\n' "$*"; }
 # --- Debian packages --------------------------------------------------------------------
 packages=(
     build-essential cmake ninja-build      # toolchain (CMake >= 3.25 for the presets)
+    ccache                                 # faster rebuilds (optional to CMake)
     libeigen3-dev zlib1g-dev               # what lowrank::lowrank links
     catch2 libbenchmark-dev                # tests, benchmarks
     nlohmann-json3-dev libcli11-dev        # examples

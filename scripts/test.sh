@@ -10,6 +10,10 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# ccache (if CMake found it): paths below the checkout are hashed relative to it, so any
+# checkout of the same sources reuses the cached objects.
+export CCACHE_BASEDIR="$root"
+export CCACHE_NOHASHDIR=1  # the asan build has -g: do not key its objects on the build folder
 
 mode=release
 for arg in "$@"; do
