@@ -99,29 +99,52 @@ Matrix<T> orthonormalize_columns(const ConstMatrixRef<T>& a, std::string_view wh
     return q.template cast<T>();
 }
 
-/// Thin SVD of the product U * V^T (U m x r, V n x r) without forming the m x n matrix:
-/// U = Qu Ru, V = Qv Rv, so U V^T = Qu (Ru Rv^T) Qv^T and only the r x r core is
-/// decomposed. Cost O((m + n) r^2 + r^3) instead of O(m n min(m, n)).
+namespace detail {
+
+/// U = Qu Ru and V = Qv Rv, so U V^T = Qu (Ru Rv^T) Qv^T: the r x r core carries every
+/// singular value of the product.
+struct ThinProduct {
+    Eigen::HouseholderQR<Work> qu, qv;
+    Work core;
+};
+
 template <class T>
-Svd<T> product_svd(const ConstMatrixRef<T>& u, const ConstMatrixRef<T>& v, std::string_view what = "product_svd") {
+ThinProduct thin_product(const ConstMatrixRef<T>& u, const ConstMatrixRef<T>& v) {
+    const Index r = u.cols();
+    ThinProduct p{Eigen::HouseholderQR<Work>(u.template cast<double>()),
+                  Eigen::HouseholderQR<Work>(v.template cast<double>()), Work()};
+    const Work ru = p.qu.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
+    const Work rv = p.qv.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
+    p.core = ru * rv.transpose();
+    return p;
+}
+
+template <class T>
+void check_factors(const ConstMatrixRef<T>& u, const ConstMatrixRef<T>& v, std::string_view what) {
     check(u.cols() == v.cols(), what, "factors must have the same number of columns, got U ",
           shape_string(u.rows(), u.cols()), " and V ", shape_string(v.rows(), v.cols()));
-    detail::check_finite(u, what);
-    detail::check_finite(v, what);
+    check_finite(u, what);
+    check_finite(v, what);
+}
+
+}  // namespace detail
+
+/// Thin SVD of the product U * V^T (U m x r, V n x r) without forming the m x n matrix:
+/// only the r x r core of detail::thin_product is decomposed. Cost O((m + n) r^2 + r^3)
+/// instead of O(m n min(m, n)).
+template <class T>
+Svd<T> product_svd(const ConstMatrixRef<T>& u, const ConstMatrixRef<T>& v, std::string_view what = "product_svd") {
+    detail::check_factors<T>(u, v, what);
     const Index r = u.cols();
     if (r > u.rows() || r > v.rows()) {
         // More columns than rows: the QR route gains nothing; decompose the product.
         const Matrix<T> w = u * v.transpose();
         return thin_svd<T>(w, what);
     }
-    const detail::Work ud = u.template cast<double>(), vd = v.template cast<double>();
-    Eigen::HouseholderQR<detail::Work> qu(ud), qv(vd);
-    const detail::Work ru = qu.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
-    const detail::Work rv = qv.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
-    const detail::Work core = ru * rv.transpose();
-    Eigen::JacobiSVD<detail::Work> svd(core, Eigen::ComputeFullU | Eigen::ComputeFullV);
-    const detail::Work qu_thin = qu.householderQ() * detail::Work::Identity(u.rows(), r);
-    const detail::Work qv_thin = qv.householderQ() * detail::Work::Identity(v.rows(), r);
+    const auto p = detail::thin_product<T>(u, v);
+    Eigen::JacobiSVD<detail::Work> svd(p.core, Eigen::ComputeFullU | Eigen::ComputeFullV);
+    const detail::Work qu_thin = p.qu.householderQ() * detail::Work::Identity(u.rows(), r);
+    const detail::Work qv_thin = p.qv.householderQ() * detail::Work::Identity(v.rows(), r);
     return {(qu_thin * svd.matrixU()).template cast<T>(), svd.singularValues().template cast<T>(),
             (qv_thin * svd.matrixV()).template cast<T>()};
 }
@@ -130,21 +153,12 @@ Svd<T> product_svd(const ConstMatrixRef<T>& u, const ConstMatrixRef<T>& v, std::
 template <class T>
 Vector<T> product_singular_values(const ConstMatrixRef<T>& u, const ConstMatrixRef<T>& v,
                                   std::string_view what = "product_singular_values") {
-    check(u.cols() == v.cols(), what, "factors must have the same number of columns, got U ",
-          shape_string(u.rows(), u.cols()), " and V ", shape_string(v.rows(), v.cols()));
-    detail::check_finite(u, what);
-    detail::check_finite(v, what);
-    const Index r = u.cols();
-    if (r > u.rows() || r > v.rows()) {
+    detail::check_factors<T>(u, v, what);
+    if (u.cols() > u.rows() || u.cols() > v.rows()) {
         const Matrix<T> w = u * v.transpose();
         return singular_values<T>(w, what);
     }
-    const detail::Work ud = u.template cast<double>(), vd = v.template cast<double>();
-    Eigen::HouseholderQR<detail::Work> qu(ud), qv(vd);
-    const detail::Work ru = qu.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
-    const detail::Work rv = qv.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
-    const detail::Work core = ru * rv.transpose();
-    Eigen::JacobiSVD<detail::Work> svd(core);
+    Eigen::JacobiSVD<detail::Work> svd(detail::thin_product<T>(u, v).core);
     return svd.singularValues().template cast<T>();
 }
 
