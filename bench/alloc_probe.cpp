@@ -10,10 +10,12 @@
 // is missed. Minor page faults (getrusage) show what the allocations cost: a fault is a
 // fresh page being touched for the first time (about 11 us each on the measured machine).
 //
-// For every GEMM of the step the probe also prints the packing buffers Eigen's blocking
-// asks for (the same gemm_blocking_space the product uses), so each remaining allocation
-// can be matched by size: above EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) they come from
-// the heap, once per product call.
+// Each allocation is attributed to the shared object whose code called the allocator
+// (dladdr on the return address): the probe itself, where Eigen and lowrank are inlined,
+// or libgomp, libstdc++, OpenBLAS. For every GEMM of the step the probe also prints the
+// packing buffers Eigen's blocking asks for (the same gemm_blocking_space the product
+// uses: Eigen 3.4's internal API), so each remaining allocation can be matched by size:
+// above EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) they come from the heap, once per product.
 
 #include <lowrank/autograd/graph.hpp>
 #include <lowrank/autograd/ops_activation.hpp>

@@ -75,6 +75,10 @@ mkdir -p "$out"
 flags=(-std=c++20 -O3 -march=native -fopenmp -DNDEBUG -I include -isystem /usr/include/eigen3)
 targets=(lowrank-bench lowrank-alloc-probe)
 ((run_openblas)) && targets+=(lowrank-bench-openblas lowrank-alloc-probe-openblas)  # where OpenBLAS is found
+if [[ "$mode" == preset ]] && { ! command -v cmake >/dev/null || [[ ! -f CMakePresets.json ]]; }; then
+    say "no CMake or no CMakePresets.json: building with g++ instead (--gxx)"
+    mode=gxx
+fi
 case "$mode" in
     preset)
         [[ -f "$build_dir/build.ninja" ]] || cmake --preset release >/dev/null
