@@ -80,10 +80,7 @@ int run(const Config& cfg) {
 
     // AdamW; weight decay on the weights only, not on the biases.
     lowrank::ParameterList<float> weights, biases;
-    for (auto& layer : model.layers()) {
-        weights.push_back(&layer.weight);
-        if (layer.has_bias()) biases.push_back(&layer.bias);
-    }
+    for (auto* p : model.parameters()) (p->name().ends_with(".bias") ? biases : weights).push_back(p);
     lowrank::AdamW<float> opt(weights, lowrank::AdamOptions{.lr = cfg.lr, .weight_decay = cfg.weight_decay});
     if (!biases.empty()) opt.add_group(biases, lowrank::GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
     const lowrank::Index params = lowrank::count_parameters(model.parameters());

@@ -49,8 +49,8 @@ MatrixD reference_forward(Mlp<double>& mlp, const MatrixD& x) {
     MatrixD h = x;
     const auto& layers = mlp.layers();
     for (std::size_t i = 0; i < layers.size(); ++i) {
-        MatrixD next = h * layers[i].weight.value.transpose();
-        if (layers[i].has_bias()) next.rowwise() += layers[i].bias.value.row(0);
+        MatrixD next = h * layers[i].dense_weight().transpose();
+        if (const MatrixD* b = layers[i].bias()) next.rowwise() += b->row(0);
         h = std::move(next);
         if (i + 1 < layers.size())
             for (Index k = 0; k < h.size(); ++k) h.data()[k] = activate(mlp.options().activation, h.data()[k]);

@@ -19,8 +19,8 @@ TEST_CASE("evaluate_classifier gives the mean cross-entropy and accuracy, whatev
     const std::vector<std::int32_t> y{0, 1, 2, 3, 0, 1, 2};
 
     // Reference: logits = x W^T + b, row by row.
-    const auto& w = model.layers()[0].weight.value;
-    const auto& b = model.layers()[0].bias.value;
+    const auto& w = model.layers()[0].get<lowrank::Linear<double>>().weight.value;
+    const auto& b = model.layers()[0].get<lowrank::Linear<double>>().bias.value;
     double loss = 0.0;
     Index correct = 0;
     for (Index i = 0; i < x.rows(); ++i) {

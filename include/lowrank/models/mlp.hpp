@@ -1,8 +1,10 @@
 #pragma once
-// A multilayer perceptron: Linear -> activation (-> dropout) -> ... -> Linear.
+// A multilayer perceptron: Linear -> activation (-> dropout) -> ... -> Linear. Each layer
+// sits in an AnyLinear slot, so a rank policy can make it low-rank; layer_slots() gives
+// the policies every layer with its role ("hidden" for all but the last, "output").
 
 #include <lowrank/autograd/ops_activation.hpp>
-#include <lowrank/nn/linear.hpp>
+#include <lowrank/nn/any_linear.hpp>
 
 #include <string>
 #include <vector>
@@ -31,8 +33,8 @@ public:
               options_.dropout);
         layers_.reserve(s.size() - 1);  // parameters are referenced by address: never reallocate
         for (std::size_t i = 0; i + 1 < s.size(); ++i)
-            layers_.emplace_back(options_.name + "." + std::to_string(i), s[i], s[i + 1], rng,
-                                 LinearOptions{.bias = options_.bias});
+            layers_.emplace_back(Linear<T>(options_.name + "." + std::to_string(i), s[i], s[i + 1], rng,
+                                           LinearOptions{.bias = options_.bias}));
     }
     Mlp(const Mlp&) = delete;
     Mlp& operator=(const Mlp&) = delete;
@@ -62,13 +64,22 @@ public:
         return out;
     }
 
-    std::vector<Linear<T>>& layers() { return layers_; }
-    const std::vector<Linear<T>>& layers() const { return layers_; }
+    /// The layers in order. A slot may be swapped (AnyLinear::replace), never added or removed.
+    std::vector<AnyLinear<T>>& layers() { return layers_; }
+    const std::vector<AnyLinear<T>>& layers() const { return layers_; }
+
+    /// Every layer with its role: "hidden" for all but the last, "output" for the last.
+    std::vector<LayerSlot<T>> layer_slots() {
+        std::vector<LayerSlot<T>> out;
+        for (std::size_t i = 0; i < layers_.size(); ++i)
+            out.push_back({&layers_[i], i + 1 == layers_.size() ? "output" : "hidden"});
+        return out;
+    }
     const MlpOptions& options() const { return options_; }
 
 private:
     MlpOptions options_;
-    std::vector<Linear<T>> layers_;
+    std::vector<AnyLinear<T>> layers_;
 };
 
 }  // namespace lowrank

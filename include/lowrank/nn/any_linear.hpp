@@ -92,4 +92,12 @@ private:
     Variant layer_;
 };
 
+/// A model's linear layer as a rank policy sees it: the slot and the role the model gives
+/// it ("hidden", "output" in an Mlp; "attn.qkv", "attn.proj", "mlp.fc", "mlp.proj" in GPT-2).
+template <class T>
+struct LayerSlot {
+    AnyLinear<T>* layer = nullptr;
+    std::string role;
+};
+
 }  // namespace lowrank

@@ -191,6 +191,39 @@ public:
         groups_.push_back(ParamGroup<T>{std::move(params), std::move(options)});
     }
 
+    /// Takes parameters out of their groups and drops their state: a layer being swapped
+    /// out (call it before the layer is destroyed). Returns, for each parameter, the index
+    /// of the group it was in. Every parameter must belong to a group.
+    std::vector<std::size_t> remove_parameters(const ParameterList<T>& params) {
+        std::vector<std::size_t> where(params.size());
+        for (std::size_t i = 0; i < params.size(); ++i) where[i] = group_index_of(params[i], "remove_parameters");
+        for (std::size_t i = 0; i < params.size(); ++i) {
+            auto& list = groups_[where[i]].params;
+            list.erase(std::find(list.begin(), list.end(), params[i]));
+            states_.erase(params[i]->id());
+        }
+        return where;
+    }
+
+    /// Appends parameters to group i: a layer swapped in. Their state starts fresh.
+    void add_to_group(std::size_t i, const ParameterList<T>& params) {
+        const std::string what = detail::concat(type_name(), "::add_to_group");
+        check(i < groups_.size(), what, "expected group < ", groups_.size(), ", got ", i);
+        std::unordered_set<const Parameter<T>*> seen;
+        for (const auto& g : groups_) seen.insert(g.params.begin(), g.params.end());
+        for (const Parameter<T>* p : params) {
+            check(p != nullptr, what, "group '", groups_[i].options.name, "': a parameter is null");
+            check(seen.insert(p).second, what, "parameter '", p->name(), "' is already in a group");
+        }
+        for (Parameter<T>* p : params) {
+            states_.erase(p->id());
+            groups_[i].params.push_back(p);
+        }
+    }
+
+    /// The index of the group that holds p.
+    std::size_t group_of(const Parameter<T>& p) const { return group_index_of(&p, "group_of"); }
+
     const std::vector<ParamGroup<T>>& groups() const { return groups_; }
     const ParamGroup<T>& group(std::size_t i) const { return groups_.at(i); }
 
@@ -389,6 +422,14 @@ private:
                                        shape_string(s.rows, s.cols), " to ", shape_string(p.rows(), p.active_cols()),
                                        " but its layout version did not; change shapes with "
                                        "Parameter::set_value (or call bump_layout), then carry_state"));
+    }
+
+    std::size_t group_index_of(const Parameter<T>* p, std::string_view caller) const {
+        for (std::size_t g = 0; g < groups_.size(); ++g)
+            if (std::find(groups_[g].params.begin(), groups_[g].params.end(), p) != groups_[g].params.end())
+                return g;
+        throw Error(detail::concat(type_name(), "::", caller, ": parameter '", p ? p->name() : std::string("(null)"),
+                                   "' is in no group of this optimizer"));
     }
 
     State& state_for_step(const Parameter<T>& p) {
