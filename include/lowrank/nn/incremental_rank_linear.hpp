@@ -55,6 +55,35 @@ public:
         V.set_active_cols(options.rank);
     }
 
+    /// Builds the layer from given factors: U (out x R) and V (in x R) hold the whole
+    /// capacity R, of which the leading `active` columns are trained. `base` (out x in),
+    /// when given, becomes the frozen W0; `bias` (1 x out) the bias. A rank policy uses this
+    /// to convert a model's dense layer with the initialisation it chooses.
+    static IncrementalRankLinear from_factors(const std::string& name, Matrix<T> u, Matrix<T> v, Index active,
+                                              const Matrix<T>* base = nullptr, const Matrix<T>* bias = nullptr) {
+        check(u.rows() > 0 && v.rows() > 0, name, "from_factors expects non-empty factors, got U ",
+              shape_string(u), " and V ", shape_string(v));
+        check(u.cols() == v.cols(), name, "from_factors expects U and V with the same capacity (columns), got U ",
+              shape_string(u), " and V ", shape_string(v));
+        const Index out = u.rows(), in = v.rows(), capacity = u.cols(), d = std::min(in, out);
+        check(capacity >= 1 && capacity <= d, name, "capacity must be in [1, min(out, in) = ", d, "], got ",
+              capacity);
+        check(active >= 1 && active <= capacity, name, "active columns must be in [1, capacity = ", capacity,
+              "], got ", active);
+        if (base) check_shape(*base, out, in, name + ": from_factors base");
+        if (bias) check_shape(*bias, 1, out, name + ": from_factors bias");
+        IncrementalRankLinear l(name);
+        l.options_ = IncrementalRankOptions{
+            .rank = active, .capacity = capacity, .bias = bias != nullptr, .base = base != nullptr};
+        l.U = Parameter<T>(name + ".U", std::move(u));
+        l.V = Parameter<T>(name + ".V", std::move(v));
+        if (base) l.base = Parameter<T>(name + ".base", *base, /*trainable=*/false);
+        if (bias) l.bias = Parameter<T>(name + ".bias", *bias);
+        l.U.set_active_cols(active);
+        l.V.set_active_cols(active);
+        return l;
+    }
+
     Var<T> forward(Graph<T>& g, const Var<T>& x) {
         check(x.cols() == in_features(), name_, "expected input with ", in_features(), " features, got ",
               shape_string(x.value()));
@@ -128,6 +157,8 @@ public:
     Parameter<T> bias;
 
 private:
+    explicit IncrementalRankLinear(const std::string& name) : name_(name) {}
+
     std::string name_;
     IncrementalRankOptions options_;
 };
