@@ -14,6 +14,7 @@
 #include <lowrank/linalg/svd.hpp>
 
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -132,8 +133,14 @@ public:
     }
 
     /// Makes the given positions (r distinct entries of [0, d)) the active block, moving as
-    /// few columns as possible. Returns the positions whose contents changed: their
-    /// optimizer state (U_active/V_active columns < r, sigma entries anywhere) is stale.
+    /// few columns as possible. Returns the positions whose contents changed, sorted: the
+    /// first half are active slots q_1 < q_2 < ..., the second half the frozen positions
+    /// p_1 < p_2 < ... they were swapped with (q_k <-> p_k). The optimizer state of those
+    /// U_active/V_active columns (the q_k) and sigma entries (q_k and p_k) is stale.
+    ///
+    /// A swap is a change of basis made in place: when anything moved, the layout version
+    /// of U, V and sigma changes, so the optimizer refuses to step until it has been told
+    /// how the state follows (carry_state; the SST policy does this).
     std::vector<Index> activate(const std::vector<Index>& chosen) {
         const Index r = active_rank(), d = full_rank();
         check(static_cast<Index>(chosen.size()) == r, name_, "activate expects ", r, " positions, got ",
@@ -156,7 +163,11 @@ public:
             changed.push_back(q);
             changed.push_back(p);
         }
+        // Every q is below r and every p at least r, and both were visited in increasing
+        // order: sorting puts the q's first, each at the index of its partner p minus half.
         std::sort(changed.begin(), changed.end());
+        if (!changed.empty())
+            for (Parameter<T>* p : {&U_active, &V_active, &sigma, &U_frozen, &V_frozen}) p->bump_layout();
         return changed;
     }
 
