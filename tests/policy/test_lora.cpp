@@ -1,0 +1,389 @@
+// LoRA (Fixed) and ReLoRA (ReLora): the conversion keeps the function, only the factors
+// and the bias train, a restart merges exactly, leaves dL/dV = 0, resets the factors'
+// optimizer state and re-warms the learning rate, every `period` optimizer steps.
+#include <catch2/catch.hpp>
+
+#include <lowrank/autograd/autograd.hpp>
+#include <lowrank/models/mlp.hpp>
+#include <lowrank/optim/adam.hpp>
+#include <lowrank/policy/lora.hpp>
+#include <lowrank/policy/relora.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+using namespace lowrank;
+
+// Every member compiles, and warning-free, for the training scalar too.
+template class lowrank::Fixed<float>;
+template class lowrank::ReLora<float>;
+
+namespace {
+
+// A 6-8-8-3 MLP with AdamW, weights in group 0 (decay), biases in group 1 (no decay), a
+// fixed batch, and the training loop of rank_policy.hpp.
+struct Run {
+    Rng rng{5};
+    Mlp<double> model{MlpOptions{.sizes = {6, 8, 8, 3}}, rng};
+    std::unique_ptr<AdamW<double>> opt;
+    LrSchedule schedule;
+    RankLog log;
+    std::unique_ptr<TrainingContext<double>> ctx;
+    MatrixD x;
+    std::vector<std::int32_t> y;
+    Graph<double> g;
+
+    explicit Run(std::uint64_t data_seed = 9) {
+        ParameterList<double> weights, biases;
+        for (auto* p : model.parameters()) (p->name().ends_with(".bias") ? biases : weights).push_back(p);
+        opt = std::make_unique<AdamW<double>>(weights, AdamOptions{.lr = 1e-2, .weight_decay = 0.1});
+        opt->add_group(biases, GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
+        ctx = std::make_unique<TrainingContext<double>>(model.layer_slots(), *opt, schedule, log);
+        Rng data(data_seed);
+        x.resize(16, 6);
+        init::normal<double>(x, data);
+        for (Index i = 0; i < x.rows(); ++i) y.push_back(static_cast<std::int32_t>(data.below(3)));
+    }
+
+    MatrixD output() {
+        g.clear();
+        return model.forward(g, g.input(x)).value();
+    }
+
+    // Forward and backward only: the gradients of the current parameters.
+    void backward() {
+        g.clear();
+        auto loss = cross_entropy(g, model.forward(g, g.input(x)), y);
+        opt->zero_grad();
+        g.backward(loss);
+    }
+
+    // One step of the loop, with every hook.
+    void step(RankPolicy<double>& policy) {
+        policy.before_forward(*ctx);
+        backward();
+        policy.after_backward(*ctx);
+        schedule.apply(*opt, ctx->step);
+        opt->step();
+        ++ctx->step;
+        policy.after_step(*ctx);
+    }
+
+    LowRankLinear<double>& low_rank(std::size_t i) { return model.layers()[i].get<LowRankLinear<double>>(); }
+};
+
+std::vector<RankEvent> events(const RankLog& log, const std::string& kind) {
+    std::vector<RankEvent> out;
+    for (const auto& e : log.events())
+        if (e.event == kind) out.push_back(e);
+    return out;
+}
+
+double relative(const MatrixD& a, const MatrixD& b) { return (a - b).norm() / b.norm(); }
+
+}  // namespace
+
+TEST_CASE("Fixed turns the selected layers into a frozen base plus a zero low-rank update",
+          "[policy][lora]") {
+    Run run;
+    const MatrixD before = run.output();
+    std::vector<MatrixD> dense, bias;
+    for (auto& l : run.model.layers()) {
+        dense.push_back(l.dense_weight());
+        bias.push_back(*l.bias());
+    }
+    Fixed<double> lora({.rank = 3, .alpha = 6.0, .seed = 11});
+    lora.on_train_begin(*run.ctx);
+
+    CHECK(std::string(run.model.layers()[0].kind()) == "low_rank");
+    CHECK(std::string(run.model.layers()[1].kind()) == "low_rank");
+    CHECK(std::string(run.model.layers()[2].kind()) == "dense");  // the output layer is not selected
+    REQUIRE(lora.layers().size() == 2);
+    CHECK(lora.scale() == 2.0);
+    for (std::size_t i = 0; i < 2; ++i) {
+        auto& l = run.low_rank(i);
+        CHECK(l.rank() == 3);
+        CHECK(l.scale() == 2.0);
+        CHECK(l.base.value == dense[i]);  // W0 is the dense weight, bit for bit
+        CHECK(l.bias.value == bias[i]);
+        CHECK(l.U.value.isZero(0.0));   // B = 0
+        CHECK(l.V.value.norm() > 0.0);  // A random, U(+-1/sqrt(in))
+        CHECK(l.V.value.cwiseAbs().maxCoeff() <= 1.0 / std::sqrt(static_cast<double>(l.in_features())));
+    }
+    CHECK(relative(run.output(), before) < 1e-14);  // the function is unchanged
+
+    const auto init = events(run.log, "init");
+    REQUIRE(init.size() == 2);
+    CHECK(init[0].policy == "lora");
+    CHECK(init[0].layer == "layers.0");
+    CHECK(init[0].old_rank == 6);
+    CHECK(init[0].new_rank == 3);
+    CHECK(init[1].old_rank == 8);
+
+    // The draws of A come from the policy's seed alone.
+    Run same, other;
+    Fixed<double> lora_same({.rank = 3, .seed = 11}), lora_other({.rank = 3, .seed = 12});
+    lora_same.on_train_begin(*same.ctx);
+    lora_other.on_train_begin(*other.ctx);
+    CHECK(same.low_rank(1).V.value == run.low_rank(1).V.value);
+    CHECK(other.low_rank(1).V.value != run.low_rank(1).V.value);
+    // Unset alpha means alpha = r: scale 1.
+    CHECK(lora_same.scale() == 1.0);
+    CHECK(same.low_rank(0).scale() == 1.0);
+}
+
+TEST_CASE("Fixed trains only U, V and the bias: r(m+n)+m per layer, frozen base, bias in its group",
+          "[policy][lora]") {
+    Run run;
+    Fixed<double> lora({.rank = 3});
+    lora.on_train_begin(*run.ctx);
+    const Index output_layer = 3 * 8 + 3;
+    const Index expected = (3 * (8 + 6) + 8) + (3 * (8 + 8) + 8) + output_layer;
+    CHECK(count_parameters(run.model.parameters(), /*trainable_only=*/true) == expected);
+    CHECK(count_parameters(run.opt->parameters(), /*trainable_only=*/true) == expected);
+    for (std::size_t i = 0; i < 2; ++i) {
+        auto& l = run.low_rank(i);
+        CHECK(run.opt->group_of(l.U) == 0);
+        CHECK(run.opt->group_of(l.V) == 0);
+        CHECK(run.opt->group_of(l.bias) == 1);  // the no-decay group
+    }
+
+    auto& l = run.low_rank(1);
+    const MatrixD base = l.base.value, u = l.U.value, v = l.V.value, b = l.bias.value;
+    for (int i = 0; i < 4; ++i) run.step(lora);
+    CHECK(l.base.value == base);     // never stepped
+    CHECK(l.base.grad.size() == 0);  // and keeps no gradient
+    CHECK_FALSE(run.opt->has_state(l.base.id()));
+    CHECK(l.U.value != u);
+    CHECK(l.V.value != v);
+    CHECK(l.bias.value != b);
+    CHECK(run.log.size() == 2);  // no decisions after the start
+
+    SECTION("train_bias = false freezes the bias") {
+        Run frozen;
+        Fixed<double> policy({.rank = 3, .train_bias = false});
+        policy.on_train_begin(*frozen.ctx);
+        CHECK(count_parameters(frozen.model.parameters(), true) == expected - 8 - 8);
+        const MatrixD b0 = frozen.low_rank(0).bias.value;
+        frozen.step(policy);
+        CHECK(frozen.low_rank(0).bias.value == b0);
+    }
+    SECTION("freeze_base = false trains the base too") {
+        Run dense;
+        Fixed<double> policy({.rank = 3, .freeze_base = false});
+        policy.on_train_begin(*dense.ctx);
+        CHECK(count_parameters(dense.model.parameters(), true) == expected + 8 * 6 + 8 * 8);
+        const MatrixD w0 = dense.low_rank(0).base.value;
+        dense.step(policy);
+        CHECK(dense.low_rank(0).base.value != w0);
+    }
+    SECTION("an explicit group takes the factors, the bias keeps its own") {
+        Run grouped;
+        grouped.opt->add_group({}, GroupOptions{.lr = 1e-3, .name = "factors"});
+        Fixed<double> policy({.rank = 3, .group = 2});
+        policy.on_train_begin(*grouped.ctx);
+        CHECK(grouped.opt->group_of(grouped.low_rank(0).U) == 2);
+        CHECK(grouped.opt->group_of(grouped.low_rank(0).V) == 2);
+        CHECK(grouped.opt->group_of(grouped.low_rank(0).bias) == 1);
+    }
+}
+
+TEST_CASE("A ReLora restart merges s U V^T into the base exactly and redraws the factors",
+          "[policy][relora]") {
+    Run run;
+    ReLora<double> relora({.rank = 3, .alpha = 6.0, .seed = 3, .period = 5, .rewarm_steps = 2});
+    relora.on_train_begin(*run.ctx);
+    for (int i = 0; i < 4; ++i) run.step(relora);
+    REQUIRE(relora.restarts() == 0);
+
+    for (std::size_t i = 0; i < 2; ++i) REQUIRE(run.low_rank(i).U.value.norm() > 0.0);
+    const MatrixD before = run.output();
+    // The fifth step by hand, so the function can be compared across the restart alone.
+    relora.before_forward(*run.ctx);
+    run.backward();
+    run.schedule.apply(*run.opt, run.ctx->step);
+    run.opt->step();
+    ++run.ctx->step;
+    std::vector<MatrixD> expected_base, v_old;
+    std::vector<double> expected_norm;
+    for (std::size_t i = 0; i < 2; ++i) {
+        auto& l = run.low_rank(i);
+        const MatrixD update = 2.0 * l.U.value * l.V.value.transpose();
+        expected_base.push_back(l.base.value + update);
+        expected_norm.push_back(update.norm());
+        v_old.push_back(l.V.value);
+    }
+    const MatrixD just_before = run.output();
+    CHECK(relative(just_before, before) > 1e-6);  // the step did move the model
+    relora.after_step(*run.ctx);
+    REQUIRE(relora.restarts() == 1);
+
+    CHECK(relative(run.output(), just_before) < 1e-13);  // the merge is exact
+    for (std::size_t i = 0; i < 2; ++i) {
+        auto& l = run.low_rank(i);
+        CHECK(relative(l.base.value, expected_base[i]) < 1e-15);
+        CHECK(l.U.value.isZero(0.0));
+        CHECK(l.V.value != v_old[i]);
+        CHECK(l.V.value.cwiseAbs().maxCoeff() <= 1.0 / std::sqrt(static_cast<double>(l.in_features())));
+    }
+    const auto restarts = events(run.log, "restart");
+    REQUIRE(restarts.size() == 2);
+    CHECK(restarts[0].policy == "relora");
+    CHECK(restarts[0].step == 5);
+    CHECK(restarts[0].layer == "layers.0");
+    CHECK(restarts[0].old_rank == 3);
+    CHECK(restarts[0].new_rank == 3);
+    CHECK(restarts[0].statistic == "merged_update_norm");
+    CHECK(restarts[0].value == Approx(expected_norm[0]).epsilon(1e-12));
+    CHECK(restarts[1].value == Approx(expected_norm[1]).epsilon(1e-12));
+}
+
+TEST_CASE("Right after a ReLora restart dL/dV is exactly zero and dL/dU is not", "[policy][relora]") {
+    Run run;
+    ReLora<double> relora({.rank = 3, .period = 3, .rewarm_steps = 1});
+    relora.on_train_begin(*run.ctx);
+    for (int i = 0; i < 2; ++i) run.step(relora);
+    run.backward();
+    for (std::size_t i = 0; i < 2; ++i) CHECK(run.low_rank(i).V.grad.norm() > 0.0);  // mid-round: V moves
+
+    run.step(relora);  // the third step ends the round
+    REQUIRE(relora.restarts() == 1);
+    run.backward();
+    for (std::size_t i = 0; i < 2; ++i) {
+        INFO("layer " << i);
+        CHECK(run.low_rank(i).V.grad.isZero(0.0));  // the saddle: dL/dV = x^T (s dy U) with U = 0
+        CHECK(run.low_rank(i).U.grad.norm() > 0.0);
+    }
+}
+
+TEST_CASE("A ReLora restart resets the factors' optimizer state and re-warms the learning rate",
+          "[policy][relora]") {
+    Run run;
+    ReLora<double> relora({.rank = 3, .period = 4, .rewarm_steps = 3});
+    relora.on_train_begin(*run.ctx);
+    for (int i = 0; i < 3; ++i) run.step(relora);
+    auto& l = run.low_rank(0);
+    REQUIRE(run.opt->state_of(l.U) != nullptr);
+    CHECK(run.opt->state_of(l.U)->step == 3);
+    CHECK(run.opt->state_of(l.V)->exp_avg_sq.norm() > 0.0);
+
+    run.step(relora);  // step 4: restart
+    REQUIRE(relora.restarts() == 1);
+    for (const Parameter<double>* p : {&l.U, &l.V}) {
+        INFO(p->name());
+        const auto* s = run.opt->state_of(*p);
+        REQUIRE(s != nullptr);
+        CHECK(s->step == 0);
+        CHECK(s->exp_avg.isZero(0.0));
+        CHECK(s->exp_avg_sq.isZero(0.0));
+    }
+    // The bias is not part of the adapter: its state goes on.
+    CHECK(run.opt->state_of(l.bias)->step == 4);
+    CHECK(run.opt->state_of(l.bias)->exp_avg.norm() > 0.0);
+    CHECK_FALSE(run.opt->has_state(l.base.id()));
+    // The learning rate ramps up again from the next step.
+    CHECK(run.schedule.rewarm_state() == LrSchedule::Rewarm{4, 3});
+    CHECK(run.schedule.factor(4) == Approx(1.0 / 3.0));
+    CHECK(run.schedule.factor(7) == 1.0);
+    // The optimizer accepts the new factors (their layout change was carried).
+    REQUIRE_NOTHROW(run.step(relora));
+    CHECK(run.opt->state_of(l.U)->step == 1);
+
+    SECTION("state_reset below 1 prunes the smallest moments and keeps the step count") {
+        Run pruned;
+        ReLora<double> policy({.rank = 3, .period = 4, .rewarm_steps = 1, .state_reset = 0.5});
+        policy.on_train_begin(*pruned.ctx);
+        for (int i = 0; i < 3; ++i) pruned.step(policy);
+        auto& p = pruned.low_rank(1).V;
+        // Step 4 by hand, so the moments can be read between the update and the restart.
+        pruned.backward();
+        pruned.opt->step();
+        ++pruned.ctx->step;
+        const MatrixD m = pruned.opt->state_of(p)->exp_avg;
+        policy.after_step(*pruned.ctx);
+        REQUIRE(policy.restarts() == 1);
+        const auto* s = pruned.opt->state_of(p);
+        CHECK(s->step == 4);
+        const Index n = m.size();
+        Index zeros = 0;
+        const double smallest_kept = (s->exp_avg.array() != 0.0).select(m.array().abs(), 1e300).minCoeff();
+        const double largest_cut = (s->exp_avg.array() == 0.0).select(m.array().abs(), -1.0).maxCoeff();
+        for (Index i = 0; i < n; ++i) {
+            if (s->exp_avg.data()[i] == 0.0)
+                ++zeros;
+            else
+                CHECK(s->exp_avg.data()[i] == m.data()[i]);  // survivors are untouched
+        }
+        CHECK(zeros == n / 2);
+        CHECK(largest_cut < smallest_kept);  // by magnitude
+        CHECK_NOTHROW(pruned.step(policy));
+    }
+}
+
+TEST_CASE("ReLora restarts every period optimizer steps, and only then", "[policy][relora]") {
+    Run run;
+    PolicyList<double> list;
+    auto& relora = list.add<ReLora<double>>(ReLoraOptions{.rank = 2, .period = 3, .rewarm_steps = 1});
+    list.on_train_begin(*run.ctx);
+    auto& l = run.low_rank(1);
+    std::vector<MatrixD> bases;
+    for (int i = 0; i < 7; ++i) {
+        bases.push_back(l.base.value);
+        // Hooks that are not optimizer steps never count.
+        list.before_forward(*run.ctx);
+        list.on_epoch_end(*run.ctx);
+        list.before_forward(*run.ctx);
+        run.step(relora);
+    }
+    bases.push_back(l.base.value);
+    list.after_step(*run.ctx);  // a repeated call at the same step does not restart twice
+    CHECK(relora.restarts() == 2);
+    const auto restarts = events(run.log, "restart");
+    REQUIRE(restarts.size() == 4);  // two layers, two restarts
+    CHECK(restarts[0].step == 3);
+    CHECK(restarts[2].step == 6);
+    // The base changes at the restarts only: after steps 3 and 6 (bases[3], bases[6]).
+    for (std::size_t i = 1; i < bases.size(); ++i) {
+        INFO("after step " << i);
+        CHECK((bases[i] != bases[i - 1]) == (i == 3 || i == 6));
+    }
+}
+
+TEST_CASE("LoRA and ReLoRA reject bad options with a message naming the option", "[policy][errors]") {
+    using Catch::Contains;
+    CHECK_THROWS_WITH(Fixed<double>({.rank = 0}),
+                      Contains("lora") && Contains("option rank") && Contains("expected >= 1, got 0"));
+    CHECK_THROWS_WITH(Fixed<double>({.alpha = 0.0}), Contains("option alpha") && Contains("got 0"));
+    CHECK_THROWS_WITH(Fixed<double>({.alpha = std::nan("")}), Contains("option alpha"));
+    CHECK_THROWS_WITH(ReLora<double>({.rank = -2}), Contains("relora") && Contains("option rank"));
+    CHECK_THROWS_WITH(ReLora<double>({.period = 0}),
+                      Contains("relora") && Contains("option period") && Contains("got 0"));
+    CHECK_THROWS_WITH(ReLora<double>({.rewarm_steps = -1}),
+                      Contains("option rewarm_steps") && Contains("got -1"));
+    CHECK_THROWS_WITH(ReLora<double>({.period = 10, .rewarm_steps = 11}),
+                      Contains("option rewarm_steps") && Contains("period = 10") && Contains("got 11"));
+    CHECK_THROWS_WITH(ReLora<double>({.state_reset = 1.5}),
+                      Contains("option state_reset") && Contains("1.5"));
+    CHECK_THROWS_WITH(ReLora<double>({.state_reset = -0.1}), Contains("option state_reset"));
+
+    // A rank too large for a layer: named, and no layer is converted.
+    Run run;
+    Fixed<double> too_big({.rank = 7});
+    CHECK_THROWS_WITH(too_big.on_train_begin(*run.ctx), Contains("lora") && Contains("'layers.0'") &&
+                                                            Contains("min(out, in) = 6") &&
+                                                            Contains("got 7"));
+    CHECK(std::string(run.model.layers()[0].kind()) == "dense");
+    CHECK(std::string(run.model.layers()[1].kind()) == "dense");
+    // A selector that names no layer.
+    Fixed<double> nothing({.select = {.pattern = "attn.*"}});
+    CHECK_THROWS_WITH(nothing.on_train_begin(*run.ctx), Contains("lora") && Contains("matches no layer"));
+    // Hooks out of order.
+    ReLora<double> early({.rank = 2});
+    CHECK_THROWS_WITH(early.after_step(*run.ctx), Contains("relora") && Contains("before on_train_begin"));
+    Fixed<double> twice({.rank = 2});
+    twice.on_train_begin(*run.ctx);
+    CHECK_THROWS_WITH(twice.on_train_begin(*run.ctx), Contains("called twice"));
+}
