@@ -1,0 +1,468 @@
+// Cuttlefish: the convergence test on constructed histories, the rank rule, xi from the
+// initial weights, the switch (function change = truncation error, optimizer groups,
+// re-warm-up), the layers kept dense, Frobenius decay against autograd, and bad options.
+#include <catch2/catch.hpp>
+
+#include <lowrank/autograd/autograd.hpp>
+#include <lowrank/models/mlp.hpp>
+#include <lowrank/optim/adam.hpp>
+#include <lowrank/policy/cuttlefish.hpp>
+
+#include <Eigen/SVD>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+using namespace lowrank;
+using CF = Cuttlefish<double>;
+
+namespace {
+
+MatrixD gaussian(Index rows, Index cols, std::uint64_t seed) {
+    Rng rng(seed);
+    MatrixD m(rows, cols);
+    init::normal<double>(m, rng);
+    return m;
+}
+
+// An m x n matrix with the given singular values (the rest zero), in random bases.
+MatrixD with_singular_values(Index m, Index n, const std::vector<double>& s, std::uint64_t seed) {
+    const auto k = static_cast<Index>(s.size());
+    const MatrixD qu = linalg::orthonormalize_columns<double>(gaussian(m, k, seed));
+    const MatrixD qv = linalg::orthonormalize_columns<double>(gaussian(n, k, seed + 1));
+    const Eigen::VectorXd sv = Eigen::Map<const Eigen::VectorXd>(s.data(), k);
+    return qu * sv.asDiagonal() * qv.transpose();
+}
+
+// Singular values 1 (k times) and sqrt(1/2): stable rank k + 1/2, so floor(srank) = k.
+MatrixD with_stable_rank(Index m, Index n, Index k, std::uint64_t seed) {
+    std::vector<double> s(static_cast<std::size_t>(k), 1.0);
+    s.push_back(std::sqrt(0.5));
+    return with_singular_values(m, n, s, seed);
+}
+
+// Stable rank computed independently of the library.
+double reference_stable_rank(const MatrixD& w) {
+    const Eigen::MatrixXd a = w;
+    Eigen::JacobiSVD<Eigen::MatrixXd> svd(a);
+    const auto s = svd.singularValues();
+    return s.squaredNorm() / (s(0) * s(0));
+}
+
+std::span<const double> span_of(const std::vector<double>& v) { return {v.data(), v.size()}; }
+
+// A model, AdamW (decay on weights, none on biases), a schedule and a rank log.
+struct Fixture {
+    Rng rng{11};
+    Mlp<double> model;
+    std::unique_ptr<AdamW<double>> opt;
+    LrSchedule schedule;
+    RankLog log;
+    std::unique_ptr<TrainingContext<double>> ctx;
+
+    explicit Fixture(std::vector<Index> sizes) : model(MlpOptions{.sizes = std::move(sizes)}, rng) {
+        ParameterList<double> weights, biases;
+        for (auto* p : model.parameters()) (p->name().ends_with(".bias") ? biases : weights).push_back(p);
+        opt = std::make_unique<AdamW<double>>(weights, AdamOptions{.lr = 1e-3, .weight_decay = 0.1});
+        opt->add_group(biases, GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
+        ctx = std::make_unique<TrainingContext<double>>(model.layer_slots(), *opt, schedule, log);
+    }
+    AnyLinear<double>& layer(std::size_t i) { return model.layers()[i]; }
+    MatrixD& weight(std::size_t i) { return layer(i).get<Linear<double>>().weight.value; }
+    MatrixD forward(const MatrixD& x) {
+        Graph<double> g;
+        return model.forward(g, g.input(x)).value();
+    }
+    std::vector<RankEvent> events(const std::string& kind) const {
+        std::vector<RankEvent> out;
+        for (const auto& e : log.events())
+            if (e.event == kind) out.push_back(e);
+        return out;
+    }
+};
+
+}  // namespace
+
+TEST_CASE("Cuttlefish EMA and derivative match a hand-worked history", "[policy][cuttlefish]") {
+    // w = 3: alpha = 1/2. EMA of {0, 0, 3} = {0, 0, 1.5}; |gradient| = {0, 0.75, 1.5}.
+    const std::vector<double> h{0.0, 0.0, 3.0};
+    CHECK(CF::ema(span_of(h), 0.5) == std::vector<double>{0.0, 0.0, 1.5});
+    const std::vector<double> y{0.0, 0.0, 1.5};
+    CHECK(CF::abs_derivative(span_of(y)) == std::vector<double>{0.0, 0.75, 1.5});
+    // Central differences inside, one-sided ends, absolute values.
+    const std::vector<double> falling{4.0, 3.0, 1.0, 0.0};
+    CHECK(CF::abs_derivative(span_of(falling)) == std::vector<double>{1.0, 1.5, 1.5, 1.0});
+    const std::vector<double> one{5.0};
+    CHECK(CF::abs_derivative(span_of(one)) == std::vector<double>{0.0});
+    // Mean of the last L = 2 derivatives.
+    CHECK(CF::convergence_statistic(span_of(h), 3, 2) == 1.125);
+    CHECK(CF::convergence_statistic(span_of(h), 3, 3) == Approx(0.75));
+    CHECK_THROWS_WITH(CF::ema(span_of(h), 0.0), Catch::Contains("alpha in (0, 1]"));
+}
+
+TEST_CASE("Cuttlefish convergence: flat is stable, moving is not, and fewer than w entries never are",
+          "[policy][cuttlefish]") {
+    const std::vector<double> flat{7, 7, 7, 7};
+    CHECK(CF::is_converged(span_of(flat), 4, 3, 0.1));
+    CHECK(CF::convergence_statistic(span_of(flat), 4, 3) == 0.0);
+    // Three flat entries are not enough for w = 4, whatever the threshold.
+    const std::vector<double> short_flat{7, 7, 7};
+    CHECK_FALSE(CF::is_converged(span_of(short_flat), 4, 3, 100.0));
+    // Still falling by one rank per point: the smoothed slope is far above tau.
+    const std::vector<double> moving{12, 11, 10, 9, 8, 7, 6, 5};
+    CHECK(CF::convergence_statistic(span_of(moving), 4, 3) > 0.8);
+    CHECK_FALSE(CF::is_converged(span_of(moving), 4, 3, 0.1));
+    // A history that has just stopped still carries the EMA's memory of the fall: stable
+    // only once the smoothed curve has flattened too.
+    const std::vector<double> settling{20, 12, 10, 10, 10, 10, 10, 10};
+    const double stat = CF::convergence_statistic(span_of(settling), 3, 2);
+    // EMA ... 10.375, 10.1875, 10.09375: |gradient| ends in 0.140625, 0.09375.
+    CHECK(stat == Approx((0.140625 + 0.09375) / 2.0));
+    CHECK_FALSE(CF::is_converged(span_of(settling), 3, 2, 0.1));
+    CHECK(CF::is_converged(span_of(settling), 3, 2, 0.2));
+}
+
+TEST_CASE("Cuttlefish relaxes tau by 2.5 with two layers left and by 5 with one", "[policy][cuttlefish]") {
+    CHECK(CF::relaxed_threshold(0.1, 5) == 0.1);
+    CHECK(CF::relaxed_threshold(0.1, 3) == 0.1);
+    CHECK(CF::relaxed_threshold(0.1, 2) == Approx(0.25));
+    CHECK(CF::relaxed_threshold(0.1, 1) == Approx(0.5));
+    CHECK(CF::relaxed_threshold(0.1, 2, 3.0, 7.0) == Approx(0.3));
+    CHECK(CF::relaxed_threshold(0.1, 1, 3.0, 7.0) == Approx(0.7));
+
+    // {2, 2, 6, 6} with w = 3, L = 2: EMA {2, 2, 4, 5}, |gradient| {0, 1, 1.5, 1}, statistic 1.25.
+    const std::vector<double> h{2, 2, 6, 6};
+    REQUIRE(CF::convergence_statistic(span_of(h), 3, 2) == 1.25);
+    const double tau = 0.26;
+    CHECK_FALSE(CF::is_converged(span_of(h), 3, 2, CF::relaxed_threshold(tau, 3)));
+    CHECK_FALSE(CF::is_converged(span_of(h), 3, 2, CF::relaxed_threshold(tau, 2)));  // 0.65
+    CHECK(CF::is_converged(span_of(h), 3, 2, CF::relaxed_threshold(tau, 1)));        // 1.3
+}
+
+TEST_CASE("Cuttlefish counts the unstable layers to relax the test during training", "[policy][cuttlefish]") {
+    // Two tracked layers: A stays flat, B follows {2, 2, 6, 6}. With tau = 0.26: at point 3
+    // both are unstable (tau x 2.5 = 0.65): A passes, B (1.5) does not; at point 4 only B
+    // is left (tau x 5 = 1.3) and its 1.25 passes, so the switch happens there. Without
+    // relaxation B would still fail (1.25 > 0.26).
+    for (const bool relax : {true, false}) {
+        Fixture f({12, 12, 12, 3});
+        CF policy(CuttlefishOptions{.window = 3,
+                                    .tail = 2,
+                                    .threshold = 0.26,
+                                    .relax_two = relax ? 2.5 : 1.0,
+                                    .relax_one = relax ? 5.0 : 1.0,
+                                    .min_speedup = 0.1});
+        policy.on_train_begin(*f.ctx);
+        const Index b_history[] = {2, 2, 6, 6};
+        for (int point = 0; point < 4; ++point) {
+            f.ctx->epoch = point;
+            f.weight(0) = with_stable_rank(12, 12, 3, 100 + 2 * static_cast<std::uint64_t>(point));
+            f.weight(1) = with_stable_rank(12, 12, b_history[point], 200 + 2 * static_cast<std::uint64_t>(point));
+            CHECK(policy.current_threshold() == Approx(0.26 * (relax ? (point < 3 ? 2.5 : 5.0) : 1.0)));
+            policy.on_epoch_end(*f.ctx);
+            if (point < 3) CHECK_FALSE(policy.switched());
+        }
+        CHECK(policy.layers()[0].history == std::vector<Index>{3, 3, 3, 3});
+        CHECK(policy.layers()[1].history == std::vector<Index>{2, 2, 6, 6});
+        const auto stable = f.events("stable");
+        REQUIRE(stable.size() == (relax ? 2u : 1u));
+        CHECK(stable[0].layer == "layers.0");
+        CHECK(stable[0].epoch == 2);
+        CHECK(policy.switched() == relax);
+        if (relax) {
+            CHECK(stable[1].layer == "layers.1");
+            CHECK(stable[1].epoch == 3);
+            CHECK(policy.switch_epoch() == 3);
+        }
+    }
+}
+
+TEST_CASE("Cuttlefish's rank is ceil(srank * xi), clamped to d and raised to the floor", "[policy][cuttlefish]") {
+    // srank above its initial value: the unclamped ceil(4 * 10 / 3) = 14 exceeds d = 10.
+    CHECK(CF::switch_rank(4, 3, 10) == 10);
+    CHECK(CF::switch_rank(3, 3, 10) == 10);  // unchanged srank: full rank, exactly
+    CHECK(CF::switch_rank(2, 4, 10) == 5);   // 2 * 2.5
+    CHECK(CF::switch_rank(1, 3, 10) == 4);   // ceil(3.33)
+    CHECK(CF::switch_rank(1, 4, 10, 0.3) == 3);
+    CHECK(CF::switch_rank(1, 4, 10, 0.35) == 4);  // floor ceil(3.5) = 4 wins over 3
+    CHECK(CF::switch_rank(0, 4, 10) == 1);
+    CHECK(CF::switch_rank(1, 4, 10, 1.0) == 10);
+    CHECK_THROWS_WITH(CF::switch_rank(1, 0, 10), Catch::Contains("init_srank >= 1"));
+}
+
+TEST_CASE("Cuttlefish computes xi from the initial weights", "[policy][cuttlefish]") {
+    Fixture f({8, 10, 6, 3});
+    std::vector<double> init_srank;
+    for (std::size_t i = 0; i < 2; ++i) init_srank.push_back(reference_stable_rank(f.weight(i)));
+    CF policy;
+    policy.on_train_begin(*f.ctx);
+    REQUIRE(policy.layers().size() == 2);  // the hidden layers; the output layer is not selected
+    const Index d[] = {8, 6};
+    for (std::size_t i = 0; i < 2; ++i) {
+        const auto& l = policy.layers()[i];
+        INFO("layer " << i);
+        CHECK(l.d == d[i]);
+        CHECK(l.init_stable_rank == static_cast<Index>(std::floor(init_srank[i])));
+        CHECK(l.xi == Approx(static_cast<double>(d[i]) / std::floor(init_srank[i])));
+        CHECK(l.history.empty());
+        CHECK(std::string(f.layer(i).kind()) == "dense");  // layers stay dense until the switch
+    }
+    const auto init = f.events("init");
+    REQUIRE(init.size() == 2);
+    CHECK(init[1].layer == "layers.1");
+    CHECK(init[1].statistic == "stable_rank");
+    CHECK(init[1].value == Approx(init_srank[1]));
+    // Training moves the weights; xi stays what the initial weights gave.
+    const double xi0 = policy.layers()[0].xi;
+    f.weight(0) = with_stable_rank(10, 8, 1, 5);
+    policy.on_epoch_end(*f.ctx);
+    CHECK(policy.layers()[0].xi == xi0);
+    CHECK(policy.layers()[0].history == std::vector<Index>{1});
+}
+
+namespace {
+
+// One 6 -> 5 layer (the output role) with an initial weight of stable rank 2.125 (xi = 5 / 2),
+// trained to singular values {3, 1, 0.5, 0.2, 0.1} (stable rank 1.1444): the switch at the
+// first tracking point (w = L = 1) picks r = ceil(1 * 2.5) = 3, dropping 0.2^2 + 0.1^2.
+struct SwitchFixture : Fixture {
+    CF policy;
+    MatrixD x = MatrixD::Identity(6, 6);
+    MatrixD before, after, bias;
+
+    explicit SwitchFixture(double lambda)
+        : Fixture({6, 5}),
+          policy(CuttlefishOptions{.select = {.pattern = ".*", .roles = {"output"}},
+                                   .window = 1,
+                                   .tail = 1,
+                                   .min_speedup = 0.5,
+                                   .frobenius_decay = lambda,
+                                   .rewarm_steps = 7}) {
+        weight(0) = with_singular_values(5, 6, {2, 1.5, 1, 1, 0.5}, 21);
+        policy.on_train_begin(*ctx);
+        weight(0) = with_singular_values(5, 6, {3, 1, 0.5, 0.2, 0.1}, 23);
+        bias = gaussian(1, 5, 25);
+        layer(0).get<Linear<double>>().bias.value = bias;
+        before = forward(x);
+        ctx->step = 40;
+        ctx->epoch = 2;
+        policy.on_epoch_end(*ctx);
+        after = forward(x);
+    }
+    LowRankLinear<double>& low() { return layer(0).get<LowRankLinear<double>>(); }
+};
+
+}  // namespace
+
+TEST_CASE("Cuttlefish's switch changes the function by exactly the truncation error", "[policy][cuttlefish]") {
+    SwitchFixture f(1e-4);
+    REQUIRE(f.policy.layers()[0].xi == 2.5);
+    REQUIRE(f.policy.switched());
+    REQUIRE(std::string(f.layer(0).kind()) == "low_rank");
+    CHECK(f.low().rank() == 3);
+    CHECK(f.policy.layers()[0].rank == 3);
+    // With x = I the output rows are W^T + b: the squared change is ||W - U V^T||_F^2.
+    CHECK((f.before - f.after).squaredNorm() == Approx(0.2 * 0.2 + 0.1 * 0.1).epsilon(1e-10));
+    REQUIRE(f.low().has_bias());
+    CHECK(f.low().bias.value == f.bias);  // the bias moves over unchanged
+
+    const auto sw = f.events("switch");
+    REQUIRE(sw.size() == 1);
+    CHECK(sw[0].old_rank == 5);
+    CHECK(sw[0].new_rank == 3);
+    CHECK(sw[0].statistic == "stable_rank");
+    CHECK(sw[0].value == 1.0);
+    CHECK(sw[0].step == 40);
+    CHECK(f.policy.switch_step() == 40);
+    CHECK(f.policy.switch_epoch() == 2);
+}
+
+TEST_CASE("Cuttlefish's switch gives the factors fresh state, their own decay-free group and a re-warm-up",
+          "[policy][cuttlefish]") {
+    SwitchFixture f(1e-4);
+    auto& opt = *f.opt;
+    REQUIRE(f.policy.factor_group().has_value());
+    const std::size_t g = *f.policy.factor_group();
+    CHECK(opt.group(g).options.name == "cuttlefish.factors");
+    CHECK(opt.group(g).options.weight_decay == 0.0);  // the Frobenius decay replaces it
+    CHECK(opt.group(g).options.lr == 1e-3);           // the lr of the dense weight's group
+    CHECK(opt.group_of(f.low().U) == g);
+    CHECK(opt.group_of(f.low().V) == g);
+    CHECK(opt.group(opt.group_of(f.low().bias)).options.name == "no_decay");
+    CHECK(opt.parameters().size() == 3);
+    CHECK_FALSE(opt.has_state(f.low().U.id()));
+    CHECK(f.schedule.rewarm_state() == LrSchedule::Rewarm{40, 7});
+    CHECK(f.schedule.factor(40) == Approx(1.0 / 7.0));
+
+    // With the decay off, the factors keep the weight decay of the dense weight's group.
+    SwitchFixture plain(0.0);
+    CHECK_FALSE(plain.policy.factor_group().has_value());
+    CHECK(plain.opt->group(plain.opt->group_of(plain.low().U)).options.weight_decay == 0.1);
+}
+
+TEST_CASE("Cuttlefish's Frobenius decay is the autograd gradient of lambda/2 ||U V^T||_F^2", "[policy][cuttlefish]") {
+    const double lambda = 0.3;
+    SwitchFixture f(lambda);
+    auto& low = f.low();
+    // Make the factors unbalanced so that U (V^T V) and V (U^T U) differ from the split's.
+    low.U.value.col(0) *= 3.0;
+    low.V.value.col(1) *= 0.5;
+    const MatrixD g_u = gaussian(low.U.rows(), low.U.cols(), 31);
+    const MatrixD g_v = gaussian(low.V.rows(), low.V.cols(), 32);
+    low.U.grad = g_u;
+    low.V.grad = g_v;
+    f.policy.after_backward(*f.ctx);
+
+    Parameter<double> u("U", low.U.value), v("V", low.V.value);
+    Graph<double> g;
+    const auto product = linear(g, g.param(u), g.param(v));  // U V^T (m x n), formed densely here
+    g.backward(scale(g, sum(g, mul(g, product, product)), lambda / 2.0));
+    CHECK((low.U.grad - (g_u + u.grad)).norm() < 1e-12 * (1.0 + u.grad.norm()));
+    CHECK((low.V.grad - (g_v + v.grad)).norm() < 1e-12 * (1.0 + v.grad.norm()));
+    CHECK(u.grad.norm() > 1e-2);  // the decay is not negligible in this check
+
+    // lambda = 0 leaves the gradients alone.
+    SwitchFixture off(0.0);
+    off.low().U.grad = g_u;
+    off.policy.after_backward(*off.ctx);
+    CHECK(off.low().U.grad == g_u);
+}
+
+TEST_CASE("Cuttlefish applies no decay to dense layers before the switch", "[policy][cuttlefish]") {
+    Fixture f({6, 8, 3});
+    CF policy(CuttlefishOptions{.frobenius_decay = 0.5});
+    policy.on_train_begin(*f.ctx);
+    auto& w = f.layer(0).get<Linear<double>>().weight;
+    w.grad = gaussian(8, 6, 3);
+    const MatrixD before = w.grad;
+    policy.after_backward(*f.ctx);
+    CHECK(w.grad == before);
+}
+
+TEST_CASE("Cuttlefish switches by itself during training once the histories are flat", "[policy][cuttlefish]") {
+    for (const std::int64_t every : {std::int64_t{0}, std::int64_t{2}}) {
+        INFO("track_every_steps = " << every);
+        Fixture f({16, 16, 16, 4});
+        f.ctx->steps_per_epoch = 3;
+        CF policy(CuttlefishOptions{.track_every_steps = every});  // defaults: w = 3, L = 2
+        policy.on_train_begin(*f.ctx);
+        // Trained-looking hidden weights (stable rank 1.5); a tiny lr keeps them flat.
+        f.weight(0) = with_stable_rank(16, 16, 1, 41);
+        f.weight(1) = with_stable_rank(16, 16, 1, 43);
+        f.opt->set_group_lr(0, 1e-7);
+        const MatrixD x = gaussian(20, 16, 45), target = gaussian(20, 4, 46);
+        Graph<double> g;
+        std::int64_t step = 0;
+        double last_loss = 0.0;
+        for (int epoch = 0; epoch < 4; ++epoch) {
+            f.ctx->epoch = epoch;
+            for (int b = 0; b < 3; ++b) {
+                f.ctx->step = step;
+                g.clear();
+                const auto loss = mse(g, f.model.forward(g, g.input(x)), target);
+                last_loss = loss.item();
+                f.opt->zero_grad();
+                g.backward(loss);
+                policy.after_backward(*f.ctx);
+                f.schedule.apply(*f.opt, step);
+                f.opt->step();
+                f.ctx->step = ++step;
+                policy.after_step(*f.ctx);
+                // Step-based: tracking points at steps 2, 4, 6; the third one switches.
+                if (every > 0) CHECK(policy.switched() == (step >= 6));
+            }
+            policy.on_epoch_end(*f.ctx);
+            // Epoch-based: points at the ends of epochs 0, 1, 2; the third one switches.
+            if (every == 0) CHECK(policy.switched() == (epoch >= 2));
+        }
+        REQUIRE(policy.switched());
+        CHECK(policy.switch_step() == (every > 0 ? 6 : 9));
+        CHECK(std::isfinite(last_loss));
+        for (std::size_t i = 0; i < 2; ++i) {
+            const auto& l = policy.layers()[i];
+            INFO("layer " << i);
+            CHECK(l.history == std::vector<Index>{1, 1, 1});  // no tracking after the switch
+            CHECK(l.stable);
+            CHECK(l.factorized);
+            CHECK(l.rank == CF::switch_rank(1, l.init_stable_rank, 16));
+            CHECK(f.layer(i).rank() == l.rank);
+            CHECK(std::string(f.layer(i).kind()) == "low_rank");
+        }
+        CHECK(std::string(f.layer(2).kind()) == "dense");  // the output layer is not selected
+        CHECK(f.events("switch").size() == 2);
+        CHECK(f.events("track").size() == 6);
+        // The optimizer steps the new factors after the switch.
+        CHECK(f.opt->has_state(f.layer(0).get<LowRankLinear<double>>().U.id()));
+    }
+}
+
+TEST_CASE("Cuttlefish keeps dense the layers where factorizing does not pay", "[policy][cuttlefish]") {
+    for (const auto cost : {CuttlefishCost::flops, CuttlefishCost::time}) {
+        Fixture f({16, 16, 16, 16, 4});
+        CF policy(CuttlefishOptions{.keep_first_dense = 1, .cost = cost, .timing_tokens = 8, .timing_repeats = 3});
+        policy.on_train_begin(*f.ctx);
+        REQUIRE(policy.layers().size() == 2);  // layers.0 is never tracked
+        CHECK(policy.layers()[0].name == "layers.1");
+        // layers.1 settles at a low stable rank; layers.2 keeps its initial weight, so its
+        // rank comes out at d and a factorization would cost more than the dense layer.
+        f.weight(1) = with_stable_rank(16, 16, 1, 51);
+        for (int point = 0; point < 3; ++point) policy.on_epoch_end(*f.ctx);
+        REQUIRE(policy.switched());
+        CHECK(std::string(f.layer(0).kind()) == "dense");
+        const auto keep = f.events("keep_dense");
+        REQUIRE(keep.size() >= 1);
+        CHECK(keep[0].layer == "layers.0");
+        CHECK(keep[0].statistic == "keep_first_dense");
+        for (std::size_t i = 0; i < 2; ++i) {
+            const auto& l = policy.layers()[i];
+            CHECK(l.speedup > 0.0);
+            CHECK(std::isfinite(l.speedup));
+            // The decision follows the measured cost (timings vary; the rule may not).
+            CHECK(l.factorized == (l.speedup >= 1.1));
+            CHECK(std::string(f.layer(i + 1).kind()) == (l.factorized ? "low_rank" : "dense"));
+        }
+        if (cost == CuttlefishCost::flops) {
+            CHECK(std::string(f.layer(1).kind()) == "low_rank");
+            CHECK(policy.layers()[1].rank == 16);
+            CHECK(std::string(f.layer(2).kind()) == "dense");
+            REQUIRE(keep.size() == 2);
+            CHECK(keep[1].layer == "layers.2");
+            CHECK(keep[1].statistic == "speedup");
+            CHECK(keep[1].value == Approx(CF::flops_speedup(16, 16, 16, true)));
+            CHECK(keep[1].value < 1.0);
+            CHECK(policy.layers()[0].speedup == Approx(CF::flops_speedup(16, 16, policy.layers()[0].rank, true)));
+        }
+    }
+}
+
+TEST_CASE("Cuttlefish rejects bad options and layers it cannot start from", "[policy][cuttlefish][errors]") {
+    using O = CuttlefishOptions;
+    auto fails = [](const O& o, const std::string& option, const std::string& got) {
+        INFO(option);
+        CHECK_THROWS_WITH(CF(o), Catch::Contains("Cuttlefish") && Catch::Contains(option) && Catch::Contains(got));
+    };
+    fails(O{.window = 0}, "window", "got 0");
+    fails(O{.window = 3, .tail = 4}, "tail", "got 4");
+    fails(O{.tail = 0}, "tail", "got 0");
+    fails(O{.threshold = -0.1}, "threshold", "got -0.1");
+    fails(O{.threshold = std::nan("")}, "threshold", "got nan");
+    fails(O{.relax_two = 0.5}, "relax_two", "got 0.5");
+    fails(O{.relax_one = 0.0}, "relax_one", "got 0");
+    fails(O{.track_every_steps = -1}, "track_every_steps", "got -1");
+    fails(O{.rank_floor = 1.5}, "rank_floor", "got 1.5");
+    fails(O{.keep_first_dense = -2}, "keep_first_dense", "got -2");
+    fails(O{.min_speedup = 0.0}, "min_speedup", "got 0");
+    fails(O{.timing_repeats = 0}, "timing_repeats", "got 0");
+    fails(O{.frobenius_decay = -1e-4}, "frobenius_decay", "got -0.0001");
+    fails(O{.rewarm_steps = -5}, "rewarm_steps", "got -5");
+
+    Fixture f({6, 8, 8, 3});
+    CHECK_THROWS_WITH(CF(O{.keep_first_dense = 2}).on_train_begin(*f.ctx),
+                      Catch::Contains("keep_first_dense = 2") && Catch::Contains("none of the 2"));
+    const MatrixD w = f.layer(1).dense_weight();
+    f.ctx->replace_layer(f.layer(1), LowRankLinear<double>::from_dense("layers.1", w, 4));
+    CHECK_THROWS_WITH(CF().on_train_begin(*f.ctx),
+                      Catch::Contains("'layers.1' must be dense") && Catch::Contains("low_rank"));
+}
