@@ -7,6 +7,12 @@ Benchmarks (names as lowrank-bench prints them, without its "/real_time" suffix)
   BM_Gemm/d:D/N:N            torch.mm(x, W.t(), out=y): the BLAS kernel alone (OpenBLAS here)
   BM_Linear_fwd/d:D/N:N      nn.Linear(D, D) forward under torch.no_grad()
   BM_Linear_fwdbwd/d:D/N:N   forward, then y.backward(ones): dx, dW, db (x requires grad)
+  BM_LowRankLinear_fwd/d:D/N:N/r:R     x V U^T + b as nn.Linear(D, R, bias=False) then
+  BM_LowRankLinear_fwdbwd/d:D/N:N/r:R  nn.Linear(R, D): the composition of two GEMMs that
+                             autograd differentiates as four; fwd and fwdbwd as above, with
+                             the counters speedup_vs_dense (nn.Linear(D, D)'s time at the same
+                             shape and mode, timed just before, over this time) and
+                             flop_ratio (the ideal speed-up, D / (2 R))
   BM_Mlp_train_step/B:128    784-1024-1024-10 ReLU MLP: forward, cross_entropy,
                              zero_grad(set_to_none), backward, AdamW(lr=1e-3, weight_decay=0.01).step(),
                              with the time of each phase (forward_ms, backward_ms, optimizer_ms)
@@ -181,8 +187,8 @@ def main() -> int:
 
     def report(row: dict) -> None:
         results.append(row)
-        counters = "  ".join(f"{k}={row[k]:.6g}" for k in ("GFLOPs", "tokens_per_second", "samples_per_second")
-                             if k in row)
+        counters = "  ".join(f"{k}={row[k]:.6g}" for k in ("GFLOPs", "tokens_per_second", "samples_per_second",
+                                                             "speedup_vs_dense") if k in row)
         extra = f"  [{row['variant']}]" if "variant" in row else ""
         print(f"{row['name']:<36} {row['real_time']:10.3f} ms  (cv {row['cv']:.1%})  {counters}{extra}",
               flush=True)
@@ -199,6 +205,30 @@ def main() -> int:
             means = measure(step, args.repetitions, args.min_time, args.warmup)
             report(record(name, means, 2.0 * n * d * d, n, "tokens_per_second"))
 
+    def layer_step(model: nn.Module, x: torch.Tensor, backward: bool):
+        """One fwd (no_grad) or fwd + y.backward(ones) of `model` on x, as BM_Linear_*."""
+        params = list(model.parameters())
+        if backward:
+            seed = torch.ones(x.shape)  # the layers here are square
+
+            def step():
+                # set_to_none: the new gradients are stolen, not added (PyTorch's fastest path)
+                for p in params:
+                    p.grad = None
+                x.grad = None
+                model(x).backward(seed)
+        else:
+            def step():
+                with torch.no_grad():
+                    model(x)
+        return step
+
+    def dense_seconds(d: int, n: int, backward: bool) -> float:
+        """nn.Linear(d, d) at this shape and mode, timed now: median seconds per step."""
+        lin, x = nn.Linear(d, d), torch.randn(n, d, requires_grad=backward)
+        means, _ = measure(layer_step(lin, x, backward), args.repetitions, args.min_time, args.warmup)
+        return statistics.median(means)
+
     for backward in (False, True):
         for d in (768, 1024):
             for n in (512, 4096):
@@ -207,23 +237,30 @@ def main() -> int:
                     continue
                 lin = nn.Linear(d, d)
                 x = torch.randn(n, d, requires_grad=backward)
-                if backward:
-                    seed = torch.ones(n, d)
-
-                    def step(lin=lin, x=x, seed=seed):
-                        # set_to_none: the new gradients are stolen, not added (PyTorch's fastest path)
-                        lin.weight.grad = None
-                        lin.bias.grad = None
-                        x.grad = None
-                        lin(x).backward(seed)
-                else:
-                    def step(lin=lin, x=x):
-                        with torch.no_grad():
-                            lin(x)
-                means = measure(step, args.repetitions, args.min_time, args.warmup)
+                means = measure(layer_step(lin, x, backward), args.repetitions, args.min_time, args.warmup)
                 fwd_flops = 2.0 * n * d * d
                 report(record(name, means, 3 * fwd_flops if backward else fwd_flops, n, "tokens_per_second"))
                 del lin, x
+
+    # Grouped by (d, N, r) as in bench_low_rank.cpp: the dense reference is timed right before
+    # the low-rank layer it is compared with, so that a drift in load hits both alike.
+    for d in (768, 1024):
+        for n in (512, 4096):
+            for r in (8, 32, 64, 128, 256):
+                for backward in (False, True):
+                    name = f"BM_LowRankLinear_{'fwdbwd' if backward else 'fwd'}/d:{d}/N:{n}/r:{r}"
+                    if not want.search(name):
+                        continue
+                    dense = dense_seconds(d, n, backward)
+                    model = nn.Sequential(nn.Linear(d, r, bias=False), nn.Linear(r, d))
+                    x = torch.randn(n, d, requires_grad=backward)
+                    means = measure(layer_step(model, x, backward), args.repetitions, args.min_time, args.warmup)
+                    fwd_flops = 4.0 * n * d * r
+                    row = record(name, means, 3 * fwd_flops if backward else fwd_flops, n, "tokens_per_second")
+                    row["speedup_vs_dense"] = dense / statistics.median(means[0])
+                    row["flop_ratio"] = d / (2.0 * r)
+                    report(row)
+                    del model, x
 
     name = "BM_Mlp_train_step/B:128"
     if want.search(name):

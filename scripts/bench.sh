@@ -14,7 +14,8 @@
 #   --threads N       LOWRANK_THREADS for lowrank-bench and --threads for PyTorch (default 1)
 #   --rounds N        interleaved rounds (default 5): each round runs every program once,
 #                     one sample per benchmark; the tables show the median over rounds
-#   --filter REGEX    only benchmarks matching REGEX (both programs)
+#   --filter REGEX    only benchmarks matching REGEX (both programs); the low-rank layers alone:
+#                     --filter 'LowRank|Spectral|IncrementalRank'
 #   --no-pytorch      skip PyTorch (the table then shows lowrank only)
 #   --no-openblas     skip lowrank-bench-openblas (lowrank with EIGEN_USE_BLAS + OpenBLAS)
 #   --pytorch-as-is   also time PyTorch with glibc's malloc defaults (AVX-512 kernel kept) and in
@@ -31,8 +32,8 @@
 #
 # Without CMake the benchmark builds with (what --gxx runs):
 #   g++ -std=c++20 -O3 -march=native -fopenmp -DNDEBUG -I include -isystem /usr/include/eigen3 \
-#       bench/bench_linear.cpp bench/bench_mlp.cpp -lbenchmark -lbenchmark_main -lpthread \
-#       -o build/bench/lowrank-bench
+#       bench/bench_linear.cpp bench/bench_low_rank.cpp bench/bench_mlp.cpp -lbenchmark -lbenchmark_main \
+#       -lpthread -o build/bench/lowrank-bench
 #   g++ -std=c++20 -O3 -march=native -fopenmp -DNDEBUG -I include -isystem /usr/include/eigen3 \
 #       bench/alloc_probe.cpp -o build/bench/lowrank-alloc-probe
 set -euo pipefail

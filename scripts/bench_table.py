@@ -15,12 +15,20 @@ one, else each of its repetitions); the tables show the median over all samples 
 coefficient of variation. scripts/bench.sh runs the programs in interleaved rounds, one
 file per program and round, so that a change in background load hits every column alike.
 
+The low-rank layers' benchmarks (bench/bench_low_rank.cpp: BM_LowRankLinear_*,
+BM_SpectralLinear_*, BM_IncrementalRankLinear_*, BM_DeepLowRankLinear_*) get tables of
+their own: one per layer with the speed-up over dense at the same shape and how much of the
+ideal FLOP ratio it reaches, LowRankLinear's one-pass backward against the plain GEMM
+composition, and the targets of the low-rank benchmarks, met or not.
+
 With --write-docs, what lies between these markers in that file is replaced:
 
-    <!-- bench-table:begin --> ... <!-- bench-table:end -->
-    <!-- alloc-probe:begin --> ... <!-- alloc-probe:end -->     (only with --probe)
+    <!-- bench-table:begin --> ... <!-- bench-table:end -->        (if the run has dense rows)
+    <!-- alloc-probe:begin --> ... <!-- alloc-probe:end -->        (with them, and --probe)
+    <!-- bench-low-rank:begin --> ... <!-- bench-low-rank:end -->  (if it has low-rank rows)
 
-so the numbers in the docs always come from a real run.
+so the numbers in the docs always come from a real run, and a run filtered to one group
+(scripts/bench.sh --filter) leaves the other's block as it was.
 """
 
 from __future__ import annotations
@@ -37,6 +45,16 @@ PHASES = (("forward_ms", "forward (input, forward, loss)"), ("backward_ms", "zer
           ("optimizer_ms", "optimizer step (AdamW)"))
 THROUGHPUT = (("tokens_per_second", "tokens/s"), ("samples_per_second", "samples/s"))
 TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+# Plain counters of the low-rank benchmarks: the median over samples is shown.
+RATIOS = ("speedup_vs_dense", "speedup_vs_dense_cpu", "flop_ratio")
+LOW_RANK = re.compile(r"^BM_(?P<layer>LowRankLinear|SpectralLinear|IncrementalRankLinear|DeepLowRankLinear)_"
+                      r"(?:(?P<path>gemm|onepass)_)?(?P<mode>fwd|fwdbwd)/d:(?P<d>\d+)/N:(?P<n>\d+)/r:(?P<r>\d+)$")
+LAYERS = (("LowRankLinear", "`LowRankLinear` (U Vᵀ, the fused node)"),
+          ("IncrementalRankLinear", "`IncrementalRankLinear` (r active columns of capacity ⌊d/2⌋)"),
+          ("SpectralLinear", "`SpectralLinear` (r active pairs of the full spectrum)"),
+          ("DeepLowRankLinear", "`DeepLowRankLinear` (depth 3, compressed at rank r: inner width 2r)"))
+TARGET_RANKS = (64, 128, 256)  # forward+backward reaches 75% of the ideal ratio d / (2r)
+TARGET_FRACTION = 0.75
 
 
 class Result:
@@ -48,6 +66,7 @@ class Result:
         self.cpu: list[float] = []
         self.work: dict[str, float] = {}
         self.phases: dict[str, list[float]] = {}
+        self.ratios: dict[str, list[float]] = {}
         self.variant: str | None = None
 
     def add(self, run: dict) -> None:
@@ -62,6 +81,9 @@ class Result:
         for key, _ in PHASES:
             if key in run:
                 self.phases.setdefault(key, []).append(run[key])
+        for key in RATIOS:
+            if key in run:
+                self.ratios.setdefault(key, []).append(run[key])
         self.variant = run.get("variant", self.variant)
 
     @property
@@ -80,6 +102,9 @@ class Result:
 
     def rate(self, key: str) -> float | None:
         return self.work[key] / self.ms if key in self.work else None
+
+    def ratio(self, key: str) -> float | None:
+        return statistics.median(self.ratios[key]) if key in self.ratios else None
 
 
 def base_name(run: dict) -> str:
@@ -229,6 +254,180 @@ def describe(lr_ctx: list[dict], pt_ctx: list[dict], lr: dict[str, Result], pt: 
     return "\n".join(lines)
 
 
+# --- the low-rank layers (bench/bench_low_rank.cpp) ------------------------------------------
+
+def split_low_rank(results: dict[str, Result]) -> tuple[dict[str, Result], dict[str, Result]]:
+    """(the dense rows, the low-rank rows)."""
+    dense = {k: v for k, v in results.items() if not LOW_RANK.match(k)}
+    low = {k: v for k, v in results.items() if LOW_RANK.match(k)}
+    return dense, low
+
+
+def lr_name(layer: str, mode: str, d: int, n: int, r: int, path: str | None = None) -> str:
+    return f"BM_{layer}_{path + '_' if path else ''}{mode}/d:{d}/N:{n}/r:{r}"
+
+
+def shapes(results: dict[str, Result], layer: str) -> list[tuple[int, int, int]]:
+    found = set()
+    for name in results:
+        m = LOW_RANK.match(name)
+        if m and m["layer"] == layer and not m["path"]:
+            found.add((int(m["d"]), int(m["n"]), int(m["r"])))
+    return sorted(found)
+
+
+def fmt_x(x: float | None) -> str:
+    return f"{x:.2f}×" if x is not None else "—"
+
+
+def target_met(layer: str, r: int, speedup: float | None, ideal: float | None) -> str:
+    if layer not in ("LowRankLinear", "IncrementalRankLinear") or r not in TARGET_RANKS:
+        return ""
+    if speedup is None or ideal is None:
+        return "—"
+    return "met" if speedup >= TARGET_FRACTION * ideal else "**not met**"
+
+
+def low_rank_layer_table(layer: str, lr: dict[str, Result], pt: dict[str, Result],
+                         lb: dict[str, Result]) -> str:
+    with_pt = any(lr_name(layer, "fwdbwd", d, n, r) in pt for d, n, r in shapes(lr, layer))
+    with_lb = any(lr_name(layer, "fwdbwd", d, n, r) in lb for d, n, r in shapes(lr, layer))
+    with_target = layer in ("LowRankLinear", "IncrementalRankLinear")
+    head = ["d", "N", "r", "fwd ms", "fwd × dense", "fwd+bwd ms", "fwd+bwd GFLOP/s", "fwd+bwd × dense",
+            "by CPU time", "ideal (FLOP ratio)", "of ideal"]
+    if with_target:
+        head.append(f"≥ {TARGET_FRACTION:.0%} of ideal (r ≥ {TARGET_RANKS[0]})")
+    if with_pt:
+        head += ["PyTorch fwd+bwd ms", "PyTorch × its dense", "lowrank vs PyTorch"]
+    if with_lb:
+        head += ["OpenBLAS build × its dense"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for d, n, r in shapes(lr, layer):
+        f, b = lr.get(lr_name(layer, "fwd", d, n, r)), lr.get(lr_name(layer, "fwdbwd", d, n, r))
+        speed = b.ratio("speedup_vs_dense") if b else None
+        ideal = b.ratio("flop_ratio") if b else None
+        cells = [str(d), str(n), str(r), fmt_ms(f), fmt_x(f.ratio("speedup_vs_dense") if f else None), fmt_ms(b),
+                 fmt_num(b.rate("GFLOPs") if b else None), fmt_x(speed),
+                 fmt_x(b.ratio("speedup_vs_dense_cpu") if b else None), fmt_x(ideal),
+                 f"{speed / ideal:.0%}" if speed is not None and ideal else "—"]
+        if with_target:
+            cells.append(target_met(layer, r, speed, ideal))
+        if with_pt:
+            p = pt.get(lr_name(layer, "fwdbwd", d, n, r))
+            cells += [fmt_ms(p), fmt_x(p.ratio("speedup_vs_dense") if p else None),
+                      ratio(p.ms if p else None, b.ms if b else None)]
+        if with_lb:
+            o = lb.get(lr_name(layer, "fwdbwd", d, n, r))
+            cells.append(fmt_x(o.ratio("speedup_vs_dense") if o else None))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def one_pass_table(lr: dict[str, Result]) -> str:
+    """LowRankLinear's backward paths at the same shape: the default against the forced other."""
+    rows = []
+    for name in lr:
+        m = LOW_RANK.match(name)
+        if m and m["layer"] == "LowRankLinear" and m["path"]:
+            rows.append((int(m["d"]), int(m["n"]), int(m["r"]), m["path"]))
+    if not rows:
+        return ""
+    lines = ["| d | N | r | default path | one-pass ms | GEMM composition ms | one-pass speed-up | by CPU time "
+             "| one-pass beats GEMMs |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    for d, n, r, path in sorted(rows):
+        default = lr.get(lr_name("LowRankLinear", "fwdbwd", d, n, r))
+        forced = lr.get(lr_name("LowRankLinear", "fwdbwd", d, n, r, path))
+        # The benchmark forces the path the default does not take.
+        one, gemm = (default, forced) if path == "gemm" else (forced, default)
+        wall = gemm.ms / one.ms if one and gemm else None
+        cpu = gemm.cpu_ms / one.cpu_ms if one and gemm and one.cpu_ms and gemm.cpu_ms else None
+        verdict = "—" if wall is None else ("yes" if wall > 1 else "no")
+        lines.append(f"| {d} | {n} | {r} | {'one-pass' if path == 'gemm' else 'GEMMs'} | {fmt_ms(one)} "
+                     f"| {fmt_ms(gemm)} | {fmt_x(wall)} | {fmt_x(cpu)} | {verdict} |")
+    return "\n".join(lines)
+
+
+def targets_summary(lr: dict[str, Result]) -> str:
+    """The two targets of the low-rank benchmarks, counted over the shapes of the run."""
+    lines = []
+    for layer in ("LowRankLinear", "IncrementalRankLinear"):
+        met, missed = 0, []
+        for d, n, r in shapes(lr, layer):
+            b = lr.get(lr_name(layer, "fwdbwd", d, n, r))
+            if r not in TARGET_RANKS or b is None:
+                continue
+            speed, ideal = b.ratio("speedup_vs_dense"), b.ratio("flop_ratio")
+            if speed is None or ideal is None:
+                continue
+            if speed >= TARGET_FRACTION * ideal:
+                met += 1
+            else:
+                missed.append(f"d {d}, N {n}, r {r}: {speed:.2f}× of {TARGET_FRACTION * ideal:.2f}× "
+                              f"({speed / ideal:.0%} of ideal)")
+        if met or missed:
+            lines.append(f"- `{layer}` forward+backward at r ∈ {{{', '.join(map(str, TARGET_RANKS))}}} reaches "
+                         f"{TARGET_FRACTION:.0%} of the ideal d/(2r) over dense at {met} of {met + len(missed)} "
+                         "shapes" + (f"; not at {'; '.join(missed)}." if missed else "."))
+    wins, losses = 0, []
+    for name in lr:
+        m = LOW_RANK.match(name)
+        if not (m and m["layer"] == "LowRankLinear" and m["path"] == "gemm"):
+            continue
+        d, n, r = int(m["d"]), int(m["n"]), int(m["r"])
+        one, gemm = lr.get(lr_name("LowRankLinear", "fwdbwd", d, n, r)), lr[name]
+        if one is None:
+            continue
+        if one.ms < gemm.ms:
+            wins += 1
+        else:
+            losses.append(f"d {d}, N {n}, r {r}: {one.ms:.2f} against {gemm.ms:.2f} ms")
+    if wins or losses:
+        lines.append(f"- At r ≤ 32 the one-pass backward (x and dy read once) beats the composition of GEMMs at "
+                     f"{wins} of {wins + len(losses)} shapes" + (f"; not at {'; '.join(losses)}." if losses else "."))
+    return "\n".join(lines)
+
+
+def describe_low_rank(lr_ctx: list[dict], pt_ctx: list[dict], lr: dict[str, Result]) -> str:
+    first = lr_ctx[0] if lr_ctx else {}
+    loads = [c["load_avg"][0] for c in lr_ctx if isinstance(c.get("load_avg"), list) and c["load_avg"]]
+    load_text = f"{min(loads):.2f}–{max(loads):.2f}" if loads else "?"
+    cpu = pt_ctx[0].get("cpu_model") if pt_ctx else None
+    samples = max((len(r.real) for r in lr.values()), default=0)
+    lines = [
+        f"Run {first.get('date', '?')} on {cpu or 'this machine'}, {first.get('num_cpus', '?')} vCPUs at "
+        f"{first.get('mhz_per_cpu', '?')} MHz; {len(lr_ctx)} interleaved round(s); 1-minute load average at the "
+        f"start of lowrank's rounds {load_text}; lowrank {first.get('lowrank_threads', '?')} thread(s), Eigen "
+        f"{first.get('eigen_version', '?')}"
+        + (f"; PyTorch {pt_ctx[0].get('torch_version', '?')}, {pt_ctx[0].get('torch_num_threads', '?')} thread(s), "
+           "at its best as above." if pt_ctx else "."),
+        f"ms = median over {samples or '?'} samples (one per round, each the mean time per iteration over at "
+        "least 0.5 s), ± the coefficient of variation. *× dense* = the dense layer's "
+        "time at the same d, N and mode, timed in the same process, over the layer's (`speedup_vs_dense`, "
+        "median over rounds); *by CPU time* the same by process CPU time (`speedup_vs_dense_cpu`); "
+        "*ideal* = dense GEMM FLOPs over the layer's (`flop_ratio`: d/(2r) for U Vᵀ); *of ideal* = "
+        "× dense / ideal. GFLOP/s counts GEMM FLOPs only.",
+    ]
+    return "\n".join(lines)
+
+
+def low_rank_body(lr_ctx: list[dict], pt_ctx: list[dict], lr: dict[str, Result], pt: dict[str, Result],
+                  lb: dict[str, Result]) -> str:
+    parts = [describe_low_rank(lr_ctx, pt_ctx, lr)]
+    for layer, title in LAYERS:
+        if shapes(lr, layer):
+            parts.append(f"{title}:\n\n" + low_rank_layer_table(layer, lr, pt, lb))
+    summary = targets_summary(lr)
+    if summary:
+        parts.insert(1, "Targets, from this run (wall-clock medians):\n\n" + summary)
+    table = one_pass_table(lr)
+    if table:
+        parts.append("`LowRankLinear` forward+backward by backward path, the default against the other forced "
+                     "(`BM_LowRankLinear_gemm_fwdbwd`: threshold 0, the four whole-matrix GEMMs; "
+                     "`BM_LowRankLinear_onepass_fwdbwd`: the token-tiled one-pass kernel at any rank):\n\n" + table)
+    return "\n\n".join(parts)
+
+
 def replace_block(text: str, tag: str, body: str) -> str:
     begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
@@ -251,40 +450,51 @@ def main() -> int:
     p.add_argument("--probe", metavar="FILE", help="lowrank-alloc-probe output for the alloc-probe block")
     args = p.parse_args()
 
-    lr_ctx, lr = load(args.lowrank)
-    pt_ctx, pt = load(args.pytorch)
+    lr_ctx, lr_all = load(args.lowrank)
+    pt_ctx, pt_all = load(args.pytorch)
+    lr, lr_low = split_low_rank(lr_all)
+    pt, pt_low = split_low_rank(pt_all)
+    lb_all = load(args.openblas)[1] if args.openblas else {}
+    lb, lb_low = split_low_rank(lb_all)
     body = describe(lr_ctx, pt_ctx, lr, pt) + "\n\n" + main_table(lr, pt)
-    if args.openblas:
-        lb_ctx, lb = load(args.openblas)
-        if lb:
-            body += ("\n\nThe same lowrank code built with `EIGEN_USE_BLAS` and linked to OpenBLAS "
-                     "(`lowrank-bench-openblas`, OPENBLAS_CORETYPE unset, OPENBLAS_NUM_THREADS="
-                     f"{lr_ctx[0].get('lowrank_threads', '?') if lr_ctx else '?'}), same rounds:\n\n"
-                     + blas_table(lb, lr, pt))
+    if lb:
+        body += ("\n\nThe same lowrank code built with `EIGEN_USE_BLAS` and linked to OpenBLAS "
+                 "(`lowrank-bench-openblas`, OPENBLAS_CORETYPE unset, OPENBLAS_NUM_THREADS="
+                 f"{lr_ctx[0].get('lowrank_threads', '?') if lr_ctx else '?'}), same rounds:\n\n"
+                 + blas_table(lb, lr, pt))
     if args.pytorch_as_is or args.pytorch_malloc_defaults:
-        _, pm = load(args.pytorch_malloc_defaults)
-        pa_ctx, pa = load(args.pytorch_as_is)
+        pm = split_low_rank(load(args.pytorch_malloc_defaults)[1])[0]
+        pa_ctx, pa_all = load(args.pytorch_as_is)
+        pa = split_low_rank(pa_all)[0]
         coretype = pa_ctx[0].get("OPENBLAS_CORETYPE", "?") if pa_ctx else "?"
         body += ("\n\nWhat PyTorch's best-case settings are worth, same rounds: *glibc malloc defaults* "
                  "keeps the AVX-512 kernel but drops the malloc tuning (`--environment malloc-defaults`); "
                  f"*as found* is the environment unchanged (`--as-is`: OPENBLAS_CORETYPE={coretype}, "
                  "glibc malloc defaults).\n\n" + env_table(pt, pm, pa))
     columns = [("lowrank (Eigen GEMM)", lr)]
-    if args.openblas:
-        columns.append(("lowrank (OpenBLAS GEMM)", load(args.openblas)[1]))
+    if lb:
+        columns.append(("lowrank (OpenBLAS GEMM)", lb))
     if pt:
         columns.append(("PyTorch at its best", pt))
     phases = phase_table(columns)
     if phases:
         body += "\n\n" + phases
-    print(body)
+    low_body = low_rank_body(lr_ctx, pt_ctx, lr_low, pt_low, lb_low) if lr_low else ""
+    if lr:
+        print(body)
+    if low_body:
+        print(("\n" if lr else "") + low_body)
 
     if args.write_docs:
         path = Path(args.write_docs)
-        text = replace_block(path.read_text(), "bench-table", body)
-        if args.probe:
-            probe = Path(args.probe).read_text().rstrip("\n")
-            text = replace_block(text, "alloc-probe", "```text\n" + probe + "\n```")
+        text = path.read_text()
+        if lr:
+            text = replace_block(text, "bench-table", body)
+            if args.probe:
+                probe = Path(args.probe).read_text().rstrip("\n")
+                text = replace_block(text, "alloc-probe", "```text\n" + probe + "\n```")
+        if low_body:
+            text = replace_block(text, "bench-low-rank", low_body)
         path.write_text(text)
         print(f"\nbench_table: wrote the tables into {path}", file=sys.stderr)
     return 0

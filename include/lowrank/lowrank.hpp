@@ -20,6 +20,7 @@
 #include <lowrank/nn/low_rank_linear.hpp>
 #include <lowrank/nn/spectral_linear.hpp>
 #include <lowrank/optim/optim.hpp>
+#include <lowrank/policy/policies.hpp>
 #include <lowrank/train/evaluate.hpp>
 #include <lowrank/train/metrics_log.hpp>
 #include <lowrank/train/progress.hpp>

@@ -26,6 +26,13 @@ struct DeepLowRankOptions {
     bool base = false;       // frozen W0 (fine-tuning); without it W = W_L ... W_1
 };
 
+/// What DeepLowRankLinear::compress did.
+struct DeepCompressionInfo {
+    Index width = 0;           // 2r, the new inner width
+    bool output_side = false;  // the basis was built from dL/dW_L (out > in), not dL/dW_1
+    double captured = 0.0;     // share of the gradient's ||G||_F^2 in its top-r singular values
+};
+
 template <class T>
 class DeepLowRankLinear {
 public:
@@ -66,38 +73,49 @@ public:
         return h;
     }
 
-    /// Replaces the wide factors by the compressed form of METHODS.md ("Deep LoRA"): from
-    /// G = dL/dW_1 at initialisation (width x in), P (in x 2r) orthonormalises the top-r
-    /// right singular vectors of G and of G^T W_1; Q = (W_L ... W_1) P / eps^L (out x 2r);
-    /// the inner factors are eps * I (2r x 2r). The chain becomes P^T, W~_1..W~_L, Q, with
-    /// P^T and Q the outer bases (`outer_parameters()`), to be trained at gamma * lr or frozen.
-    void compress(Index r, const ConstMatrixRef<T>& grad_w1) {
-        check(!compressed_, name_, "compress: the layer is already compressed");
+    /// Replaces the wide factors by the compressed form of METHODS.md ("Deep LoRA") built
+    /// on the input side: from G = dL/dW_1 at initialisation (width x in), P (in x 2r)
+    /// orthonormalises the top-r right singular vectors of G and of G^T W_1; Q = (W_L ... W_1)
+    /// P / eps^L (out x 2r); the inner factors are eps * I (2r x 2r). The chain becomes P^T,
+    /// W~_1..W~_L, Q, with P^T and Q the outer bases (`outer_parameters()`), to be trained at
+    /// gamma * lr or frozen. Faithful when out <= in; prefer the two-gradient overload, which
+    /// picks the side.
+    DeepCompressionInfo compress(Index r, const ConstMatrixRef<T>& grad_w1) {
+        check_compressible(r);
         const auto& w1 = factors_.front().value;
         check_shape(grad_w1, w1.rows(), w1.cols(), name_ + ": compress gradient of W1");
-        const Index two_r = 2 * r;
-        check(r >= 1 && two_r <= std::min({in_features(), out_features(), w1.rows()}), name_,
-              "compress: 2r must be in [2, min(out, in, width) = ", std::min({in_features(), out_features(), w1.rows()}),
-              "], got r = ", r);
-        const auto svd_g = linalg::thin_svd<T>(grad_w1, name_);
-        const Matrix<T> gtw = grad_w1.transpose() * w1;  // (in x in)
-        const auto svd_gw = linalg::thin_svd<T>(gtw, name_);
-        Matrix<T> basis(in_features(), two_r);
-        basis << svd_g.V.leftCols(r), svd_gw.V.leftCols(r);
-        const Matrix<T> p = linalg::orthonormalize_columns<T>(basis, name_);
-        Matrix<T> q = p;  // (W_L ... W_1) P, applied factor by factor: never forms the product
-        for (const auto& f : factors_) q = f.value * q;
-        const double eps = options_.epsilon;
-        q /= static_cast<T>(std::pow(eps, static_cast<double>(factors_.size())));
+        auto [p, captured] = leading_basis(r, grad_w1, w1.transpose());
+        // (W_L ... W_1) P / eps^L applied factor by factor: never forms the product, and
+        // dividing by eps at each factor keeps every intermediate O(1) (eps^L may underflow).
+        Matrix<T> q = p;
+        for (const auto& f : factors_) q = (f.value * q) / eps();
+        rebuild(std::move(p), std::move(q));
+        return {2 * r, false, captured};
+    }
 
-        const Index depth = static_cast<Index>(factors_.size());
-        factors_.clear();
-        factors_.emplace_back(name_ + ".P", p.transpose());
-        for (Index l = 0; l < depth; ++l)
-            factors_.emplace_back(name_ + ".W" + std::to_string(l + 1),
-                                  Matrix<T>(static_cast<T>(eps) * Matrix<T>::Identity(two_r, two_r)));
-        factors_.emplace_back(name_ + ".Q", std::move(q));
-        compressed_ = true;
+    /// The same compression, built on the larger side of the layer. Q (out x 2r) must span
+    /// the target's column space and P (in x 2r) its row space; only the side whose basis is
+    /// chosen freely from the gradient can reach any direction, the other one lies in the
+    /// range of the initial product (dimension min(out, in)). So for out > in the basis is
+    /// built on the output side, from G_L = dL/dW_L (out x width): Q orthonormalises the
+    /// top-r left singular vectors of G_L and the top-r right singular vectors of G_L W_L^T,
+    /// and P = (W_L ... W_1)^T Q / eps^L; for out <= in it is the input-side construction
+    /// above. For a square layer both agree with the paper and both bases are orthonormal;
+    /// for a rectangular one the basis on the larger side is.
+    DeepCompressionInfo compress(Index r, const ConstMatrixRef<T>& grad_w1,
+                                 const ConstMatrixRef<T>& grad_wl) {
+        if (out_features() <= in_features()) return compress(r, grad_w1);
+        check_compressible(r);
+        const auto& wl = factors_.back().value;
+        check_shape(grad_wl, wl.rows(), wl.cols(),
+                    name_ + ": compress gradient of W" + std::to_string(depth()));
+        // The input-side construction applied to the transposed chain W_1^T ... W_L^T.
+        auto [q, captured] = leading_basis(r, grad_wl.transpose(), wl);
+        Matrix<T> p = q;
+        for (auto it = factors_.rbegin(); it != factors_.rend(); ++it)
+            p = (it->value.transpose() * p) / eps();
+        rebuild(std::move(p), std::move(q));
+        return {2 * r, true, captured};
     }
 
     ParameterList<T> parameters() {
@@ -170,6 +188,47 @@ public:
     Parameter<T> bias;  // (1 x out); empty without bias
 
 private:
+    void check_compressible(Index r) const {
+        check(!compressed_, name_, "compress: the layer is already compressed");
+        const Index limit = std::min({in_features(), out_features(), factors_.front().rows()});
+        check(r >= 1 && 2 * r <= limit, name_, "compress: 2r must be in [2, min(out, in, width) = ", limit,
+              "], got r = ", r);
+    }
+
+    struct Basis {
+        Matrix<T> columns;  // (n x 2r), orthonormal
+        double captured;    // share of ||G||_F^2 in G's top-r singular values (1 for G = 0)
+    };
+
+    /// For the first factor F (width x n) of a chain and its gradient G (width x n): the
+    /// orthonormalised top-r right singular vectors of G and of G^T F. `f_t` is F^T.
+    static Basis leading_basis(Index r, const ConstMatrixRef<T>& g, const ConstMatrixRef<T>& f_t) {
+        const auto svd_g = linalg::thin_svd<T>(g, "DeepLowRankLinear::compress");
+        const Matrix<T> gtf = g.transpose() * f_t.transpose();  // (n x n)
+        const auto svd_gf = linalg::thin_svd<T>(gtf, "DeepLowRankLinear::compress");
+        Matrix<T> basis(g.cols(), 2 * r);
+        basis << svd_g.V.leftCols(r), svd_gf.V.leftCols(r);
+        const double total = svd_g.s.template cast<double>().squaredNorm();
+        const double top = svd_g.s.head(r).template cast<double>().squaredNorm();
+        return {linalg::orthonormalize_columns<T>(basis, "DeepLowRankLinear::compress"),
+                total > 0 ? top / total : 1.0};
+    }
+
+    T eps() const { return static_cast<T>(options_.epsilon); }
+
+    /// The chain P^T, eps * I (depth times), Q.
+    void rebuild(Matrix<T> p, Matrix<T> q) {
+        const Index depth = static_cast<Index>(factors_.size());
+        const Index two_r = p.cols();
+        factors_.clear();
+        factors_.emplace_back(name_ + ".P", Matrix<T>(p.transpose()));
+        for (Index l = 0; l < depth; ++l)
+            factors_.emplace_back(name_ + ".W" + std::to_string(l + 1),
+                                  Matrix<T>(eps() * Matrix<T>::Identity(two_r, two_r)));
+        factors_.emplace_back(name_ + ".Q", std::move(q));
+        compressed_ = true;
+    }
+
     std::string name_;
     DeepLowRankOptions options_;
     std::deque<Parameter<T>> factors_;  // applied first to last; a deque keeps addresses stable

@@ -1,0 +1,312 @@
+// lowrank-matrix-completion: the deep matrix completion test bed of Deep LoRA (arXiv
+// 2406.04112, METHODS.md "Deep LoRA") at CPU scale.
+//
+// Target: Phi = the best rank-r approximation of a d x d Gaussian matrix with entries
+// N(0, 1/d) (so its singular values are O(1) whatever d). A random fraction of the entries
+// is observed. Each run fits W = W_L ... W_1 by full-batch gradient descent on
+//     1/2 * mean over all d^2 entries of (mask .* (W - Phi))^2
+// (the layer applied to the identity gives W^T, so the loss is one autograd graph), with the
+// DeepLora policy doing the initialisation and the compression:
+//   wide         width d, eps-orthogonal init, no compression
+//   compressed   the same wide init, compressed to width 2r at the first step; outer bases
+//                at gamma * lr (it runs one extra step: its first one measures the gradient)
+//   narrow       width 2r, eps-orthogonal random init, no compression
+// and reports the recovery error ||W - Phi||_F / ||Phi||_F on all entries and on the
+// unobserved ones, and the wall time of each run.
+//
+// Progress goes to stderr; stdout holds one line, a JSON object with the results.
+// Exit codes: 0 success, 1 runtime error, 2 bad command line.
+
+#include <lowrank/autograd/autograd.hpp>
+#include <lowrank/core/memory.hpp>
+#include <lowrank/core/threads.hpp>
+#include <lowrank/linalg/svd.hpp>
+#include <lowrank/nn/any_linear.hpp>
+#include <lowrank/optim/sgd.hpp>
+#include <lowrank/policy/deep_lora.hpp>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <iostream>
+#include <new>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace {
+
+using lowrank::Index;
+using Mat = lowrank::MatrixD;
+
+struct Config {
+    Index d = 200;
+    Index rank = 5;
+    double observed = 0.25;
+    Index depth = 3;
+    double epsilon = 1e-3;
+    double gamma = 0.1;
+    int steps = 5000;
+    double lr = 3e4;
+    std::uint64_t seed = 0;
+    int threads = 1;
+    int report_every = 250;
+    std::vector<std::string> runs{"wide", "compressed", "narrow"};
+    bool quiet = false;
+};
+
+struct Problem {
+    Mat phi;       // the target (d x d)
+    Mat mask_t;    // 1 on observed entries, transposed (the graph works with W^T)
+    Mat target_t;  // (mask .* Phi)^T
+};
+
+struct RunResult {
+    std::string name;
+    Index width = 0;
+    Index final_rank = 0;
+    Index trainable = 0;
+    int steps = 0;
+    double loss = 0.0;
+    double error_all = 0.0;
+    double error_unobserved = 0.0;
+    double seconds = 0.0;
+    std::vector<double> history;  // error_all every report_every steps, from step 0
+    Mat weight;
+};
+
+using Clock = std::chrono::steady_clock;
+
+Problem make_problem(const Config& cfg, lowrank::Rng& rng) {
+    const Index d = cfg.d;
+    Mat g(d, d);
+    lowrank::init::normal<double>(g, rng, 0.0, 1.0 / std::sqrt(static_cast<double>(d)));
+    const auto f = lowrank::linalg::truncated_svd<double>(g, cfg.rank, "target");
+    Problem p;
+    p.phi = f.U * f.V.transpose();
+    // Exactly round(observed * d^2) entries, chosen without replacement.
+    const auto n = static_cast<std::size_t>(d * d);
+    const auto k = static_cast<std::size_t>(std::llround(cfg.observed * static_cast<double>(n)));
+    std::vector<Index> idx(n);
+    std::iota(idx.begin(), idx.end(), Index{0});
+    for (std::size_t i = 0; i < k; ++i) std::swap(idx[i], idx[i + rng.below(n - i)]);
+    Mat mask = Mat::Zero(d, d);
+    for (std::size_t i = 0; i < k; ++i) mask(idx[i] / d, idx[i] % d) = 1.0;
+    p.mask_t = mask.transpose();
+    p.target_t = mask.cwiseProduct(p.phi).transpose();
+    return p;
+}
+
+double relative_error(const Mat& w, const Problem& p) { return (w - p.phi).norm() / p.phi.norm(); }
+
+double relative_error_unobserved(const Mat& w, const Problem& p) {
+    const Mat hidden = Mat::Ones(p.phi.rows(), p.phi.cols()) - p.mask_t.transpose();
+    return hidden.cwiseProduct(w - p.phi).norm() / hidden.cwiseProduct(p.phi).norm();
+}
+
+RunResult run(const std::string& name, const Config& cfg, const Problem& problem, Index width,
+              bool compress) {
+    const auto start = Clock::now();
+    const Index d = cfg.d;
+    RunResult out;
+    out.name = name;
+    out.width = width;
+    // The slot starts dense (as a model would build it); the policy discards that weight
+    // (keep_base = false) and puts the deep factorisation in its place.
+    lowrank::Rng rng(cfg.seed);
+    lowrank::AnyLinear<double> slot(
+        lowrank::Linear<double>("W", d, d, rng, lowrank::LinearOptions{.bias = false}));
+    lowrank::Sgd<double> opt(slot.parameters(), lowrank::SgdOptions{.lr = cfg.lr});
+    lowrank::LrSchedule schedule;
+    lowrank::RankLog log;
+    lowrank::TrainingContext<double> ctx({lowrank::LayerSlot<double>{&slot, "hidden"}}, opt, schedule, log);
+    // The same seed in every run: the wide and compressed runs share their initial factors.
+    lowrank::DeepLora<double> policy(lowrank::DeepLoraOptions{.depth = cfg.depth,
+                                                              .width = width,
+                                                              .epsilon = cfg.epsilon,
+                                                              .rank = cfg.rank,
+                                                              .gamma = cfg.gamma,
+                                                              .keep_base = false,
+                                                              .compress = compress,
+                                                              .seed = cfg.seed + 1});
+    policy.on_train_begin(ctx);
+
+    const Mat eye = Mat::Identity(d, d);
+    lowrank::Graph<double> graph;
+    // The compressed run's first step only measures the gradient: one more step gives it
+    // the same number of updates.
+    const int steps = cfg.steps + (compress ? 1 : 0);
+    const int offset = compress ? 1 : 0;
+    for (int step = 0; step < steps; ++step) {
+        if (step >= offset && (step - offset) % cfg.report_every == 0)
+            out.history.push_back(relative_error(slot.dense_weight(), problem));
+        graph.clear();
+        const auto wt = slot.forward(graph, graph.input(eye));
+        const auto observed = lowrank::mul(graph, wt, graph.input(problem.mask_t));
+        const auto loss = lowrank::scale(graph, lowrank::mse(graph, observed, problem.target_t), 0.5);
+        out.loss = loss.item();
+        if (!std::isfinite(out.loss))
+            throw lowrank::Error(name + ": non-finite loss at step " + std::to_string(step) +
+                                 "; try a smaller --lr");
+        opt.zero_grad();
+        graph.backward(loss);
+        policy.after_backward(ctx);
+        opt.step();
+        ++ctx.step;
+        policy.after_step(ctx);
+    }
+    out.weight = slot.dense_weight();
+    if ((steps - offset) % cfg.report_every == 0) out.history.push_back(relative_error(out.weight, problem));
+    out.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    out.steps = steps;
+    out.final_rank = slot.rank();
+    out.trainable = slot.trainable_count();
+    out.error_all = relative_error(out.weight, problem);
+    out.error_unobserved = relative_error_unobserved(out.weight, problem);
+    if (!cfg.quiet)
+        std::fprintf(stderr,
+                     "%-10s width %4lld -> %3lld  %8lld trainable  error %.3e (unobserved %.3e)  %.2f s\n",
+                     name.c_str(), static_cast<long long>(width), static_cast<long long>(out.final_rank),
+                     static_cast<long long>(out.trainable), out.error_all, out.error_unobserved, out.seconds);
+    return out;
+}
+
+int run_all(const Config& cfg) {
+    lowrank::tune_allocator();
+    lowrank::set_num_threads(cfg.threads);
+    lowrank::check(2 * cfg.rank <= cfg.d, "--rank", "2r must be <= d = ", cfg.d, ", got r = ", cfg.rank);
+    lowrank::Rng rng(cfg.seed);
+    const Problem problem = make_problem(cfg, rng);
+    if (!cfg.quiet)
+        std::fprintf(stderr,
+                     "lowrank-matrix-completion: d %lld, rank %lld, %.0f%% observed, depth %lld, eps %.0e, "
+                     "lr %g, %d steps, gamma %g\n",
+                     static_cast<long long>(cfg.d), static_cast<long long>(cfg.rank), 100.0 * cfg.observed,
+                     static_cast<long long>(cfg.depth), cfg.epsilon, cfg.lr, cfg.steps, cfg.gamma);
+
+    lowrank::check(!cfg.runs.empty(), "--runs", "expected at least one run");
+    std::vector<RunResult> runs;
+    for (const auto& name : cfg.runs) {
+        if (name == "wide") runs.push_back(run(name, cfg, problem, cfg.d, false));
+        if (name == "compressed") runs.push_back(run(name, cfg, problem, cfg.d, true));
+        if (name == "narrow") runs.push_back(run(name, cfg, problem, 2 * cfg.rank, false));
+    }
+
+    // The trajectories side by side.
+    if (!cfg.quiet) {
+        std::fprintf(stderr, "%6s", "step");
+        for (const auto& r : runs) std::fprintf(stderr, "  %10s", r.name.c_str());
+        std::fprintf(stderr, "\n");
+        for (std::size_t i = 0; i < runs.front().history.size(); ++i) {
+            std::fprintf(stderr, "%6lld", static_cast<long long>(i) * cfg.report_every);
+            for (const auto& r : runs) std::fprintf(stderr, "  %10.3e", r.history[i]);
+            std::fprintf(stderr, "\n");
+        }
+    }
+    const RunResult* wide = nullptr;
+    const RunResult* compressed = nullptr;
+    for (const auto& r : runs) {
+        if (r.name == "wide") wide = &r;
+        if (r.name == "compressed") compressed = &r;
+    }
+    nlohmann::ordered_json result;
+    result["d"] = cfg.d;
+    result["rank"] = cfg.rank;
+    result["observed"] = cfg.observed;
+    result["depth"] = cfg.depth;
+    result["epsilon"] = cfg.epsilon;
+    result["gamma"] = cfg.gamma;
+    result["lr"] = cfg.lr;
+    result["steps"] = cfg.steps;
+    result["seed"] = cfg.seed;
+    result["threads"] = cfg.threads;
+    for (const auto& r : runs) {
+        nlohmann::ordered_json j;
+        j["width"] = r.width;
+        j["final_rank"] = r.final_rank;
+        j["trainable_params"] = r.trainable;
+        j["steps"] = r.steps;
+        j["loss"] = r.loss;
+        j["error"] = r.error_all;
+        j["error_unobserved"] = r.error_unobserved;
+        j["seconds"] = r.seconds;
+        j["error_history"] = r.history;
+        result[r.name] = j;
+    }
+    if (wide && compressed) {
+        const double gap = (wide->weight - compressed->weight).norm() / problem.phi.norm();
+        if (!cfg.quiet) std::fprintf(stderr, "||W_wide - W_compressed||_F / ||Phi||_F = %.3e\n", gap);
+        result["wide_compressed_gap"] = gap;
+    }
+    std::cout << result.dump() << std::endl;
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Config cfg;
+    CLI::App app{
+        "Deep matrix completion: wide, compressed (Deep LoRA) and narrow deep factorisations of a\n"
+        "partially observed low-rank matrix. Progress goes to stderr; stdout is one JSON line.",
+        "lowrank-matrix-completion"};
+    app.add_option("--d", cfg.d, "Size of the d x d target")
+        ->check(CLI::Range(Index{2}, Index{1} << 14))
+        ->capture_default_str();
+    app.add_option("--rank", cfg.rank, "Rank r of the target (compressed width 2r)")
+        ->check(CLI::Range(Index{1}, Index{1} << 13))
+        ->capture_default_str();
+    app.add_option("--observed", cfg.observed, "Fraction of observed entries")
+        ->check(CLI::Range(0.001, 1.0))
+        ->capture_default_str();
+    app.add_option("--depth", cfg.depth, "Number of factors L")
+        ->check(CLI::Range(Index{2}, Index{16}))
+        ->capture_default_str();
+    app.add_option("--epsilon", cfg.epsilon, "Scale of the orthogonal init")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    app.add_option("--gamma", cfg.gamma, "lr multiplier of the compressed run's outer bases (0 freezes them)")
+        ->check(CLI::NonNegativeNumber)
+        ->capture_default_str();
+    app.add_option("--steps", cfg.steps, "Gradient-descent steps")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    app.add_option("--lr", cfg.lr, "Step size on the mean loss (the sum-loss step times d^2)")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    app.add_option("--seed", cfg.seed, "Seed of the target, the mask and the initialisation")
+        ->capture_default_str();
+    app.add_option("--threads", cfg.threads, "Threads for GEMM")
+        ->check(CLI::Range(1, 1024))
+        ->capture_default_str();
+    app.add_option("--report-every", cfg.report_every,
+                   "Steps between the errors printed in the trajectory table")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    app.add_option("--runs", cfg.runs, "Which runs, in order")
+        ->check(CLI::IsMember({"wide", "compressed", "narrow"}))
+        ->delimiter(',')
+        ->capture_default_str();
+    app.add_flag("--quiet,-q", cfg.quiet, "Nothing on stderr");
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        const int code = app.exit(e);
+        return code == 0 ? 0 : 2;
+    }
+    try {
+        return run_all(cfg);
+    } catch (const std::bad_alloc&) {
+        std::cerr << "lowrank-matrix-completion: error: out of memory (try a smaller --d)\n";
+    } catch (const std::exception& e) {
+        std::cerr << "lowrank-matrix-completion: error: " << e.what() << "\n";
+    }
+    return 1;
+}
