@@ -1,21 +1,15 @@
 // Identities of the SVD tools (METHODS.md, "Shared tools").
 #include <catch2/catch.hpp>
 
+#include "../test_support.hpp"
+
 #include <lowrank/core/init.hpp>
 #include <lowrank/linalg/svd.hpp>
 
 #include <limits>
 
 using namespace lowrank;
-
-namespace {
-MatrixD gaussian(Index rows, Index cols, std::uint64_t seed) {
-    Rng rng(seed);
-    MatrixD m(rows, cols);
-    init::normal<double>(m, rng);
-    return m;
-}
-}  // namespace
+using lowrank::test::gaussian;
 
 TEST_CASE("thin SVD reconstructs the matrix with orthonormal factors", "[linalg]") {
     for (auto [m, n] : {std::pair<Index, Index>{9, 5}, {5, 9}, {6, 6}}) {

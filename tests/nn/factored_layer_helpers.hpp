@@ -7,14 +7,10 @@
 #include <lowrank/linalg/svd.hpp>
 #include <lowrank/nn/any_linear.hpp>
 
+#include "../test_support.hpp"
+
 namespace lowrank::test {
 
-inline MatrixD gaussian(Index rows, Index cols, std::uint64_t seed) {
-    Rng rng(seed);
-    MatrixD m(rows, cols);
-    init::normal<double>(m, rng);
-    return m;
-}
 
 // A loss in which every output entry matters: sum(y .* R) for a fixed random R.
 template <class Layer>

@@ -3,6 +3,8 @@
 // re-warm-up), the layers kept dense, Frobenius decay against autograd, and bad options.
 #include <catch2/catch.hpp>
 
+#include "../test_support.hpp"
+
 #include <lowrank/autograd/autograd.hpp>
 #include <lowrank/models/mlp.hpp>
 #include <lowrank/optim/adam.hpp>
@@ -16,16 +18,10 @@
 #include <vector>
 
 using namespace lowrank;
+using lowrank::test::gaussian;
 using CF = Cuttlefish<double>;
 
 namespace {
-
-MatrixD gaussian(Index rows, Index cols, std::uint64_t seed) {
-    Rng rng(seed);
-    MatrixD m(rows, cols);
-    init::normal<double>(m, rng);
-    return m;
-}
 
 // An m x n matrix with the given singular values (the rest zero), in random bases.
 MatrixD with_singular_values(Index m, Index n, const std::vector<double>& s, std::uint64_t seed) {

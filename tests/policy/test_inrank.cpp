@@ -3,6 +3,8 @@
 // columns, the step-counted check schedule, the two-stage truncation and bad options.
 #include <catch2/catch.hpp>
 
+#include "../test_support.hpp"
+
 #include <lowrank/autograd/autograd.hpp>
 #include <lowrank/models/mlp.hpp>
 #include <lowrank/optim/adam.hpp>
@@ -17,15 +19,9 @@
 #include <vector>
 
 using namespace lowrank;
+using lowrank::test::gaussian;
 
 namespace {
-
-MatrixD gaussian(Index rows, Index cols, std::uint64_t seed) {
-    Rng rng(seed);
-    MatrixD m(rows, cols);
-    init::normal<double>(m, rng);
-    return m;
-}
 
 Eigen::VectorXd spectrum(std::initializer_list<double> head, Index d) {
     Eigen::VectorXd s = Eigen::VectorXd::Zero(d);

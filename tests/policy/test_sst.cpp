@@ -3,6 +3,8 @@
 // training run, and option errors.
 #include <catch2/catch.hpp>
 
+#include "../test_support.hpp"
+
 #include <lowrank/autograd/autograd.hpp>
 #include <lowrank/core/init.hpp>
 #include <lowrank/models/mlp.hpp>
@@ -18,15 +20,9 @@
 #include <vector>
 
 using namespace lowrank;
+using lowrank::test::gaussian;
 
 namespace {
-
-MatrixD gaussian(Index rows, Index cols, std::uint64_t seed) {
-    Rng rng(seed);
-    MatrixD m(rows, cols);
-    init::normal<double>(m, rng);
-    return m;
-}
 
 // An Mlp with AdamW (decay on weights, none on biases) and everything a policy needs.
 struct Fixture {
