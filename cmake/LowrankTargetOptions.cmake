@@ -5,12 +5,23 @@
 # targets' include directories are SYSTEM (-isystem) unless NO_SYSTEM_FROM_IMPORTED is set.
 set(LOWRANK_CMAKE_HELPERS_DIR "${CMAKE_CURRENT_LIST_DIR}")
 
+#
+# lowrank_target_options(<target> [INLINE_LINALG]) also links the target to lowrank-linalg,
+# the one compiled copy of the SVD kernels (include/lowrank/linalg/svd.hpp), unless
+# INLINE_LINALG is given: a target whose Eigen is configured differently (EIGEN_USE_BLAS)
+# must compile them itself, or two versions of Eigen's internals would meet at link time.
 function(lowrank_target_options target)
+    cmake_parse_arguments(PARSE_ARGV 1 _arg "INLINE_LINALG" "" "")
     get_target_property(_type ${target} TYPE)
     if(_type STREQUAL "INTERFACE_LIBRARY")
         set(_scope INTERFACE)
     else()
         set(_scope PRIVATE)
+    endif()
+
+    if(TARGET lowrank-linalg AND NOT target STREQUAL "lowrank-linalg" AND NOT _arg_INLINE_LINALG
+       AND NOT _scope STREQUAL "INTERFACE")
+        target_link_libraries(${target} PRIVATE lowrank-linalg)
     endif()
 
     # -std=c++20, not gnu++20: the code must not lean on GNU extensions by accident.

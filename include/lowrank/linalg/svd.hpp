@@ -47,25 +47,63 @@ void check_finite(const Eigen::MatrixBase<Derived>& m, std::string_view what) {
 // round-off in the SVD.
 using Work = Eigen::MatrixXd;
 
+// The decompositions themselves. Eigen's SVDs take about 35 s of -O3 compile time in
+// every translation unit that instantiates them, so they sit behind four non-template
+// functions. By default these are inline, as everything in a header-only library. A
+// program with many translation units may define LOWRANK_SEPARATE_LINALG everywhere:
+// they are then only declared here, and exactly one translation unit that also defines
+// LOWRANK_LINALG_IMPLEMENTATION before including this header compiles them, once
+// (lowrank's own tests, examples and benchmarks build this way: cmake/lowrank_linalg.cpp).
+struct WorkSvd {
+    Work U;
+    Eigen::VectorXd s;
+    Work V;
+};
+
+#if defined(LOWRANK_SEPARATE_LINALG) || defined(LOWRANK_LINALG_IMPLEMENTATION)
+#define LOWRANK_LINALG_FUNCTION
+#else
+#define LOWRANK_LINALG_FUNCTION inline
+#endif
+
+LOWRANK_LINALG_FUNCTION WorkSvd svd_thin(const Work& a);              // BDCSVD, thin U and V
+LOWRANK_LINALG_FUNCTION Eigen::VectorXd svd_values(const Work& a);    // BDCSVD, values only
+LOWRANK_LINALG_FUNCTION WorkSvd svd_small_full(const Work& a);        // JacobiSVD, full U and V
+LOWRANK_LINALG_FUNCTION Eigen::VectorXd svd_small_values(const Work& a);  // JacobiSVD, values
+
+#if !defined(LOWRANK_SEPARATE_LINALG) || defined(LOWRANK_LINALG_IMPLEMENTATION)
+LOWRANK_LINALG_FUNCTION WorkSvd svd_thin(const Work& a) {
+    Eigen::BDCSVD<Work> svd(a, Eigen::ComputeThinU | Eigen::ComputeThinV);
+    return {svd.matrixU(), svd.singularValues(), svd.matrixV()};
+}
+LOWRANK_LINALG_FUNCTION Eigen::VectorXd svd_values(const Work& a) {
+    return Eigen::BDCSVD<Work>(a).singularValues();
+}
+LOWRANK_LINALG_FUNCTION WorkSvd svd_small_full(const Work& a) {
+    Eigen::JacobiSVD<Work> svd(a, Eigen::ComputeFullU | Eigen::ComputeFullV);
+    return {svd.matrixU(), svd.singularValues(), svd.matrixV()};
+}
+LOWRANK_LINALG_FUNCTION Eigen::VectorXd svd_small_values(const Work& a) {
+    return Eigen::JacobiSVD<Work>(a).singularValues();
+}
+#endif
+#undef LOWRANK_LINALG_FUNCTION
+
 }  // namespace detail
 
 /// Thin SVD (Eigen's divide-and-conquer BDCSVD), computed in double.
 template <class T>
 Svd<T> thin_svd(const ConstMatrixRef<T>& w, std::string_view what = "thin_svd") {
     detail::check_finite(w, what);
-    const detail::Work a = w.template cast<double>();
-    Eigen::BDCSVD<detail::Work> svd(a, Eigen::ComputeThinU | Eigen::ComputeThinV);
-    return {svd.matrixU().template cast<T>(), svd.singularValues().template cast<T>(),
-            svd.matrixV().template cast<T>()};
+    const detail::WorkSvd svd = detail::svd_thin(w.template cast<double>());
+    return {svd.U.template cast<T>(), svd.s.template cast<T>(), svd.V.template cast<T>()};
 }
 
 /// Singular values only, descending.
 template <class T>
 Vector<T> singular_values(const ConstMatrixRef<T>& w, std::string_view what = "singular_values") {
     detail::check_finite(w, what);
-    const detail::Work a = w.template cast<double>();
-    Eigen::BDCSVD<detail::Work> svd(a);
-    return svd.singularValues().template cast<T>();
+    return detail::svd_values(w.template cast<double>()).template cast<T>();
 }
 
 /// Best rank-r approximation of w as a balanced pair of factors.
@@ -142,11 +180,10 @@ Svd<T> product_svd(const ConstMatrixRef<T>& u, const ConstMatrixRef<T>& v, std::
         return thin_svd<T>(w, what);
     }
     const auto p = detail::thin_product<T>(u, v);
-    Eigen::JacobiSVD<detail::Work> svd(p.core, Eigen::ComputeFullU | Eigen::ComputeFullV);
+    const detail::WorkSvd svd = detail::svd_small_full(p.core);
     const detail::Work qu_thin = p.qu.householderQ() * detail::Work::Identity(u.rows(), r);
     const detail::Work qv_thin = p.qv.householderQ() * detail::Work::Identity(v.rows(), r);
-    return {(qu_thin * svd.matrixU()).template cast<T>(), svd.singularValues().template cast<T>(),
-            (qv_thin * svd.matrixV()).template cast<T>()};
+    return {(qu_thin * svd.U).template cast<T>(), svd.s.template cast<T>(), (qv_thin * svd.V).template cast<T>()};
 }
 
 /// Singular values of U * V^T (length r, descending), through the r x r core.
@@ -158,8 +195,7 @@ Vector<T> product_singular_values(const ConstMatrixRef<T>& u, const ConstMatrixR
         const Matrix<T> w = u * v.transpose();
         return singular_values<T>(w, what);
     }
-    Eigen::JacobiSVD<detail::Work> svd(detail::thin_product<T>(u, v).core);
-    return svd.singularValues().template cast<T>();
+    return detail::svd_small_values(detail::thin_product<T>(u, v).core).template cast<T>();
 }
 
 /// Stable rank from singular values: sum s_i^2 / s_1^2 (0 for a zero matrix).
