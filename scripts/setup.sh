@@ -23,8 +23,9 @@ packages=(
     build-essential cmake ninja-build      # toolchain (CMake >= 3.25 for the presets)
     ccache                                 # faster rebuilds (optional to CMake)
     libeigen3-dev zlib1g-dev               # what lowrank::lowrank links
+    nlohmann-json3-dev                     # (header-only: safetensors, checkpoints)
     catch2 libbenchmark-dev                # tests, benchmarks
-    nlohmann-json3-dev libcli11-dev        # examples
+    libcli11-dev                           # examples' command lines
     dataset-fashion-mnist                  # real data for examples/mlp
     gnuplot-nox python3                    # plots, helper scripts
 )
