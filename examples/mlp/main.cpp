@@ -18,6 +18,8 @@
 #include <lowrank/train/metrics_log.hpp>
 #include <lowrank/train/progress.hpp>
 
+#include "common/method_cli.hpp"
+
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -51,20 +53,11 @@ struct Config {
     std::string data = "data/fashion-mnist";
     std::string log;
     bool quiet = false;
-    std::string method = "dense";
-    lowrank::Index rank = 0;  // 0: hidden / 4
     std::string rank_log;
-    // Each method's options, bound to the command line; rank and seed are set per run.
-    // The defaults are the policies' own (docs/methods/) except InRank's threshold: 0.97,
-    // not the authors' 0.9, which on this MLP stops the ranks at 4 and 22 and loses 5.8
-    // points of test accuracy (docs/results.md gives the command that shows it).
-    lowrank::FixedOptions lora{};
-    lowrank::ReLoraOptions relora{};
-    lowrank::InRankOptions inrank{.threshold = 0.97};
-    lowrank::CuttlefishOptions cuttlefish{};
-    lowrank::SstOptions sst{};
-    std::string sst_sampling = "mixed";
-    lowrank::DeepLoraOptions deeplora{};
+    // The method and its options. The defaults are the policies' own (docs/methods/) except
+    // InRank's threshold: 0.97, not the authors' 0.9, which on this MLP stops the ranks at 4
+    // and 22 and loses 5.8 points of test accuracy (docs/results.md gives the command).
+    lowrank::examples::MethodConfig method{.inrank = {.threshold = 0.97}};
 };
 
 using Clock = std::chrono::steady_clock;
@@ -93,46 +86,6 @@ std::vector<std::string> layer_kinds(const Model& model) {
 }
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-// The policies of cfg.method acting on the hidden layers (none for dense).
-lowrank::PolicyList<float> make_policies(const Config& cfg, std::uint64_t seed) {
-    const lowrank::Index rank = cfg.rank > 0 ? cfg.rank : std::max<lowrank::Index>(1, cfg.hidden / 4);
-    lowrank::PolicyList<float> list;
-    if (cfg.method == "lora") {
-        auto o = cfg.lora;
-        o.rank = rank;
-        o.seed = seed;
-        list.add<lowrank::Fixed<float>>(o);
-    } else if (cfg.method == "relora") {
-        auto o = cfg.relora;
-        o.rank = rank;
-        o.alpha = cfg.lora.alpha;
-        o.seed = seed;
-        list.add<lowrank::ReLora<float>>(o);
-    } else if (cfg.method == "inrank") {
-        auto o = cfg.inrank;  // InRank chooses its own ranks: --rank does not apply
-        o.two_stage = o.stage1_epochs > 0;
-        o.seed = seed;
-        list.add<lowrank::InRank<float>>(o);
-    } else if (cfg.method == "cuttlefish") {
-        list.add<lowrank::Cuttlefish<float>>(cfg.cuttlefish);  // its ranks come from the stable ranks
-    } else if (cfg.method == "sst") {
-        auto o = cfg.sst;
-        o.rank = rank;
-        o.sampling = cfg.sst_sampling == "sigma"     ? lowrank::SstSampling::sigma
-                     : cfg.sst_sampling == "uniform" ? lowrank::SstSampling::uniform
-                                                     : lowrank::SstSampling::mixed;
-        o.rewarm_steps = std::min(o.rewarm_steps, o.iteration_steps);  // a longer one never ends
-        o.seed = seed;
-        list.add<lowrank::Sst<float>>(o);
-    } else if (cfg.method == "deeplora") {
-        auto o = cfg.deeplora;
-        o.rank = std::max<lowrank::Index>(1, rank / 2);  // 2r wide: the update's rank stays <= --rank
-        o.seed = seed;
-        list.add<lowrank::DeepLora<float>>(o);
-    }
-    return list;
-}
 
 int run(const Config& cfg) {
     const auto wall_start = Clock::now();
@@ -178,12 +131,13 @@ int run(const Config& cfg) {
     lowrank::TrainingContext<float> ctx(model.layer_slots(), opt, schedule, rank_log);
     ctx.steps_per_epoch = steps_per_epoch;
     ctx.total_steps = total_steps;
-    lowrank::PolicyList<float> policies = make_policies(cfg, rng.next_u64());
+    lowrank::PolicyList<float> policies = lowrank::examples::make_policies<float>(
+        cfg.method, cfg.hidden / 4, lowrank::LayerSelector{.roles = {"hidden"}}, rng.next_u64());
     policies.on_train_begin(ctx);
     const lowrank::Index params = parameter_count(model);
     const lowrank::Index trainable = trainable_count(model);
     const std::string rank_log_path =
-        cfg.rank_log.empty() && cfg.method != "dense" ? "lowrank-mlp-" + cfg.method + ".ranks.jsonl" : cfg.rank_log;
+        cfg.rank_log.empty() && cfg.method.method != "dense" ? "lowrank-mlp-" + cfg.method.method + ".ranks.jsonl" : cfg.rank_log;
 
     if (!cfg.quiet) {
         std::string arch;
@@ -193,7 +147,7 @@ int run(const Config& cfg) {
                      "lowrank-mlp: %lld train / %lld test samples, model %s, method %s, %lld parameters "
                      "(%lld trainable), %lld steps/epoch, %d thread(s)\n",
                      static_cast<long long>(train_n), static_cast<long long>(data.test.size()), arch.c_str(),
-                     cfg.method.c_str(), static_cast<long long>(params), static_cast<long long>(trainable),
+                     cfg.method.method.c_str(), static_cast<long long>(params), static_cast<long long>(trainable),
                      static_cast<long long>(steps_per_epoch), cfg.threads);
     }
 
@@ -272,7 +226,7 @@ int run(const Config& cfg) {
 
     const double samples = static_cast<double>(batcher.samples_per_epoch()) * cfg.epochs;
     nlohmann::ordered_json result;
-    result["method"] = cfg.method;
+    result["method"] = cfg.method.method;
     result["test_accuracy"] = test.accuracy;
     result["test_loss"] = test.loss;
     result["train_loss"] = train_loss;
@@ -345,83 +299,10 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--log", cfg.log, "Write one JSON line per epoch to this file");
     app.add_flag("--quiet,-q", cfg.quiet, "No progress bar or per-epoch summaries on stderr");
-    app.add_option("--method", cfg.method, "How the hidden layers are trained (docs/methods/)")
-        ->check(CLI::IsMember({"dense", "lora", "relora", "inrank", "cuttlefish", "sst", "deeplora"}))
-        ->capture_default_str();
-    app.add_option("--rank", cfg.rank,
-                   "Rank of the low-rank methods (lora, relora, sst, deeplora; inrank's cap); 0: hidden / 4")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
+    lowrank::examples::add_method_options(app, cfg.method, "hidden / 4");
     app.add_option("--rank-log", cfg.rank_log,
                    "Write the rank policy's decisions here, one JSON line each (default "
                    "lowrank-mlp-<method>.ranks.jsonl for a low-rank method)");
-    app.add_option("--lora-alpha", cfg.lora.alpha, "lora, relora: alpha, the factors' scale is alpha / rank (default: rank)");
-    app.add_option("--relora-period", cfg.relora.period, "relora: optimizer steps between merges")
-        ->check(CLI::PositiveNumber)
-        ->capture_default_str();
-    app.add_option("--relora-rewarm", cfg.relora.rewarm_steps, "relora: LR re-warm-up steps after a merge")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--inrank-threshold", cfg.inrank.threshold, "inrank: explained ratio alpha to reach")
-        ->check(CLI::Range(0.0, 1.0))
-        ->capture_default_str();
-    app.add_option("--inrank-buffer", cfg.inrank.buffer, "inrank: buffer columns b (0: max(2, d / 8))")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--inrank-warmup", cfg.inrank.warmup, "inrank: optimizer steps before the first rank check")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--inrank-gap", cfg.inrank.gap, "inrank: optimizer steps between rank checks")
-        ->check(CLI::PositiveNumber)
-        ->capture_default_str();
-    app.add_option("--inrank-stage1-epochs", cfg.inrank.stage1_epochs,
-                   "inrank: epochs of rank growth before the cut to fixed rank (0: grow throughout)")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--cuttlefish-window", cfg.cuttlefish.window, "cuttlefish: EMA span w and fewest history entries")
-        ->check(CLI::PositiveNumber)
-        ->capture_default_str();
-    app.add_option("--cuttlefish-tail", cfg.cuttlefish.tail, "cuttlefish: derivatives averaged, L <= w")
-        ->check(CLI::PositiveNumber)
-        ->capture_default_str();
-    app.add_option("--cuttlefish-threshold", cfg.cuttlefish.threshold, "cuttlefish: tau, ranks per tracking point")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--cuttlefish-track-steps", cfg.cuttlefish.track_every_steps,
-                   "cuttlefish: track stable ranks every N steps (0: every epoch)")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--cuttlefish-frobenius", cfg.cuttlefish.frobenius_decay,
-                   "cuttlefish: Frobenius decay lambda on the factors after the switch (0: off)")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--cuttlefish-min-speedup", cfg.cuttlefish.min_speedup,
-                   "cuttlefish: factorize a layer only if dense / low-rank FLOPs reach this")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--sst-sampling", cfg.sst_sampling, "sst: how the active singular vectors are drawn")
-        ->check(CLI::IsMember({"sigma", "mixed", "uniform"}))
-        ->capture_default_str();
-    app.add_option("--sst-iteration-steps", cfg.sst.iteration_steps, "sst: T3, optimizer steps per iteration")
-        ->check(CLI::PositiveNumber)
-        ->capture_default_str();
-    app.add_option("--sst-round-iterations", cfg.sst.round_iterations,
-                   "sst: T2, iterations per round before a re-SVD (0: ceil(d / rank))")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--sst-rewarm", cfg.sst.rewarm_steps, "sst: LR re-warm-up steps at each iteration start")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--deeplora-depth", cfg.deeplora.depth, "deeplora: factors L of the deep factorization")
-        ->check(CLI::Range(lowrank::Index{2}, lowrank::Index{16}))
-        ->capture_default_str();
-    app.add_option("--deeplora-epsilon", cfg.deeplora.epsilon, "deeplora: scale of the orthogonal init")
-        ->check(CLI::PositiveNumber)
-        ->capture_default_str();
-    app.add_option("--deeplora-gamma", cfg.deeplora.gamma,
-                   "deeplora: lr multiplier of the outer bases after compression (0: frozen)")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
 
     try {
         app.parse(argc, argv);

@@ -12,6 +12,9 @@
 #include <string>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_gradcheck_ops {
+
 using lowrank::GradcheckOptions;
 using lowrank::GradcheckResult;
 using lowrank::Graph;
@@ -467,3 +470,5 @@ TEST_CASE("gradcheck samples coordinates and validates its options", "[autograd]
     CHECK_THROWS_WITH(lowrank::gradcheck(loss_fn, {&a, &b}, GradcheckOptions{}),
                       Catch::Contains("gradcheck") && Catch::Contains("b is not trainable"));
 }
+
+}  // namespace test_gradcheck_ops

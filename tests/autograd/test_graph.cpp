@@ -13,6 +13,9 @@
 #include <string>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_graph {
+
 using Catch::Contains;
 using lowrank::Graph;
 using lowrank::Index;
@@ -548,3 +551,5 @@ TEST_CASE("every op's shape check names the op and the offending shapes or value
     CHECK_THROWS_AS(lowrank::matmul(g, a, b), lowrank::Error);
     CHECK_THROWS_AS(lowrank::embedding(g, table, std::vector<std::int32_t>{10}), lowrank::Error);
 }
+
+}  // namespace test_graph

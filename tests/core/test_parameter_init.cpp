@@ -14,6 +14,9 @@
 #include <utility>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_parameter_init {
+
 using Catch::Contains;
 using lowrank::Index;
 using lowrank::MatrixD;
@@ -281,3 +284,5 @@ TEST_CASE("FormatError is an Error is a runtime_error", "[core][error]") {
     CHECK_THROWS_WITH(throw lowrank::FormatError("model.safetensors: truncated header"),
                       "model.safetensors: truncated header");
 }
+
+}  // namespace test_parameter_init

@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_rng {
+
 using lowrank::Rng;
 
 namespace {
@@ -212,3 +215,5 @@ TEST_CASE("Rng::split gives an independent stream and advances the parent by one
     Rng child2 = parent2.split();
     CHECK(draw_u64(child2, 32) == from_child);
 }
+
+}  // namespace test_rng

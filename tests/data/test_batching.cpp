@@ -9,6 +9,9 @@
 #include <span>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_batching {
+
 using lowrank::Batcher;
 using lowrank::BatcherOptions;
 using lowrank::Index;
@@ -177,3 +180,5 @@ TEST_CASE("gather_rows rejects indices out of range, naming the index", "[data][
     const std::array<Index, 1> negative{-1};
     CHECK_THROWS_AS(lowrank::gather_rows(labels, negative, y), lowrank::Error);
 }
+
+}  // namespace test_batching

@@ -14,6 +14,9 @@
 
 #include <unistd.h>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_idx {
+
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
 
@@ -379,3 +382,5 @@ TEST_CASE("load_mnist_like reports missing files, count mismatches and bad label
                    Contains("train-images-idx3-ubyte") && Contains("expected 3 dimensions") && Contains("got 2"));
     }
 }
+
+}  // namespace test_idx

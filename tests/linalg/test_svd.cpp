@@ -8,6 +8,9 @@
 
 #include <limits>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_svd {
+
 using namespace lowrank;
 using lowrank::test::gaussian;
 
@@ -98,3 +101,5 @@ TEST_CASE("SVD tools reject bad input with the thing named", "[linalg][errors]")
                       Catch::Contains("same number of columns"));
     CHECK_THROWS_AS(linalg::orthonormalize_columns<double>(gaussian(2, 3, 1)), Error);
 }
+
+}  // namespace test_svd

@@ -14,6 +14,9 @@
 #include <utility>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_mlp {
+
 using Catch::Contains;
 using lowrank::Activation;
 using lowrank::Graph;
@@ -224,3 +227,5 @@ TEST_CASE("Mlp trained by plain SGD lowers its loss", "[models][mlp]") {
     const auto predicted = lowrank::argmax_rows(mlp.forward(g, g.input(x)).value());
     CHECK(predicted == y);
 }
+
+}  // namespace test_mlp

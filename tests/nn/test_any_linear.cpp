@@ -3,6 +3,9 @@
 
 #include <limits>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_any_linear {
+
 using namespace lowrank;
 using namespace lowrank::test;
 
@@ -54,3 +57,5 @@ TEST_CASE("Factored layers reject bad ranks, shapes and non-finite weights", "[n
     CHECK_THROWS_WITH(d.compress(3, gaussian(4, 6, 64)), Catch::Contains("got r = 3"));
     CHECK_THROWS_WITH(d.compress(1, gaussian(6, 6, 65)), Catch::Contains("(4 x 6)"));
 }
+
+}  // namespace test_any_linear

@@ -2,6 +2,9 @@
 // truncation, compression.
 #include "factored_layer_helpers.hpp"
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_incremental_deep {
+
 using namespace lowrank;
 using namespace lowrank::test;
 
@@ -90,3 +93,5 @@ TEST_CASE("DeepLowRankLinear compressed product is the wide one restricted to P"
     const MatrixD p = l.factors().front().value.transpose();
     CHECK((l.dense_weight() - wide * p * p.transpose()).norm() < 1e-12);
 }
+
+}  // namespace test_incremental_deep

@@ -9,6 +9,9 @@
 #include <cmath>
 #include <string>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_linear {
+
 using Catch::Contains;
 using lowrank::Graph;
 using lowrank::Index;
@@ -154,3 +157,5 @@ TEST_CASE("Linear rejects bad sizes and inputs of the wrong width", "[nn][linear
     CHECK_THROWS_WITH(fc.forward(g, g.input(MatrixD::Ones(5, 6))),
                       "fc: expected input with 7 features, got (5 x 6)");
 }
+
+}  // namespace test_linear

@@ -1,6 +1,9 @@
 // LowRankLinear: gradients in double, the identities of METHODS.md, the one-pass kernel.
 #include "factored_layer_helpers.hpp"
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_low_rank_linear {
+
 using namespace lowrank;
 using namespace lowrank::test;
 
@@ -80,3 +83,5 @@ TEST_CASE("LowRankLinear one-pass backward equals the GEMM composition", "[nn][g
         check_gradients(l, 300);
     }
 }
+
+}  // namespace test_low_rank_linear

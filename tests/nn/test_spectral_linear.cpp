@@ -1,6 +1,9 @@
 // SpectralLinear (Sparse Spectral Training): init, gradients, active set, re-SVD.
 #include "factored_layer_helpers.hpp"
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_spectral_linear {
+
 using namespace lowrank;
 using namespace lowrank::test;
 
@@ -107,3 +110,5 @@ TEST_CASE("SpectralLinear: renormalisation and clamping", "[nn][sst]") {
     CHECK(l.sigma.value(0, 3) == 0.0);
     CHECK(l.rank() == 4);
 }
+
+}  // namespace test_spectral_linear

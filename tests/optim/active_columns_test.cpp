@@ -7,6 +7,9 @@
 
 #include <memory>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_active_columns {
+
 using namespace lowrank;
 
 namespace {
@@ -66,3 +69,5 @@ TEST_CASE("Adam updates only the active columns", "[optim][capacity]") {
 TEST_CASE("AdamW updates only the active columns, weight decay included", "[optim][capacity]") {
     check_matches_compact<AdamW<double>>(AdamOptions{.lr = 0.01, .weight_decay = 0.1});
 }
+
+}  // namespace test_active_columns

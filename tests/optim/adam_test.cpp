@@ -5,6 +5,9 @@
 
 #include <cmath>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_adam {
+
 using namespace lowrank;
 using lowrank::test::make_param;
 using lowrank::test::set_grad;
@@ -99,3 +102,5 @@ TEST_CASE("Adam rejects bad options with a message naming the option", "[optim][
     CHECK_THROWS_WITH(Adam<float>({&p}, AdamOptions{.eps = -1.0}), Contains("eps"));
     CHECK_THROWS_WITH(AdamW<float>({&p}, AdamOptions{.weight_decay = -0.1}), Contains("weight_decay"));
 }
+
+}  // namespace test_adam

@@ -11,6 +11,9 @@
 #include <memory>
 #include <string>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_carry_state {
+
 using namespace lowrank;
 using Catch::Matchers::Contains;
 using lowrank::test::make_param;
@@ -259,3 +262,5 @@ TEST_CASE("set_state installs a saved state and checks its shapes", "[optim][car
     CHECK_THROWS_WITH(restored.set_state(q, bad), Contains("moment exp_avg_sq: expected shape (2 x 3), got (3 x 2)"));
     CHECK_THROWS_WITH(saved.moment("velocity"), Contains("\"velocity\""));
 }
+
+}  // namespace test_carry_state

@@ -8,6 +8,9 @@
 #include <cmath>
 #include <limits>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_clip {
+
 using namespace lowrank;
 using Catch::Matchers::Contains;
 
@@ -69,3 +72,5 @@ TEST_CASE("a non-finite gradient norm throws and leaves the gradients alone", "[
     CHECK_THROWS_WITH(clip_grad_norm(params, 1.0), Contains("not finite (inf)"));
     CHECK_THROWS_WITH(clip_grad_norm(params, 0.0), Contains("max_norm > 0"));
 }
+
+}  // namespace test_clip

@@ -13,6 +13,9 @@
 #include <memory>
 #include <string>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_convergence {
+
 using namespace lowrank;
 
 namespace {
@@ -83,3 +86,5 @@ TEMPLATE_TEST_CASE("every optimizer solves least squares to the normal-equation 
     INFO("error " << error << ", |solution| " << solution.norm());
     CHECK(error < (std::is_same_v<T, float> ? 1e-5 : 1e-10));
 }
+
+}  // namespace test_convergence

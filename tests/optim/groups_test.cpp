@@ -5,6 +5,9 @@
 
 #include "optim_test_support.hpp"
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_groups {
+
 using namespace lowrank;
 using Catch::Matchers::Contains;
 using lowrank::test::make_param;
@@ -111,3 +114,5 @@ TEST_CASE("a gradient of the wrong shape is reported by name before any update",
                                            "match value shape (2 x 2)"));
     CHECK(a.value == a0);
 }
+
+}  // namespace test_groups

@@ -13,6 +13,9 @@
 #include <memory>
 #include <string>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_no_allocation {
+
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define LOWRANK_TEST_COUNT_MALLOC 0
 #elif defined(__has_feature)
@@ -128,3 +131,5 @@ TEST_CASE("a steady-state step allocates nothing", "[optim][alloc]") {
 }
 
 #endif
+
+}  // namespace test_no_allocation

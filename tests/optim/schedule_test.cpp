@@ -8,6 +8,9 @@
 #include <cmath>
 #include <numbers>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_schedule {
+
 using namespace lowrank;
 using Catch::Matchers::Contains;
 
@@ -88,3 +91,5 @@ TEST_CASE("bad schedule options throw", "[optim][schedule]") {
     CHECK_THROWS_WITH(s.rewarm(-5, 3), Contains("at_step >= 0"));
     CHECK_THROWS_WITH(s.factor(-1), Contains("step >= 0"));
 }
+
+}  // namespace test_schedule

@@ -3,6 +3,9 @@
 
 #include "optim_test_support.hpp"
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_sgd {
+
 using namespace lowrank;
 using lowrank::test::make_param;
 using lowrank::test::set_grad;
@@ -95,3 +98,5 @@ TEST_CASE("Sgd without momentum keeps only a step count", "[optim][sgd]") {
     CHECK(opt.state_of(p)->momentum.size() == 0);
     CHECK(opt.type_name() == "Sgd");
 }
+
+}  // namespace test_sgd

@@ -6,6 +6,9 @@
 
 #include <array>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_torch_parity {
+
 using namespace lowrank;
 using lowrank::test::make_param;
 using lowrank::test::set_grad;
@@ -56,3 +59,5 @@ TEST_CASE("three steps of each optimizer equal torch 1.13's", "[optim][parity]")
         check_three_steps(opt, p, adamw);
     }
 }
+
+}  // namespace test_torch_parity

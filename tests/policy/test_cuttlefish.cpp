@@ -17,6 +17,9 @@
 #include <string>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_cuttlefish {
+
 using namespace lowrank;
 using lowrank::test::gaussian;
 using CF = Cuttlefish<double>;
@@ -462,3 +465,5 @@ TEST_CASE("Cuttlefish rejects bad options and layers it cannot start from", "[po
     CHECK_THROWS_WITH(CF().on_train_begin(*f.ctx),
                       Catch::Contains("'layers.1' must be dense") && Catch::Contains("low_rank"));
 }
+
+}  // namespace test_cuttlefish

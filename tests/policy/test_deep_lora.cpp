@@ -18,6 +18,9 @@
 #include <string>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_deep_lora {
+
 using namespace lowrank;
 
 namespace {
@@ -350,3 +353,5 @@ TEST_CASE("DeepLora rejects bad options", "[policy][deeplora][errors]") {
     DeepLora<double> early;
     CHECK_THROWS_WITH(early.after_backward(ctx), Catch::Contains("before on_train_begin"));
 }
+
+}  // namespace test_deep_lora

@@ -18,6 +18,9 @@
 #include <utility>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_inrank {
+
 using namespace lowrank;
 using lowrank::test::gaussian;
 
@@ -493,3 +496,5 @@ TEST_CASE("InRank rejects bad options with messages naming the option", "[policy
     InRank<double> nothing({.select = {.pattern = "encoder.*"}});
     CHECK_THROWS_WITH(nothing.on_train_begin(ctx), Contains("inrank") && Contains("matches no layer"));
 }
+
+}  // namespace test_inrank

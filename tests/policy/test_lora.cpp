@@ -15,11 +15,14 @@
 #include <string>
 #include <vector>
 
-using namespace lowrank;
-
 // Every member compiles, and warning-free, for the training scalar too.
 template class lowrank::Fixed<float>;
 template class lowrank::ReLora<float>;
+
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_lora {
+
+using namespace lowrank;
 
 namespace {
 
@@ -387,3 +390,5 @@ TEST_CASE("LoRA and ReLoRA reject bad options with a message naming the option",
     twice.on_train_begin(*run.ctx);
     CHECK_THROWS_WITH(twice.on_train_begin(*run.ctx), Contains("called twice"));
 }
+
+}  // namespace test_lora

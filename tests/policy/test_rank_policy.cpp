@@ -11,6 +11,9 @@
 #include <string>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_rank_policy {
+
 using namespace lowrank;
 
 namespace {
@@ -161,3 +164,5 @@ TEST_CASE("PolicyList calls its policies in order at every hook, and rewarm rest
     CHECK(f.schedule.factor(40) == 0.25);
     CHECK(f.schedule.factor(43) == 1.0);
 }
+
+}  // namespace test_rank_policy

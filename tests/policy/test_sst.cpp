@@ -19,6 +19,9 @@
 #include <string>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_sst {
+
 using namespace lowrank;
 using lowrank::test::gaussian;
 
@@ -416,3 +419,5 @@ TEST_CASE("Sst trains a small MLP in double: the loss goes down", "[policy][sst]
     CHECK(count_events(f.log, "sample") == 2 * 16);
     CHECK(count_events(f.log, "resvd") == 5 + 4);
 }
+
+}  // namespace test_sst

@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <vector>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_evaluate {
+
 using lowrank::Index;
 
 TEST_CASE("evaluate_classifier gives the mean cross-entropy and accuracy, whatever the batch size",
@@ -59,3 +62,5 @@ TEST_CASE("ClassifierEvaluator leaves parameter gradients alone and checks label
     CHECK_THROWS_WITH(eval(model, x, short_labels),
                       Catch::Matchers::Contains("expected 4 labels") && Catch::Matchers::Contains("got 2"));
 }
+
+}  // namespace test_evaluate

@@ -15,6 +15,9 @@
 
 #if __has_include(<nlohmann/json.hpp>)
 #include <nlohmann/json.hpp>
+
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_metrics_log {
 #define LOWRANK_TEST_HAVE_NLOHMANN 1
 #endif
 
@@ -154,3 +157,5 @@ TEST_CASE("MetricsLog names the file it cannot open", "[train][metrics_log][erro
     const fs::path bad = fs::temp_directory_path() / "lowrank-no-such-dir-xyz" / "m.jsonl";
     CHECK_THROWS_WITH(lowrank::MetricsLog(bad), Catch::Matchers::Contains(bad.string()));
 }
+
+}  // namespace test_metrics_log

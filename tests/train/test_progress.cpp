@@ -5,6 +5,9 @@
 #include <cstdio>
 #include <string>
 
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_progress {
+
 using Catch::Matchers::Contains;
 
 namespace {
@@ -73,3 +76,5 @@ TEST_CASE("format_duration and format_rate", "[train][progress]") {
     CHECK(lowrank::detail::format_rate(14234) == "14.2k");
     CHECK(lowrank::detail::format_rate(3.1e6) == "3.10M");
 }
+
+}  // namespace test_progress
