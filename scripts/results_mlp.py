@@ -15,14 +15,11 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["dense", "lora", "relora", "inrank", "cuttlefish", "sst", "deeplora"]
+from results_common import (METHODS, ROOT, build, check_methods, cpu_name, gnuplot, rank_series,
+                            relative_command, replace_block, run_trainer)
 BEGIN, END = "<!-- results-mlp:begin -->", "<!-- results-mlp:end -->"
 
 
@@ -42,15 +39,6 @@ def parse_args():
     return ap.parse_args()
 
 
-def build():
-    # Packages and data, as scripts/run-mlp.sh does (quick when everything is present).
-    subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], check=True, stdout=subprocess.DEVNULL)
-    if not (ROOT / "build" / "release" / "build.ninja").exists():
-        subprocess.run(["cmake", "--preset", "release"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", "--preset", "release", "--target", "lowrank-mlp"], cwd=ROOT, check=True)
-    return str(ROOT / "build" / "release" / "examples" / "mlp" / "lowrank-mlp")
-
-
 def run_method(binary, method, args, out):
     log = out / f"{method}.metrics.jsonl"
     ranks = out / f"{method}.ranks.jsonl"
@@ -59,75 +47,20 @@ def run_method(binary, method, args, out):
            "--log", str(log), "--rank-log", str(ranks), "--quiet", *args.extra]
     if args.rank:
         cmd += ["--rank", str(args.rank)]
-    print("results: " + " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"results: {method} failed with exit code {proc.returncode}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    epochs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    events = [json.loads(line) for line in ranks.read_text().splitlines() if line.strip()] if ranks.exists() else []
-    return {"cmd": cmd, "result": result, "epochs": epochs, "events": events}
-
-
-def rank_series(run, layer_names):
-    """Per layer: (step, rank) points of a step function over training."""
-    result = run["result"]
-    first = run["epochs"][0]["ranks"] if run["epochs"] else list(result["final_ranks"].values())
-    total = result["steps"]
-    series = {}
-    for i, name in enumerate(layer_names):
-        points = []
-        init = [e for e in run["events"] if e["layer"] == name and e["event"] == "init"]
-        start = init[0]["new_rank"] if init else first[i]
-        points.append((0, start))
-        for e in run["events"]:
-            if e["layer"] == name and e["event"] != "init" and e["new_rank"] != points[-1][1]:
-                points.append((e["step"], points[-1][1]))
-                points.append((e["step"], e["new_rank"]))
-        points.append((total, list(result["final_ranks"].values())[i]))
-        series[name] = points
-    return series
+    return run_trainer(cmd, method, log, ranks)
 
 
 def plot(runs, out_svg, data_dir):
-    gnuplot = shutil.which("gnuplot")
-    if not gnuplot:
-        print("results: gnuplot not found, no plot (bash scripts/setup.sh installs gnuplot-nox)", file=sys.stderr)
-        return False
     any_run = next(iter(runs.values()))
     names = list(any_run["result"]["final_ranks"].keys())[:-1]  # hidden layers; the output layer stays dense
-    for name in names:
+    panels = []
+    for i, name in enumerate(names):
+        series = {}
         for method, run in runs.items():
-            dat = data_dir / f"{method}.{name}.dat"
-            pts = rank_series(run, [name])[name]
-            dat.write_text("".join(f"{s} {r}\n" for s, r in pts))
-    script = [
-        f'set terminal svg size 960,{360 * len(names)} dynamic font "sans,11"',
-        f'set output "{out_svg}"',
-        f"set multiplot layout {len(names)},1",
-        "set key outside right",
-        'set xlabel "optimizer step"',
-        'set ylabel "rank"',
-        "set grid",
-    ]
-    for name in names:
-        script.append(f'set title "{name}: rank of each method over training"')
-        parts = [f'"{data_dir / f"{m}.{name}.dat"}" using 1:2 with lines lw 2 title "{m}"' for m in runs]
-        script.append("plot " + ", ".join(parts))
-    script.append("unset multiplot")
-    subprocess.run([gnuplot], input="\n".join(script) + "\n", text=True, check=True)
-    return True
-
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+            first = run["log"][0]["ranks"][i] if run["log"] else run["result"]["final_ranks"][name]
+            series[method] = rank_series(run, name, first, run["result"]["final_ranks"][name])
+        panels.append((f"{name}: rank of each method over training", "rank", series))
+    return gnuplot(panels, out_svg, data_dir, "optimizer step")
 
 
 def table(runs):
@@ -174,27 +107,18 @@ def write_docs(runs, args, svg_ok):
     body.append("The exact commands:\n")
     body.append("```")
     for run in runs.values():
-        cmd = [os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in run["cmd"]]
-        body.append(" ".join(cmd))
+        body.append(relative_command(run["cmd"]))
     body.append("```")
     body.append(END)
-    text = page.read_text() if page.exists() else ""
-    block = "\n".join(body)
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = "# Results\n\n" + block + "\n"
-    page.write_text(text)
-    print(f"results: wrote {page}", file=sys.stderr)
+    replace_block(page, BEGIN, END, "\n".join(body))
 
 
 def main():
     args = parse_args()
-    methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"results: unknown method '{m}', expected one of {', '.join(METHODS)}")
-    binary = args.binary or build()
+    methods = check_methods(args.methods)
+    if not args.binary:
+        build("lowrank-mlp")
+    binary = args.binary or str(ROOT / "build" / "release" / "examples" / "mlp" / "lowrank-mlp")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {m: run_method(binary, m, args, out) for m in methods}
