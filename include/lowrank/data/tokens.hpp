@@ -1,0 +1,221 @@
+#pragma once
+// Token streams on disk and as training batches.
+//
+// A token file is the ids as little-endian uint16, back to back, nothing else (GPT-2's
+// 50257 ids fit; the format of nanoGPT's and llm.c's .bin streams without a header).
+// TokenWindows turns a stream into batches of B random windows of T+1 tokens (inputs and
+// next-token targets) drawn with lowrank::Rng, whose state a checkpoint saves, and into a
+// deterministic sequence of non-overlapping windows for evaluation.
+
+#include <lowrank/core/error.hpp>
+#include <lowrank/core/rng.hpp>
+#include <lowrank/core/types.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+namespace lowrank {
+
+/// Writes `ids` as little-endian uint16 to `path`, atomically: a temporary file in the
+/// same directory, flushed and synced, then renamed over `path` (a crash leaves the old
+/// file or the new one, never half of one). Throws Error, before creating anything, if an
+/// id is outside [0, 65535], naming it and its position.
+inline void write_tokens(const std::filesystem::path& path, std::span<const std::int32_t> ids) {
+    const std::string where = detail::concat("write_tokens: '", path.string(), "'");
+    std::vector<unsigned char> bytes(ids.size() * 2);
+    for (std::size_t k = 0; k < ids.size(); ++k) {
+        const std::int32_t id = ids[k];
+        if (id < 0 || id > 0xFFFF)
+            throw Error(detail::concat(where, ": id ", id, " at position ", k,
+                                       " does not fit in uint16 (expected 0 <= id <= 65535)"));
+        bytes[2 * k] = static_cast<unsigned char>(id & 0xFF);
+        bytes[2 * k + 1] = static_cast<unsigned char>((id >> 8) & 0xFF);
+    }
+    static std::atomic<std::uint64_t> counter{0};
+    const std::string temp = detail::concat(path.string(), ".tmp-", ::getpid(), "-", counter++);
+    std::FILE* f = std::fopen(temp.c_str(), "wbx");  // x: never clobber someone else's file
+    if (f == nullptr)
+        throw Error(
+            detail::concat(where, ": cannot create the temporary file '", temp, "': ", std::strerror(errno)));
+    const auto fail = [&](const char* doing) {
+        const int err = errno;
+        if (f != nullptr) std::fclose(f);
+        std::remove(temp.c_str());
+        throw Error(detail::concat(where, ": ", doing, " '", temp, "' failed: ", std::strerror(err)));
+    };
+    if (!bytes.empty() && std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size()) fail("writing");
+    if (std::fflush(f) != 0) fail("flushing");
+    if (::fsync(::fileno(f)) != 0) fail("syncing");
+    const int closed = std::fclose(f);
+    f = nullptr;
+    if (closed != 0) fail("closing");
+    if (std::rename(temp.c_str(), path.c_str()) != 0) fail("renaming to the target");
+    const std::filesystem::path dir =
+        path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+    if (dfd >= 0) {  // make the rename durable; failing here loses nothing written
+        ::fsync(dfd);
+        ::close(dfd);
+    }
+}
+
+/// Reads a token file written by write_tokens. Throws FormatError for a missing or
+/// unreadable file and for an odd number of bytes (not a uint16 stream, or cut short).
+inline std::vector<std::uint16_t> read_tokens(const std::filesystem::path& path) {
+    const std::string where = detail::concat("read_tokens: '", path.string(), "'");
+    std::error_code ec;
+    const auto status = std::filesystem::status(path, ec);
+    if (!std::filesystem::exists(status))
+        throw FormatError(detail::concat(where, ": the file does not exist"));
+    if (!std::filesystem::is_regular_file(status))
+        throw FormatError(detail::concat(where, ": not a regular file"));
+    const std::uintmax_t size = std::filesystem::file_size(path, ec);
+    if (ec) throw FormatError(detail::concat(where, ": cannot get the file size: ", ec.message()));
+    if (size % 2 != 0)
+        throw FormatError(detail::concat(where, ": expected an even number of bytes (uint16 tokens), got ",
+                                         size, " (a truncated or foreign file)"));
+    std::FILE* f = std::fopen(path.c_str(), "rb");
+    if (f == nullptr) throw FormatError(detail::concat(where, ": cannot open: ", std::strerror(errno)));
+    std::vector<unsigned char> bytes(static_cast<std::size_t>(size));
+    const std::size_t got = bytes.empty() ? 0 : std::fread(bytes.data(), 1, bytes.size(), f);
+    const bool failed = std::ferror(f) != 0;
+    std::fclose(f);
+    if (failed || got != bytes.size())
+        throw FormatError(detail::concat(where, ": expected ", bytes.size(), " bytes, read ", got,
+                                         " (the file changed while reading, or an I/O error)"));
+    std::vector<std::uint16_t> ids(bytes.size() / 2);
+    for (std::size_t k = 0; k < ids.size(); ++k)
+        ids[k] = static_cast<std::uint16_t>(bytes[2 * k] | (static_cast<unsigned>(bytes[2 * k + 1]) << 8));
+    return ids;
+}
+
+struct TokenWindowOptions {
+    Index batch = 8;         // B: windows per batch
+    Index context = 128;     // T: tokens per window (inputs); each window reads T+1 tokens
+    std::uint64_t seed = 0;  // seed of the window positions
+};
+
+/// Batches of windows over a token stream, for next-token prediction.
+///
+///   TokenWindows train(read_tokens("data/text/corpus.train.bin"), {.batch = 8, .context = 128, .seed = 1});
+///   std::vector<std::int32_t> x, y;
+///   train.next(x, y);  // x, y: B*T ids, row-major (b*T + t); y[b*T + t] follows x[b*T + t]
+class TokenWindows {
+public:
+    explicit TokenWindows(std::vector<std::uint16_t> tokens, TokenWindowOptions options = {})
+        : tokens_(std::move(tokens)), options_(options), rng_(options.seed) {
+        check(options_.batch >= 1, "TokenWindows", "expected batch >= 1, got ", options_.batch);
+        check(options_.context >= 1, "TokenWindows", "expected context >= 1, got ", options_.context);
+        check(static_cast<std::uint64_t>(tokens_.size()) >= static_cast<std::uint64_t>(options_.context) + 1,
+              "TokenWindows", "a window of context ", options_.context, " needs ", options_.context + 1,
+              " tokens, but the stream holds ", tokens_.size());
+    }
+
+    /// Fills `inputs` and `targets` (resized to B*T) from B windows at positions drawn
+    /// uniformly from [0, size() - T - 1]: inputs[b*T + t] = tokens[p_b + t],
+    /// targets[b*T + t] = tokens[p_b + t + 1]. Uses B draws of rng().
+    void next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) {
+        const auto B = static_cast<std::size_t>(options_.batch);
+        const auto T = static_cast<std::size_t>(options_.context);
+        inputs.resize(B * T);
+        targets.resize(B * T);
+        const std::uint64_t starts = tokens_.size() - T;  // >= 1 by the constructor's check
+        for (std::size_t b = 0; b < B; ++b) {
+            const auto start = static_cast<std::size_t>(rng_.below(starts));
+            copy_window(start, inputs.data() + b * T, targets.data() + b * T);
+        }
+    }
+
+    /// The generator of window positions. A checkpoint saves rng().state(); restoring it
+    /// with rng().set_state(...) makes next() continue with exactly the same batches.
+    Rng& rng() { return rng_; }
+    const Rng& rng() const { return rng_; }
+
+    /// Number of non-overlapping windows: window w has inputs tokens[w*T, w*T + T) and
+    /// targets one further; every token but the last is an input at most once.
+    Index window_count() const {
+        return static_cast<Index>((tokens_.size() - 1) / static_cast<std::size_t>(options_.context));
+    }
+
+    /// Number of sequential batches covering the first `max_windows` windows (all of
+    /// them if max_windows < 0); the last batch may have fewer than B rows.
+    Index sequential_batch_count(Index max_windows = -1) const {
+        const Index w = windows_limit(max_windows);
+        return (w + options_.batch - 1) / options_.batch;
+    }
+
+    /// Fills batch k of the sequential pass over the first `max_windows` windows (all if
+    /// max_windows < 0): windows kB, kB+1, ... Returns its number of rows (B, or fewer for
+    /// the last batch); inputs and targets are resized to rows*T. Draws nothing from rng().
+    Index sequential_batch(Index k, std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets,
+                           Index max_windows = -1) const {
+        const Index count = sequential_batch_count(max_windows);
+        check(k >= 0 && k < count, "TokenWindows::sequential_batch", "batch index ", k, " is outside [0, ",
+              count, ")");
+        const Index first = k * options_.batch;
+        const Index rows = std::min(options_.batch, windows_limit(max_windows) - first);
+        const auto T = static_cast<std::size_t>(options_.context);
+        inputs.resize(static_cast<std::size_t>(rows) * T);
+        targets.resize(static_cast<std::size_t>(rows) * T);
+        for (Index r = 0; r < rows; ++r) {
+            const auto row = static_cast<std::size_t>(r);
+            copy_window(static_cast<std::size_t>(first + r) * T, inputs.data() + row * T,
+                        targets.data() + row * T);
+        }
+        return rows;
+    }
+
+    /// Calls fn(std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
+    /// Index rows) for each sequential batch over the first `max_windows` windows (all if
+    /// max_windows < 0), in order, reusing two buffers: the same windows every time.
+    template <class F>
+    void for_each_sequential_batch(Index max_windows, F&& fn) const {
+        std::vector<std::int32_t> inputs;
+        std::vector<std::int32_t> targets;
+        const Index count = sequential_batch_count(max_windows);
+        for (Index k = 0; k < count; ++k) {
+            const Index rows = sequential_batch(k, inputs, targets, max_windows);
+            fn(std::span<const std::int32_t>(inputs), std::span<const std::int32_t>(targets), rows);
+        }
+    }
+
+    std::span<const std::uint16_t> tokens() const { return tokens_; }
+    Index size() const { return static_cast<Index>(tokens_.size()); }
+    Index batch() const { return options_.batch; }
+    Index context() const { return options_.context; }
+    const TokenWindowOptions& options() const { return options_; }
+
+private:
+    Index windows_limit(Index max_windows) const {
+        const Index all = window_count();
+        return max_windows < 0 ? all : std::min(all, max_windows);
+    }
+
+    void copy_window(std::size_t start, std::int32_t* inputs, std::int32_t* targets) const {
+        const auto T = static_cast<std::size_t>(options_.context);
+        const std::uint16_t* src = tokens_.data() + start;
+        for (std::size_t t = 0; t < T; ++t) {
+            inputs[t] = src[t];
+            targets[t] = src[t + 1];
+        }
+    }
+
+    std::vector<std::uint16_t> tokens_;
+    TokenWindowOptions options_;
+    Rng rng_;
+};
+
+}  // namespace lowrank
