@@ -1,0 +1,713 @@
+#pragma once
+// Weights and whole training states in one safetensors file (docs/checkpoints.md).
+//
+// A checkpoint holds the parameters under their own names (so PyTorch can take the
+// weights), the optimizer's moments under "optimizer.<moment>.<parameter name>", and one
+// metadata entry "lowrank": a JSON document with the format version, the step, the
+// optimizer's type, groups and per-parameter step counts, every parameter's active
+// columns, and the caller's `extra` object (RNG states, schedule, data loader, ...).
+// Being one file, it is replaced by one rename: a crash leaves the old checkpoint or the
+// new one, never a mixture.
+//
+// Loading checks everything (names, shapes, dtypes, optimizer type, groups, state shapes)
+// before it changes anything, so an error leaves the model and the optimizer as they were.
+
+#include <lowrank/core/error.hpp>
+#include <lowrank/core/parameter.hpp>
+#include <lowrank/core/rng.hpp>
+#include <lowrank/core/types.hpp>
+#include <lowrank/io/safetensors.hpp>
+#include <lowrank/optim/optimizer.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace lowrank {
+
+/// Where optimizer moments live in a checkpoint: "optimizer.<moment>.<parameter name>".
+inline constexpr std::string_view kOptimizerPrefix = "optimizer.";
+
+/// Metadata key of the checkpoint document, and of the active columns that add_parameters
+/// records for parameters trained only in their leading columns.
+inline constexpr std::string_view kCheckpointMetadataKey = "lowrank";
+inline constexpr std::string_view kActiveColsMetadataKey = "lowrank.active_cols";
+
+/// Version of the "lowrank" document; a reader refuses newer documents.
+inline constexpr int kCheckpointVersion = 1;
+
+namespace detail {
+// A function rather than a braced list in the member initializer: GCC 12 crashes (an
+// internal compiler error) on `LoadOptions{.strict = false}` inside a template when the
+// default of a vector<string> member is an initializer list of strings.
+inline std::vector<std::string> default_ignore_prefixes() { return {std::string(kOptimizerPrefix)}; }
+}  // namespace detail
+
+struct LoadOptions {
+    /// Throw (changing nothing) on any missing, unexpected, mis-shaped or non-float tensor;
+    /// otherwise load what matches and return the report.
+    bool strict = true;
+    /// Tensor names in the file are mapped to parameter names by removing this prefix
+    /// (when present) and then prepending add_prefix: a file saved without the model's
+    /// "transformer." prefix loads with add_prefix = "transformer.".
+    std::string strip_prefix = {};
+    std::string add_prefix = {};
+    /// Tensors whose file name starts with one of these are skipped, not "unexpected".
+    std::vector<std::string> ignore_prefixes = detail::default_ignore_prefixes();
+    /// Set each loaded parameter's active columns from the file's "lowrank.active_cols"
+    /// metadata when the file has that entry (parameters it does not list become fully
+    /// active). Without the entry, active columns are left alone.
+    bool restore_active_cols = true;
+};
+
+/// A tensor whose shape does not fit its parameter.
+struct ShapeMismatch {
+    std::string parameter;
+    std::string tensor;
+    std::vector<std::int64_t> expected;
+    std::vector<std::int64_t> actual;
+};
+
+/// A tensor whose dtype cannot become a floating-point matrix (I64, U8, ...).
+struct DtypeMismatch {
+    std::string parameter;
+    std::string tensor;
+    std::string dtype;
+};
+
+struct LoadReport {
+    std::string path;
+    std::vector<std::string> loaded;      // parameter names, in parameter order
+    std::vector<std::string> missing;     // parameters without a tensor
+    std::vector<std::string> unexpected;  // tensors (file names) without a parameter
+    std::vector<ShapeMismatch> mismatched;
+    std::vector<DtypeMismatch> wrong_dtype;
+    /// Expected shape of each missing parameter, as a tensor of the file would have it.
+    std::map<std::string, std::vector<std::int64_t>> missing_shapes;
+    /// Shape of each unexpected tensor.
+    std::map<std::string, std::vector<std::int64_t>> unexpected_shapes;
+
+    std::size_t problem_count() const {
+        return missing.size() + unexpected.size() + mismatched.size() + wrong_dtype.size();
+    }
+    bool ok() const { return problem_count() == 0; }
+
+    /// One line per problem, each naming the parameter or tensor and the shapes.
+    std::string describe() const {
+        std::string out;
+        for (const auto& name : missing)
+            out += detail::concat("\n  missing: parameter '", name, "' (expected shape ",
+                                  detail::shape_list_string(missing_shapes.at(name)), ") has no tensor in the file");
+        for (const auto& name : unexpected)
+            out += detail::concat("\n  unexpected: tensor '", name, "' (shape ",
+                                  detail::shape_list_string(unexpected_shapes.at(name)), ") matches no parameter");
+        for (const auto& m : mismatched)
+            out += detail::concat("\n  mis-shaped: parameter '", m.parameter, "': expected shape ",
+                                  detail::shape_list_string(m.expected), ", got ", detail::shape_list_string(m.actual),
+                                  m.tensor == m.parameter ? std::string() : " (tensor '" + m.tensor + "')");
+        for (const auto& d : wrong_dtype)
+            out += detail::concat("\n  wrong dtype: parameter '", d.parameter, "': expected F32, F64, F16 or BF16, got ",
+                                  d.dtype, d.tensor == d.parameter ? std::string() : " (tensor '" + d.tensor + "')");
+        return out;
+    }
+};
+
+/// What load_checkpoint hands back to the trainer.
+struct CheckpointInfo {
+    std::int64_t step = 0;
+    nlohmann::json extra;
+};
+
+struct CheckpointLoadOptions {
+    /// Require the optimizer's groups (their parameters, lr and weight decay) to be those
+    /// of the saved run. Turn off to resume deliberately with other hyperparameters.
+    bool check_groups = true;
+};
+
+namespace detail {
+
+/// The shape a parameter is stored with: one row -> 1-D {n}, as PyTorch stores a bias.
+template <class T>
+std::vector<std::int64_t> stored_shape(const Parameter<T>& p) {
+    if (p.rows() == 1) return {static_cast<std::int64_t>(p.cols())};
+    return {static_cast<std::int64_t>(p.rows()), static_cast<std::int64_t>(p.cols())};
+}
+
+inline std::vector<std::int64_t> stored_shape(Index rows, Index cols) {
+    if (rows == 1) return {static_cast<std::int64_t>(cols)};
+    return {static_cast<std::int64_t>(rows), static_cast<std::int64_t>(cols)};
+}
+
+/// Whether a tensor of this shape fills a (rows x cols) matrix: 2-D equal, or 1-D {cols}
+/// for one row, or 0-D for (1 x 1).
+inline bool shape_fits(const std::vector<std::int64_t>& shape, Index rows, Index cols) {
+    if (shape.size() == 2) return shape[0] == rows && shape[1] == cols;
+    if (shape.size() == 1) return rows == 1 && shape[0] == cols;
+    if (shape.empty()) return rows == 1 && cols == 1;
+    return false;
+}
+
+inline bool is_float_dtype(const std::string& dtype) {
+    return dtype == "F32" || dtype == "F64" || dtype == "F16" || dtype == "BF16";
+}
+
+inline bool starts_with_any(const std::string& name, const std::vector<std::string>& prefixes) {
+    for (const auto& prefix : prefixes)
+        if (!prefix.empty() && name.starts_with(prefix)) return true;
+    return false;
+}
+
+/// Parameters by name; null parameters and duplicate names are errors (a name is how a
+/// tensor finds its parameter).
+template <class T>
+std::map<std::string, Parameter<T>*> parameters_by_name(const ParameterList<T>& params, std::string_view what) {
+    std::map<std::string, Parameter<T>*> out;
+    for (std::size_t i = 0; i < params.size(); ++i) {
+        Parameter<T>* p = params[i];
+        check(p != nullptr, what, "parameter ", i, " is null");
+        check(!p->name().empty(), what, "parameter ", i, " ", shape_string(p->value), " has no name");
+        check(out.emplace(p->name(), p).second, what, "two parameters are named '", p->name(), "'");
+    }
+    return out;
+}
+
+inline std::string scalar_dtype_name(bool is_float) { return is_float ? "F32" : "F64"; }
+
+/// The active-columns map a file records, keyed by tensor name in the file; empty if the
+/// file records none.
+inline std::map<std::string, Index> read_active_cols_metadata(const SafetensorsReader& r, bool& present) {
+    std::map<std::string, Index> out;
+    const auto it = r.metadata().find(std::string(kActiveColsMetadataKey));
+    present = it != r.metadata().end();
+    if (!present) return out;
+    const std::string where = concat("load_parameters: '", r.path(), "': metadata '", kActiveColsMetadataKey, "'");
+    nlohmann::json doc;
+    try {
+        doc = nlohmann::json::parse(it->second);
+    } catch (const nlohmann::json::exception& e) {
+        throw FormatError(concat(where, ": not valid JSON: ", e.what()));
+    }
+    if (!doc.is_object()) throw FormatError(concat(where, ": expected a JSON object, got a JSON ", doc.type_name()));
+    for (const auto& [name, k] : doc.items()) {
+        if (!k.is_number_unsigned())
+            throw FormatError(concat(where, ": tensor '", name, "': expected an integer >= 0, got ", k.dump()));
+        out.emplace(name, static_cast<Index>(k.get<std::uint64_t>()));
+    }
+    return out;
+}
+
+/// Which tensor goes into which parameter, and what is wrong; nothing is modified.
+template <class T>
+struct LoadPlan {
+    LoadReport report;
+    std::vector<std::pair<Parameter<T>*, std::string>> matches;  // parameter, tensor name
+    std::map<Parameter<T>*, Index> active_cols;                  // only with restore_active_cols
+};
+
+template <class T>
+LoadPlan<T> plan_load(const SafetensorsReader& r, const ParameterList<T>& params, const LoadOptions& options,
+                      std::string_view caller) {
+    const std::string what = concat(caller, ": '", r.path(), "'");
+    const auto by_name = parameters_by_name(params, what);
+    LoadPlan<T> plan;
+    plan.report.path = r.path();
+    std::map<std::string, std::string> tensor_of;  // parameter name -> tensor name
+    std::set<std::string> seen;                     // parameters with a tensor (any outcome)
+    for (const std::string& tensor : r.names()) {
+        if (starts_with_any(tensor, options.ignore_prefixes)) continue;
+        std::string name = tensor;
+        if (!options.strip_prefix.empty() && name.starts_with(options.strip_prefix))
+            name.erase(0, options.strip_prefix.size());
+        name = options.add_prefix + name;
+        const auto it = by_name.find(name);
+        if (it == by_name.end()) {
+            plan.report.unexpected.push_back(tensor);
+            plan.report.unexpected_shapes[tensor] = r.shape(tensor);
+            continue;
+        }
+        if (!seen.insert(name).second)
+            throw FormatError(concat(what, ": tensors '", tensor_of.at(name), "' and '", tensor,
+                                     "' both map to parameter '", name, "'"));
+        tensor_of[name] = tensor;
+        const Parameter<T>& p = *it->second;
+        if (!shape_fits(r.shape(tensor), p.rows(), p.cols()))
+            plan.report.mismatched.push_back({name, tensor, stored_shape(p), r.shape(tensor)});
+        else if (!is_float_dtype(r.dtype(tensor)))
+            plan.report.wrong_dtype.push_back({name, tensor, r.dtype(tensor)});
+        else
+            plan.matches.emplace_back(it->second, tensor);
+    }
+    for (Parameter<T>* p : params) {
+        if (!seen.count(p->name())) {
+            plan.report.missing.push_back(p->name());
+            plan.report.missing_shapes[p->name()] = stored_shape(*p);
+        }
+    }
+    // In parameter order, so that "loaded" reads like the model.
+    std::map<const Parameter<T>*, std::size_t> position;
+    for (std::size_t i = 0; i < params.size(); ++i) position[params[i]] = i;
+    std::sort(plan.matches.begin(), plan.matches.end(),
+              [&](const auto& a, const auto& b) { return position.at(a.first) < position.at(b.first); });
+    for (const auto& [p, tensor] : plan.matches) plan.report.loaded.push_back(p->name());
+
+    if (options.restore_active_cols) {
+        bool present = false;
+        const auto recorded = read_active_cols_metadata(r, present);
+        if (present) {
+            for (const auto& [p, tensor] : plan.matches) {
+                const auto it = recorded.find(tensor);
+                const Index k = it == recorded.end() ? p->cols() : it->second;
+                if (k > p->cols())
+                    throw FormatError(concat(what, ": metadata '", kActiveColsMetadataKey, "': tensor '", tensor,
+                                             "': expected active columns in [0, ", p->cols(), "], got ", k));
+                plan.active_cols[p] = k;
+            }
+        }
+    }
+    return plan;
+}
+
+template <class T>
+void apply_load(const SafetensorsReader& r, const LoadPlan<T>& plan) {
+    for (const auto& [p, tensor] : plan.matches) {
+        // Assigned in place: the parameter keeps its buffer, id and layout version.
+        p->value = r.matrix<T>(tensor);
+        const auto it = plan.active_cols.find(p);
+        // set_active_cols bumps the layout version, so only a real change calls it.
+        if (it != plan.active_cols.end() && it->second != p->active_cols()) p->set_active_cols(it->second);
+    }
+}
+
+/// The metadata of a safetensors file, reading only its header (a checkpoint's tensors
+/// can be large; its extra is needed before the model that holds them exists).
+inline std::map<std::string, std::string> read_safetensors_metadata_only(const std::string& path,
+                                                                         std::string_view what) {
+    const std::string where = concat(what, ": '", path, "'");
+    std::error_code ec;
+    const auto status = std::filesystem::status(path, ec);
+    if (ec || !std::filesystem::exists(status))
+        throw FormatError(concat(where, ": expected an existing file, but it does not exist"));
+    if (std::filesystem::is_directory(status)) throw FormatError(concat(where, ": expected a file, got a directory"));
+    const std::uint64_t size = std::filesystem::file_size(path, ec);
+    if (ec) throw FormatError(concat(where, ": cannot get its size: ", ec.message()));
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
+    if (!f) throw FormatError(concat(where, ": cannot open it for reading: ", std::strerror(errno)));
+    std::vector<std::uint8_t> bytes(static_cast<std::size_t>(std::min<std::uint64_t>(size, 8)));
+    std::size_t got = std::fread(bytes.data(), 1, bytes.size(), f.get());
+    if (size >= 8 && got == 8) {
+        const std::uint64_t n = load_le<std::uint64_t>(bytes.data());
+        if (n <= size - 8) {
+            bytes.resize(static_cast<std::size_t>(8 + n));
+            got += std::fread(bytes.data() + 8, 1, static_cast<std::size_t>(n), f.get());
+        }
+    }
+    std::uint64_t header_end = 0;
+    const nlohmann::json header = parse_safetensors_header(bytes.data(), size, got, where, header_end);
+    return parse_safetensors_metadata(header, where);
+}
+
+/// The "lowrank" document of a checkpoint, checked for its format and version.
+inline nlohmann::json checkpoint_document(const std::map<std::string, std::string>& metadata,
+                                          const std::string& where) {
+    const auto it = metadata.find(std::string(kCheckpointMetadataKey));
+    if (it == metadata.end())
+        throw FormatError(concat(where, ": not a lowrank checkpoint: expected metadata '", kCheckpointMetadataKey,
+                                 "', found none (a weights-only file loads with load_parameters)"));
+    nlohmann::json doc;
+    try {
+        doc = nlohmann::json::parse(it->second);
+    } catch (const nlohmann::json::exception& e) {
+        throw FormatError(concat(where, ": metadata '", kCheckpointMetadataKey, "' is not valid JSON: ", e.what()));
+    }
+    const std::string prefix = concat(where, ": metadata '", kCheckpointMetadataKey, "'");
+    if (!doc.is_object()) throw FormatError(concat(prefix, ": expected a JSON object, got a JSON ", doc.type_name()));
+    // Each key must be there and pass its test; the message shows what was found.
+    auto need = [&](const char* key, bool (*ok)(const nlohmann::json&), const char* expected) {
+        if (!doc.contains(key))
+            throw FormatError(concat(prefix, ": expected \"", key, "\" (", expected, "), found none"));
+        if (!ok(doc.at(key)))
+            throw FormatError(concat(prefix, ": expected \"", key, "\" to be ", expected, ", got ", doc.at(key).dump()));
+    };
+    need("version", [](const nlohmann::json& j) { return j.is_number_unsigned(); }, "an integer >= 1");
+    const auto version = doc.at("version").get<std::uint64_t>();
+    if (version < 1 || version > static_cast<std::uint64_t>(kCheckpointVersion))
+        throw FormatError(concat(prefix, ": format version ", version, " is not supported: expected 1 to ",
+                                 kCheckpointVersion, " (was it written by a newer lowrank?)"));
+    need("step", [](const nlohmann::json& j) { return j.is_number_integer(); }, "an integer");
+    need("parameters", [](const nlohmann::json& j) { return j.is_array(); }, "an array");
+    need("optimizer", [](const nlohmann::json& j) { return j.is_null() || j.is_object(); }, "an object or null");
+    need("extra", [](const nlohmann::json& j) { return j.is_object(); }, "an object");
+    return doc;
+}
+
+/// j[key] if j is an object that has it, else null (for comparisons and messages).
+inline nlohmann::json member(const nlohmann::json& j, const char* key) {
+    return j.is_object() && j.contains(key) ? j.at(key) : nlohmann::json();
+}
+
+inline std::string hex_u64(std::uint64_t v) {
+    static constexpr char digits[] = "0123456789abcdef";
+    std::string s = "0x";
+    for (int shift = 60; shift >= 0; shift -= 4) s += digits[(v >> shift) & 0xf];
+    return s;
+}
+
+/// A 64-bit word from "0x" + 1 to 16 hex digits, or from an unsigned JSON integer.
+inline std::uint64_t u64_from_json(const nlohmann::json& j, const std::string& what) {
+    if (j.is_number_unsigned()) return j.get<std::uint64_t>();
+    if (j.is_string()) {
+        const std::string s = j.get<std::string>();
+        if (s.size() > 2 && s.size() <= 18 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+            std::uint64_t v = 0;
+            bool ok = true;
+            for (std::size_t i = 2; i < s.size() && ok; ++i) {
+                const char c = s[i];
+                int d = -1;
+                if (c >= '0' && c <= '9') d = c - '0';
+                else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
+                else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
+                ok = d >= 0;
+                v = (v << 4) | static_cast<std::uint64_t>(d < 0 ? 0 : d);
+            }
+            if (ok) return v;
+        }
+    }
+    throw FormatError(concat(what, ": expected a 64-bit word as \"0x\" and 1 to 16 hex digits (or an unsigned integer), got ",
+                             j.dump()));
+}
+
+}  // namespace detail
+
+/// Writes every parameter under its own name. A one-row parameter (bias, LayerNorm gain)
+/// is stored 1-D {n}, as PyTorch stores it. The full value is stored even when only the
+/// leading columns are active; the active column counts of such parameters are recorded
+/// in the metadata entry "lowrank.active_cols" ({"name": k}).
+template <class T>
+void add_parameters(SafetensorsWriter& writer, const ParameterList<T>& params) {
+    detail::parameters_by_name(params, "add_parameters");  // no nulls, unique names
+    nlohmann::json active = nlohmann::json::object();
+    const auto& existing = writer.metadata();
+    if (const auto it = existing.find(std::string(kActiveColsMetadataKey)); it != existing.end()) {
+        try {
+            active = nlohmann::json::parse(it->second);
+        } catch (const nlohmann::json::exception&) {
+            active = nullptr;
+        }
+        check(active.is_object(), "add_parameters", "metadata '", kActiveColsMetadataKey,
+              "' is already set and is not a JSON object");
+    }
+    for (const Parameter<T>* p : params) {
+        writer.add(p->name(), p->value, detail::stored_shape(*p));
+        if (p->active_cols() < p->cols()) active[p->name()] = p->active_cols();
+    }
+    if (!active.empty()) writer.set_metadata(std::string(kActiveColsMetadataKey), active.dump());
+}
+
+/// Fills each parameter's value from the tensor of the same name (after the prefix
+/// mapping of `options`); a 1-D {n} tensor fills a (1 x n) parameter, and F32, F64, F16
+/// and BF16 convert to T. With options.strict (the default), any missing, unexpected,
+/// mis-shaped or non-float tensor throws one Error listing all of them, before any
+/// parameter is modified; otherwise what matches is loaded and the report tells the rest.
+template <class T>
+LoadReport load_parameters(const SafetensorsReader& reader, const ParameterList<T>& params, LoadOptions options = {}) {
+    auto plan = detail::plan_load(reader, params, options, "load_parameters");
+    if (options.strict && !plan.report.ok())
+        throw Error(detail::concat("load_parameters: '", reader.path(), "': ", plan.report.problem_count(),
+                                   " problem(s), nothing was loaded:", plan.report.describe()));
+    detail::apply_load(reader, plan);
+    return plan.report;
+}
+
+/// The Rng state as JSON: the four words and the cached normal's bit pattern as hex
+/// strings (exact; a JSON number is a double to many readers), has_spare as a bool.
+inline nlohmann::json rng_state_to_json(const Rng::State& state) {
+    nlohmann::json words = nlohmann::json::array();
+    for (std::uint64_t w : state.s) words.push_back(detail::hex_u64(w));
+    return {{"s", words},
+            {"has_spare", state.has_spare},
+            {"spare", detail::hex_u64(std::bit_cast<std::uint64_t>(state.spare))}};
+}
+
+inline Rng::State rng_state_from_json(const nlohmann::json& j) {
+    constexpr std::string_view what = "rng_state_from_json";
+    if (!j.is_object())
+        throw FormatError(detail::concat(what, ": expected an object with s, has_spare and spare, got ", j.dump()));
+    for (const char* key : {"s", "has_spare", "spare"})
+        if (!j.contains(key)) throw FormatError(detail::concat(what, ": missing \"", key, "\" in ", j.dump()));
+    const auto& words = j.at("s");
+    if (!words.is_array() || words.size() != 4)
+        throw FormatError(detail::concat(what, ": expected \"s\" to be an array of 4 words, got ", words.dump()));
+    Rng::State state;
+    for (std::size_t i = 0; i < 4; ++i) state.s[i] = detail::u64_from_json(words[i], detail::concat(what, ": s[", i, "]"));
+    if (!j.at("has_spare").is_boolean())
+        throw FormatError(detail::concat(what, ": expected \"has_spare\" to be true or false, got ",
+                                         j.at("has_spare").dump()));
+    state.has_spare = j.at("has_spare").get<bool>();
+    state.spare = std::bit_cast<double>(detail::u64_from_json(j.at("spare"), detail::concat(what, ": spare")));
+    return state;
+}
+
+/// Writes a whole training state atomically (see the top of this file). `opt` may be null
+/// (weights only). Every parameter the optimizer holds must be in `params`, and its state
+/// must be current (no pending carry_state). `extra` must be a JSON object (or null).
+template <class T>
+void save_checkpoint(const std::string& path, const ParameterList<T>& params, const Optimizer<T>* opt,
+                     std::int64_t step, const nlohmann::json& extra) {
+    const std::string what = detail::concat("save_checkpoint: '", path, "'");
+    check(extra.is_object() || extra.is_null(), what, "expected extra to be a JSON object, got a JSON ",
+          extra.type_name());
+    detail::parameters_by_name(params, what);  // no nulls, unique names
+
+    SafetensorsWriter writer;
+    add_parameters(writer, params);
+
+    nlohmann::json doc;
+    doc["format"] = "lowrank checkpoint";
+    doc["version"] = kCheckpointVersion;
+    doc["step"] = step;
+    doc["dtype"] = detail::scalar_dtype_name(std::is_same_v<T, float>);
+    nlohmann::json plist = nlohmann::json::array();
+    for (const Parameter<T>* p : params)
+        plist.push_back({{"name", p->name()},
+                         {"shape", {p->rows(), p->cols()}},
+                         {"active_cols", p->active_cols()},
+                         {"trainable", p->trainable}});
+    doc["parameters"] = plist;
+    doc["extra"] = extra.is_null() ? nlohmann::json::object() : extra;
+
+    if (opt == nullptr) {
+        doc["optimizer"] = nullptr;
+    } else {
+        const std::unordered_set<const Parameter<T>*> listed(params.begin(), params.end());
+        nlohmann::json o;
+        o["type"] = std::string(opt->type_name());
+        nlohmann::json moments = nlohmann::json::array();
+        for (auto m : opt->moment_names()) moments.push_back(std::string(m));
+        o["moments"] = moments;
+        o["base_lr"] = opt->base_lr();
+        o["lr_scale"] = opt->lr_scale();
+        nlohmann::json groups = nlohmann::json::array();
+        nlohmann::json steps = nlohmann::json::object();
+        for (const auto& g : opt->groups()) {
+            nlohmann::json names = nlohmann::json::array();
+            for (const Parameter<T>* p : g.params) {
+                check(listed.count(p) != 0, what, "the optimizer holds parameter '", p->name(),
+                      "', which is not in the parameter list: its state would be lost");
+                names.push_back(p->name());
+                const OptimizerState<T>* s = opt->state_of(*p);
+                if (s == nullptr) continue;
+                check(s->layout_version == p->layout_version() && s->rows == p->rows() && s->cols == p->active_cols(),
+                      what, "parameter '", p->name(), "': its optimizer state ", shape_string(s->rows, s->cols),
+                      " was made for an older layout of the parameter ", shape_string(p->rows(), p->active_cols()),
+                      " (call carry_state before saving)");
+                steps[p->name()] = s->step;
+                for (auto m : opt->moment_names())
+                    writer.add(detail::concat(kOptimizerPrefix, m, ".", p->name()), s->moment(m),
+                               detail::stored_shape(p->rows(), p->active_cols()));
+            }
+            groups.push_back({{"name", g.options.name},
+                              {"lr", g.options.lr},
+                              {"weight_decay", g.options.weight_decay},
+                              {"params", names}});
+        }
+        o["groups"] = groups;
+        o["steps"] = steps;
+        doc["optimizer"] = o;
+    }
+    try {
+        writer.set_metadata(std::string(kCheckpointMetadataKey), doc.dump());
+    } catch (const nlohmann::json::exception& e) {
+        throw Error(detail::concat(what, ": extra (or a parameter name) cannot be written as JSON: ", e.what()));
+    }
+    writer.write(path);
+}
+
+/// Restores a state written by save_checkpoint into an already built model and optimizer
+/// (build the model from read_checkpoint_extra first if its structure depends on it).
+/// Parameters load strictly; the optimizer (if not null) must be of the saved type, with
+/// the saved groups (see CheckpointLoadOptions), and every saved state must fit its
+/// parameter's (rows x active_cols). Active columns are restored before the optimizer
+/// state is installed; parameters without saved state lose any state they had. Nothing
+/// is modified if anything is wrong.
+template <class T>
+CheckpointInfo load_checkpoint(const std::string& path, const ParameterList<T>& params, Optimizer<T>* opt,
+                               CheckpointLoadOptions options = {}) {
+    const std::string what = detail::concat("load_checkpoint: '", path, "'");
+    const SafetensorsReader reader(path);
+    const nlohmann::json doc = detail::checkpoint_document(reader.metadata(), what);
+
+    const auto plan = detail::plan_load(
+        reader, params,
+        LoadOptions{.strict = true, .ignore_prefixes = {std::string(kOptimizerPrefix)}, .restore_active_cols = false},
+        "load_checkpoint");
+    if (!plan.report.ok())
+        throw Error(detail::concat(what, ": the checkpoint does not fit the model: ", plan.report.problem_count(),
+                                   " problem(s), nothing was loaded:", plan.report.describe()));
+
+    // Active columns, by parameter.
+    std::map<std::string, Index> active;
+    for (const auto& entry : doc.at("parameters")) {
+        if (!entry.is_object() || !entry.contains("name") || !entry.at("name").is_string() ||
+            !entry.contains("active_cols") || !entry.at("active_cols").is_number_unsigned())
+            throw FormatError(detail::concat(what, ": expected each \"parameters\" entry to have a name and "
+                                                   "active_cols >= 0, got ",
+                                             entry.dump()));
+        active[entry.at("name").get<std::string>()] = static_cast<Index>(entry.at("active_cols").get<std::uint64_t>());
+    }
+    for (const Parameter<T>* p : params) {
+        const auto it = active.find(p->name());
+        if (it == active.end())
+            throw FormatError(detail::concat(what, ": parameter '", p->name(),
+                                             "' has a tensor but no entry in the checkpoint's parameter list"));
+        if (it->second > p->cols())
+            throw FormatError(detail::concat(what, ": parameter '", p->name(), "': expected active columns in [0, ",
+                                             p->cols(), "], got ", it->second));
+    }
+
+    // The optimizer: what to install, checked in full before anything changes.
+    struct Restore {
+        Parameter<T>* param;
+        bool has_state;
+        OptimizerState<T> state;
+    };
+    std::vector<Restore> restores;
+    double lr_scale = 1.0;
+    if (opt != nullptr) {
+        const nlohmann::json& o = doc.at("optimizer");
+        if (o.is_null())
+            throw Error(detail::concat(what, ": the checkpoint holds no optimizer state, but an optimizer (",
+                                       opt->type_name(), ") was given; pass a null optimizer to load only the weights"));
+        auto field = [&](const char* key) -> const nlohmann::json& {
+            if (!o.contains(key))
+                throw FormatError(detail::concat(what, ": optimizer entry has no \"", key, "\""));
+            return o.at(key);
+        };
+        const nlohmann::json& type = field("type");
+        if (!type.is_string() || type.get<std::string>() != opt->type_name())
+            throw Error(detail::concat(what, ": optimizer type mismatch: the checkpoint was saved with ", type.dump(),
+                                       ", the given optimizer is \"", opt->type_name(), "\""));
+        nlohmann::json moments = nlohmann::json::array();
+        for (auto m : opt->moment_names()) moments.push_back(std::string(m));
+        if (field("moments") != moments)
+            throw FormatError(detail::concat(what, ": expected optimizer moments ", moments.dump(), ", got ",
+                                             field("moments").dump()));
+        const nlohmann::json& scale = field("lr_scale");
+        if (!scale.is_number() || !(scale.get<double>() >= 0.0))
+            throw FormatError(detail::concat(what, ": expected lr_scale >= 0, got ", scale.dump()));
+        lr_scale = scale.get<double>();
+
+        const std::unordered_set<const Parameter<T>*> listed(params.begin(), params.end());
+        const nlohmann::json& groups = field("groups");
+        if (!groups.is_array())
+            throw FormatError(detail::concat(what, ": expected optimizer groups to be an array, got ", groups.dump()));
+        if (options.check_groups) {
+            if (groups.size() != opt->groups().size())
+                throw Error(detail::concat(what, ": expected the optimizer to have the saved ", groups.size(),
+                                           " parameter group(s), got ", opt->groups().size()));
+            for (std::size_t i = 0; i < groups.size(); ++i) {
+                const auto& saved = groups[i];
+                const auto& g = opt->groups()[i];
+                nlohmann::json names = nlohmann::json::array();
+                for (const Parameter<T>* p : g.params) names.push_back(p->name());
+                if (detail::member(saved, "params") != names)
+                    throw Error(detail::concat(what, ": optimizer group ", i, ": expected the saved parameters ",
+                                               detail::member(saved, "params").dump(), ", got ", names.dump()));
+                const nlohmann::json lr = g.options.lr, wd = g.options.weight_decay;
+                const nlohmann::json saved_lr = detail::member(saved, "lr"), saved_wd = detail::member(saved, "weight_decay");
+                if (saved_lr != lr || saved_wd != wd)
+                    throw Error(detail::concat(what, ": optimizer group ", i, " ('", g.options.name,
+                                               "'): expected the saved lr ", saved_lr.dump(), " and weight_decay ",
+                                               saved_wd.dump(), ", got lr ", lr.dump(), " and weight_decay ", wd.dump(),
+                                               " (CheckpointLoadOptions::check_groups = false resumes with new ones)"));
+            }
+        }
+
+        const nlohmann::json& steps = field("steps");
+        if (!steps.is_object())
+            throw FormatError(detail::concat(what, ": expected optimizer steps to be an object, got ", steps.dump()));
+        std::set<std::string> optimizer_names;
+        std::set<std::string> consumed;
+        for (Parameter<T>* p : opt->parameters()) {
+            check(listed.count(p) != 0, what, "the optimizer holds parameter '", p->name(),
+                  "', which is not in the parameter list");
+            optimizer_names.insert(p->name());
+            Restore restore{p, false, {}};
+            if (const nlohmann::json::const_iterator it = steps.find(p->name()); it != steps.end()) {
+                if (!it->is_number_integer() || it->get<std::int64_t>() < 0)
+                    throw FormatError(detail::concat(what, ": parameter '", p->name(),
+                                                     "': expected an optimizer step >= 0, got ", it->dump()));
+                restore.has_state = true;
+                restore.state.step = it->get<std::int64_t>();
+                const Index rows = p->rows(), cols = active.at(p->name());
+                for (auto m : opt->moment_names()) {
+                    const std::string tensor = detail::concat(kOptimizerPrefix, m, ".", p->name());
+                    if (!reader.contains(tensor))
+                        throw FormatError(detail::concat(what, ": parameter '", p->name(), "': optimizer state ", m,
+                                                         " is missing (expected tensor '", tensor, "')"));
+                    if (!detail::shape_fits(reader.shape(tensor), rows, cols))
+                        throw Error(detail::concat(
+                            what, ": parameter '", p->name(), "': optimizer state ", m, " has shape ",
+                            detail::shape_list_string(reader.shape(tensor)), ", expected ",
+                            detail::shape_list_string(detail::stored_shape(rows, cols)), " (rows x active_cols)"));
+                    if (!detail::is_float_dtype(reader.dtype(tensor)))
+                        throw FormatError(detail::concat(what, ": parameter '", p->name(), "': optimizer state ", m,
+                                                         ": expected dtype F32, F64, F16 or BF16, got ",
+                                                         reader.dtype(tensor)));
+                    consumed.insert(tensor);
+                }
+            }
+            restores.push_back(std::move(restore));
+        }
+        for (const auto& [name, s] : steps.items())
+            if (!optimizer_names.count(name))
+                throw Error(detail::concat(what, ": the checkpoint has optimizer state for '", name,
+                                           "', which the given optimizer does not hold"));
+        for (const std::string& tensor : reader.names())
+            if (tensor.starts_with(kOptimizerPrefix) && !consumed.count(tensor))
+                throw FormatError(detail::concat(what, ": unexpected optimizer tensor '", tensor,
+                                                 "' (no parameter of the optimizer has state under that name)"));
+    }
+
+    // Everything checked: now change things.
+    detail::apply_load(reader, plan);
+    for (Parameter<T>* p : params)
+        if (const Index k = active.at(p->name()); k != p->active_cols()) p->set_active_cols(k);
+    if (opt != nullptr) {
+        for (auto& restore : restores) {
+            Parameter<T>& p = *restore.param;
+            opt->drop_state(p.id());
+            if (!restore.has_state) continue;
+            // matrix<T> reads a 1-D {n} as (1 x n): every stored shape comes back as (rows x k).
+            for (auto m : opt->moment_names())
+                restore.state.moment(m) = reader.matrix<T>(detail::concat(kOptimizerPrefix, m, ".", p.name()));
+            opt->set_state(p, std::move(restore.state));
+        }
+        opt->set_lr_scale(lr_scale);
+    }
+    return CheckpointInfo{doc.at("step").get<std::int64_t>(), doc.at("extra")};
+}
+
+/// The caller's `extra` object of a checkpoint, reading only the file's header: enough to
+/// rebuild the model's structure (layer kinds, ranks) before load_checkpoint.
+inline nlohmann::json read_checkpoint_extra(const std::string& path) {
+    const std::string what = detail::concat("read_checkpoint_extra: '", path, "'");
+    const auto metadata = detail::read_safetensors_metadata_only(path, "read_checkpoint_extra");
+    return detail::checkpoint_document(metadata, what).at("extra");
+}
+
+}  // namespace lowrank
