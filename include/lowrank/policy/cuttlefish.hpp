@@ -30,11 +30,14 @@
 #include <lowrank/nn/low_rank_linear.hpp>
 #include <lowrank/policy/rank_policy.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <span>
 #include <string>
@@ -196,6 +199,102 @@ public:
     /// The optimizer group of the factors (set at the switch when Frobenius decay is on).
     std::optional<std::size_t> factor_group() const { return factor_group_; }
 
+    // --- resuming ---
+
+    /// Whether and when the switch happened, the factors' optimizer group and, per tracked
+    /// layer, d, the initial stable rank, the history, stable, factorized, the rank, the
+    /// speedup at the switch and the structure (dense, or the factors' shapes).
+    nlohmann::json state() const override {
+        nlohmann::json out = detail::policy_state_header(name());
+        out["switched"] = switched_;
+        out["switch_step"] = switch_step_;
+        out["switch_epoch"] = switch_epoch_;
+        out["factor_group"] = factor_group_ ? nlohmann::json(*factor_group_) : nlohmann::json(nullptr);
+        nlohmann::json layers = nlohmann::json::array();
+        for (std::size_t i = 0; i < layers_.size(); ++i) {
+            const auto& l = layers_[i];
+            layers.push_back({{"name", l.name},
+                              {"d", l.d},
+                              {"init_stable_rank", l.init_stable_rank},
+                              {"history", l.history},
+                              {"stable", l.stable},
+                              {"factorized", l.factorized},
+                              {"rank", l.rank},
+                              {"speedup", l.speedup},
+                              {"structure", detail::layer_structure(*slots_[i])}});
+        }
+        out["layers"] = layers;
+        return out;
+    }
+
+    /// Takes back the histories and decisions; after the switch, factorizes the layers that
+    /// were, at their saved ranks, through the same path as the switch (same optimizer
+    /// groups, in the same order; placeholder values). The LR re-warm-up is the schedule's
+    /// state, not the policy's: the caller restores it with the schedule.
+    void restore(TrainingContext<T>& ctx, const nlohmann::json& state) override {
+        check(!slots_.empty(), "cuttlefish", "restore called before on_train_begin: select the layers first");
+        check(!switched_, "cuttlefish",
+              "restore expects the policy as on_train_begin left it, but it has switched");
+        const auto r = detail::open_policy_state(name(), state);
+        const bool switched = r.boolean("switched");
+        const std::int64_t step = r.integer("switch_step", -1, std::numeric_limits<std::int64_t>::max());
+        const std::int64_t epoch = r.integer("switch_epoch", -1, std::numeric_limits<std::int64_t>::max());
+        std::optional<std::size_t> group;
+        if (!r.at("factor_group", "a group index or null").is_null())
+            group = static_cast<std::size_t>(
+                r.integer("factor_group", 0, std::numeric_limits<std::int64_t>::max()));
+        if (switched != (step >= 0))
+            r.error("switched is ", switched ? "true" : "false", " but switch_step is ", step,
+                    " (expected >= 0 exactly when switched)");
+        std::vector<std::string> names;
+        for (const auto& l : layers_) names.push_back(l.name);
+        const auto entries = detail::matched_layers(r, names);
+        std::vector<CuttlefishLayer> saved(layers_.size());
+        bool any_factorized = false;
+        for (std::size_t i = 0; i < entries.size(); ++i) {
+            const auto& e = entries[i];
+            CuttlefishLayer& l = saved[i];
+            l.name = layers_[i].name;
+            l.d = e.integer("d", 1, std::numeric_limits<Index>::max());
+            if (l.d != layers_[i].d) e.error("expected d = min(out, in) = ", layers_[i].d, ", got ", l.d);
+            l.init_stable_rank = e.integer("init_stable_rank", 1, l.d);
+            l.xi = static_cast<double>(l.d) / static_cast<double>(l.init_stable_rank);
+            for (const std::int64_t h : e.integers("history")) {
+                if (h < 0) e.error("expected a history of stable ranks >= 0, got ", h);
+                l.history.push_back(h);
+            }
+            l.stable = e.boolean("stable");
+            l.factorized = e.boolean("factorized");
+            l.rank = e.integer("rank", 1, l.d);
+            l.speedup = e.number("speedup");
+            if (l.factorized && !switched) e.error("factorized before the switch: the state is inconsistent");
+            if (!l.factorized && l.rank != l.d) e.error("a dense layer has rank d = ", l.d, ", got ", l.rank);
+            any_factorized = any_factorized || l.factorized;
+        }
+        if (group.has_value() != (any_factorized && options_.frobenius_decay > 0.0))
+            r.error("factor_group is ", group ? std::to_string(*group) : std::string("null"), ", but ",
+                    any_factorized ? "some" : "no", " layer is factorized and frobenius_decay is ",
+                    options_.frobenius_decay, " (a factor group exists exactly when both hold)");
+        // Everything read and checked: reshape, in the switch's order.
+        for (std::size_t i = 0; i < saved.size(); ++i) {
+            layers_[i] = saved[i];
+            if (saved[i].factorized) factorize(ctx, i, saved[i].rank, /*placeholder=*/true);
+        }
+        if (factor_group_ != group) {
+            const auto show = [](const std::optional<std::size_t>& g) {
+                return g ? std::to_string(*g) : std::string("none");
+            };
+            throw Error(detail::concat("cuttlefish: restore: expected the factors' optimizer group ",
+                                       show(group), " (saved), got ", show(factor_group_),
+                                       ": the optimizer's groups differ from the saved run's"));
+        }
+        for (std::size_t i = 0; i < entries.size(); ++i)
+            detail::check_layer_structure(entries[i], *slots_[i]);
+        switched_ = switched;
+        switch_step_ = step;
+        switch_epoch_ = epoch;
+    }
+
     // --- hooks ---
 
     void on_train_begin(TrainingContext<T>& ctx) override {
@@ -322,7 +421,6 @@ private:
     }
 
     void switch_to_low_rank(TrainingContext<T>& ctx) {
-        Optimizer<T>& opt = ctx.optimizer();
         for (std::size_t i = 0; i < layers_.size(); ++i) {
             auto& l = layers_[i];
             AnyLinear<T>& slot = *slots_[i];
@@ -335,27 +433,47 @@ private:
                 ctx.record(name(), l.name, "keep_dense", l.d, l.d, "speedup", l.speedup);
                 continue;
             }
-            std::optional<std::size_t> group;
-            if (options_.frobenius_decay > 0.0) {
-                if (!factor_group_) {
-                    // The factors' lr follows the group their dense weight was in.
-                    const double lr = opt.group(opt.group_of(dense.weight)).options.lr;
-                    opt.add_group({}, GroupOptions{.lr = lr, .weight_decay = 0.0, .name = "cuttlefish.factors"});
-                    factor_group_ = opt.groups().size() - 1;
-                }
-                group = factor_group_;
-            }
-            const Matrix<T>* bias = dense.has_bias() ? &dense.bias.value : nullptr;
-            auto low = LowRankLinear<T>::from_dense(l.name, dense.weight.value, r, bias);
-            ctx.replace_layer(slot, std::move(low), group);
-            l.factorized = true;
-            l.rank = r;
+            factorize(ctx, i, r);
             ctx.record(name(), l.name, "switch", l.d, r, "stable_rank", static_cast<double>(l.history.back()));
         }
         switched_ = true;
         switch_step_ = ctx.step;
         switch_epoch_ = ctx.epoch;
         ctx.rewarm(options_.rewarm_steps);
+    }
+
+    /// Replaces tracked layer i (dense) by the balanced rank-r split of its weight, the
+    /// factors in the Frobenius-decay group (created at the first factorized layer). With
+    /// `placeholder` (a restore, whose values the checkpoint overwrites) the factors are
+    /// only allocated: the same parameters and shapes without the SVD of a large weight.
+    void factorize(TrainingContext<T>& ctx, std::size_t i, Index r, bool placeholder = false) {
+        Optimizer<T>& opt = ctx.optimizer();
+        auto& l = layers_[i];
+        AnyLinear<T>& slot = *slots_[i];
+        const Linear<T>& dense = slot.template get<Linear<T>>();
+        std::optional<std::size_t> group;
+        if (options_.frobenius_decay > 0.0) {
+            if (!factor_group_) {
+                // The factors' lr follows the group their dense weight was in.
+                const double lr = opt.group(opt.group_of(dense.weight)).options.lr;
+                opt.add_group({}, GroupOptions{.lr = lr, .weight_decay = 0.0, .name = "cuttlefish.factors"});
+                factor_group_ = opt.groups().size() - 1;
+            }
+            group = factor_group_;
+        }
+        const Matrix<T>* bias = dense.has_bias() ? &dense.bias.value : nullptr;
+        if (placeholder) {
+            Rng scratch(0);
+            LowRankLinear<T> low(
+                l.name, dense.in_features(), dense.out_features(), scratch,
+                LowRankOptions{.rank = r, .bias = bias != nullptr, .init = LowRankInit::lora});
+            if (bias) low.bias.value = *bias;
+            ctx.replace_layer(slot, std::move(low), group);
+        } else {
+            ctx.replace_layer(slot, LowRankLinear<T>::from_dense(l.name, dense.weight.value, r, bias), group);
+        }
+        l.factorized = true;
+        l.rank = r;
     }
 
     /// Median forward time dense / low-rank on a batch of timing_tokens rows.

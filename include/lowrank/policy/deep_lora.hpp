@@ -31,12 +31,16 @@
 //    bases are exact only for fully observed targets, and a mini-batch gradient is noisy.
 
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/init.hpp>
 #include <lowrank/core/rng.hpp>
 #include <lowrank/nn/deep_low_rank_linear.hpp>
 #include <lowrank/policy/rank_policy.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
@@ -143,24 +147,111 @@ public:
             // Checked here, so that compress() cannot fail once the factors left the optimizer.
             check(grad_first.allFinite() && grad_last.allFinite(), "DeepLora", "layer '", st.name,
                   "' has a non-finite gradient at the first step; cannot compress");
-            ParameterList<T> wide;
-            for (auto& f : factors) wide.push_back(&f);
-            // Out of the optimizer (with their state) before they are destroyed.
-            const std::size_t group = opt.remove_parameters(wide).front();
-            const DeepCompressionInfo info = layer.compress(options_.rank, grad_first, grad_last);
-
-            ParameterList<T> inner;
-            for (std::size_t l = 1; l + 1 < factors.size(); ++l) inner.push_back(&factors[l]);
-            opt.add_to_group(group, inner);
-            if (options_.gamma == 0.0) layer.set_outer_trainable(false);
-            opt.add_to_group(outer_group(opt, group), layer.outer_parameters());
-
-            st.compressed = true;
-            st.output_side = info.output_side;
-            st.captured = info.captured;
+            const DeepCompressionInfo info = compress_layer(opt, st, grad_first, grad_last);
             ctx.record(name(), st.name, "compress", st.width, info.width, "grad_energy_top_r", info.captured);
         }
         done_ = true;
+    }
+
+    /// Whether the layers are compressed, the generator, the outer bases' optimizer groups
+    /// and per layer the wide width, compressed, the side the basis came from, the captured
+    /// gradient energy and the structure (the wide factors, or P, the 2r x 2r inner factors
+    /// and Q).
+    nlohmann::json state() const override {
+        nlohmann::json out = detail::policy_state_header(name());
+        out["compressed"] = done_;
+        out["rng"] = detail::rng_to_policy_state(rng_);
+        nlohmann::json groups = nlohmann::json::array();
+        for (const auto& [inner, outer] : outer_groups_)
+            groups.push_back({{"inner", inner}, {"outer", outer}});
+        out["outer_groups"] = groups;
+        nlohmann::json layers = nlohmann::json::array();
+        for (const LayerState& st : states_)
+            layers.push_back({{"name", st.name},
+                              {"width", st.width},
+                              {"compressed", st.compressed},
+                              {"output_side", st.output_side},
+                              {"captured", detail::optional_number(st.captured)},
+                              {"structure", detail::layer_structure(*st.slot)}});
+        out["layers"] = layers;
+        return out;
+    }
+
+    /// After the compression: compresses every layer again, in the same order and through
+    /// the same optimizer calls (so the groups and their order are the saved run's), from a
+    /// stand-in gradient: the values of P, Q and the inner factors are the checkpoint's to
+    /// load. Before it: only the generator and the checks.
+    void restore(TrainingContext<T>& ctx, const nlohmann::json& state) override {
+        check(!states_.empty(), "deeplora", "restore called before on_train_begin: convert the layers first");
+        check(!done_, "deeplora",
+              "restore expects the policy as on_train_begin left it, but it has compressed");
+        const auto r = detail::open_policy_state(name(), state);
+        const bool compressed = r.boolean("compressed");
+        const Rng::State rng = r.rng("rng");
+        std::map<std::size_t, std::size_t> groups;
+        const std::int64_t max = std::numeric_limits<std::int64_t>::max();
+        for (const auto& g : r.objects("outer_groups"))
+            groups.emplace(static_cast<std::size_t>(g.integer("inner", 0, max)),
+                           static_cast<std::size_t>(g.integer("outer", 0, max)));
+        std::vector<std::string> names;
+        for (const LayerState& st : states_) names.push_back(st.name);
+        const auto entries = detail::matched_layers(r, names);
+        std::vector<LayerState> saved = states_;
+        for (std::size_t i = 0; i < entries.size(); ++i) {
+            const auto& e = entries[i];
+            LayerState& st = saved[i];
+            const std::int64_t width = e.integer("width");
+            if (width != st.width)
+                e.error("expected width ", st.width, " (this policy's options), got ", width);
+            st.compressed = e.boolean("compressed");
+            st.output_side = e.boolean("output_side");
+            st.captured = e.number("captured");
+            if (st.compressed != compressed)
+                e.error("compressed is ", st.compressed ? "true" : "false", " but the policy's is ",
+                        compressed ? "true" : "false");
+            const bool output_side = st.slot->out_features() > st.slot->in_features();
+            if (compressed && st.output_side != output_side)
+                e.error("expected output_side ", output_side ? "true" : "false", " for a ",
+                        shape_string(st.slot->out_features(), st.slot->in_features()), " layer, got ",
+                        st.output_side ? "true" : "false");
+        }
+        if (compressed && !options_.compress)
+            r.error("the state is compressed, but this policy's option compress is off");
+        if (compressed) {
+            Optimizer<T>& opt = ctx.optimizer();
+            // A fixed full-rank stand-in for the first step's gradient: any one gives the same
+            // shapes, parameters and groups.
+            Rng scratch(0x5eed);
+            for (LayerState& st : states_) {
+                auto& factors = st.slot->template get<DeepLowRankLinear<T>>().factors();
+                Matrix<T> g_first(factors.front().rows(), factors.front().cols());
+                Matrix<T> g_last(factors.back().rows(), factors.back().cols());
+                init::normal<T>(g_first, scratch);
+                init::normal<T>(g_last, scratch);
+                compress_layer(opt, st, g_first, g_last);
+            }
+            if (outer_groups_ != groups) {
+                const auto show = [](const std::map<std::size_t, std::size_t>& m) {
+                    std::string out;
+                    for (const auto& [inner, outer] : m)
+                        out += (out.empty() ? "" : ", ") + std::to_string(inner) + " -> " +
+                               std::to_string(outer);
+                    return "{" + out + "}";
+                };
+                throw Error(detail::concat("deeplora: restore: expected the outer bases' groups ",
+                                           show(groups), " (saved, factor group -> outer group), got ",
+                                           show(outer_groups_),
+                                           ": the optimizer's groups differ from the saved run's"));
+            }
+        } else if (!groups.empty()) {
+            r.error("outer_groups must be empty before the compression, got ", groups.size(), " entries");
+        }
+        for (std::size_t i = 0; i < entries.size(); ++i) {
+            states_[i] = saved[i];
+            detail::check_layer_structure(entries[i], *states_[i].slot);
+        }
+        done_ = compressed;
+        rng_.set_state(rng);
     }
 
     const DeepLoraOptions& options() const { return options_; }
@@ -177,6 +268,31 @@ public:
     const std::map<std::size_t, std::size_t>& outer_groups() const { return outer_groups_; }
 
 private:
+    /// Swaps st's wide factors for the compressed form built from the two gradients: the
+    /// wide factors leave the optimizer (with their state), the inner factors join their
+    /// group, P^T and Q the outer group (frozen when gamma = 0).
+    DeepCompressionInfo compress_layer(Optimizer<T>& opt, LayerState& st, const Matrix<T>& grad_first,
+                                       const Matrix<T>& grad_last) {
+        auto& layer = st.slot->template get<DeepLowRankLinear<T>>();
+        auto& factors = layer.factors();
+        ParameterList<T> wide;
+        for (auto& f : factors) wide.push_back(&f);
+        // Out of the optimizer (with their state) before they are destroyed.
+        const std::size_t group = opt.remove_parameters(wide).front();
+        const DeepCompressionInfo info = layer.compress(options_.rank, grad_first, grad_last);
+
+        ParameterList<T> inner;
+        for (std::size_t l = 1; l + 1 < factors.size(); ++l) inner.push_back(&factors[l]);
+        opt.add_to_group(group, inner);
+        if (options_.gamma == 0.0) layer.set_outer_trainable(false);
+        opt.add_to_group(outer_group(opt, group), layer.outer_parameters());
+
+        st.compressed = true;
+        st.output_side = info.output_side;
+        st.captured = info.captured;
+        return info;
+    }
+
     Index width_for(const AnyLinear<T>& l) const {
         return options_.width > 0 ? options_.width : std::min(l.in_features(), l.out_features());
     }

@@ -46,6 +46,8 @@
 #include <lowrank/nn/incremental_rank_linear.hpp>
 #include <lowrank/policy/rank_policy.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -216,6 +218,98 @@ public:
         if (stage_ == 1 && options_.two_stage && options_.stage1_steps == 0 &&
             ctx.epoch + 1 >= options_.stage1_epochs)
             truncate_all(ctx);
+    }
+
+    /// The stage, the checks run, the last step seen, the generator and, per layer, its
+    /// rank, buffer, capacity, last explained ratio and structure (active columns or the
+    /// truncated shapes).
+    nlohmann::json state() const override {
+        nlohmann::json out = detail::policy_state_header(name());
+        out["stage"] = stage_;
+        out["checks"] = checks_;
+        out["last_step"] = last_step_;
+        out["rng"] = detail::rng_to_policy_state(rng_);
+        nlohmann::json layers = nlohmann::json::array();
+        for (std::size_t i = 0; i < layers_.size(); ++i) {
+            const InRankLayerState& st = layers_[i];
+            layers.push_back({{"name", st.name},
+                              {"rank", st.rank},
+                              {"buffer", st.buffer},
+                              {"capacity", st.capacity},
+                              {"explained_ratio", detail::optional_number(st.explained_ratio)},
+                              {"structure", detail::layer_structure(*slots_[i])}});
+        }
+        out["layers"] = layers;
+        return out;
+    }
+
+    /// Stage 1: activates the saved rank + buffer columns of each layer; stage 2: cuts each
+    /// layer to its saved rank (the truncation's shapes). Every value is checked first.
+    void restore(TrainingContext<T>& ctx, const nlohmann::json& state) override {
+        constexpr std::string_view what = "inrank";
+        check(!slots_.empty(), what, "restore called before on_train_begin: convert the layers first");
+        check(stage_ == 1 && checks_ == 0, what,
+              "restore expects the policy as on_train_begin left it, but it has already trained (stage ",
+              stage_, ", ", checks_, " checks)");
+        const auto r = detail::open_policy_state(name(), state);
+        const auto stage = static_cast<int>(r.integer("stage", 1, 2));
+        const std::int64_t checks = r.integer("checks", 0, std::numeric_limits<std::int64_t>::max());
+        const std::int64_t last_step = r.integer("last_step", -1, std::numeric_limits<std::int64_t>::max());
+        const Rng::State rng = r.rng("rng");
+        std::vector<std::string> names;
+        for (const auto& l : layers_) names.push_back(l.name);
+        const auto entries = detail::matched_layers(r, names);
+        std::vector<InRankLayerState> saved(layers_.size());
+        for (std::size_t i = 0; i < entries.size(); ++i) {
+            const auto& e = entries[i];
+            const InRankLayerState& now = layers_[i];  // as planned by on_train_begin
+            InRankLayerState& s = saved[i];
+            s.name = now.name;
+            s.rank = e.integer("rank", 1, std::numeric_limits<Index>::max());
+            s.buffer = e.integer("buffer", 0, std::numeric_limits<Index>::max());
+            s.capacity = e.integer("capacity", 1, std::numeric_limits<Index>::max());
+            s.explained_ratio = e.number("explained_ratio");
+            if (stage == 1) {
+                // The plan depends on the options and the shape only: it must be the saved one.
+                if (s.buffer != now.buffer || s.capacity != now.capacity)
+                    e.error("expected buffer ", now.buffer, " and capacity ", now.capacity,
+                            " (this policy's options on this layer), got buffer ", s.buffer, " and capacity ",
+                            s.capacity);
+                if (s.rank < options_.initial_rank || s.rank > s.capacity - s.buffer - 1)
+                    e.error("expected a rank in [initial_rank = ", options_.initial_rank,
+                            ", capacity - buffer - 1 = ", s.capacity - s.buffer - 1, "], got ", s.rank);
+            } else {
+                if (s.buffer != 0 || s.capacity != s.rank)
+                    e.error("after the truncation expected buffer 0 and capacity = rank, got rank ", s.rank,
+                            ", buffer ", s.buffer, ", capacity ", s.capacity);
+                if (s.rank > now.capacity - now.buffer - 1)
+                    e.error("expected a rank in [1, capacity - buffer - 1 = ", now.capacity - now.buffer - 1,
+                            "], got ", s.rank);
+            }
+        }
+        // Everything read and checked: reshape.
+        for (std::size_t i = 0; i < layers_.size(); ++i) {
+            IncrementalRankLinear<T>& l = layer_at(i);
+            const InRankLayerState& s = saved[i];
+            const Index active = stage == 1 ? s.rank + s.buffer : std::max(l.rank(), s.rank);
+            if (active > l.rank()) {
+                l.grow(active);
+                ctx.optimizer().carry_state(l.U, StateCarry::grow());
+                ctx.optimizer().carry_state(l.V, StateCarry::grow());
+            }
+            if (stage == 2) {
+                l.truncate(s.rank);
+                ctx.optimizer().carry_state(l.U, StateCarry::slice());
+                ctx.optimizer().carry_state(l.V, StateCarry::slice());
+            }
+            layers_[i] = s;
+        }
+        for (std::size_t i = 0; i < entries.size(); ++i)
+            detail::check_layer_structure(entries[i], *slots_[i]);
+        stage_ = stage;
+        checks_ = checks;
+        last_step_ = last_step;
+        rng_.set_state(rng);
     }
 
     const InRankOptions& options() const { return options_; }

@@ -29,6 +29,8 @@
 #include <lowrank/nn/low_rank_linear.hpp>
 #include <lowrank/policy/rank_policy.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -121,6 +123,28 @@ public:
     /// A's distribution: PyTorch's nn.Linear default, U(±1/√in), as loralib and PEFT draw it.
     void draw_v(Matrix<T>& v) { init::linear_default<T>(v, rng_, v.rows()); }
 
+    /// The shared part of a policy state: the generator and each converted layer.
+    void save(nlohmann::json& out) const {
+        out["rng"] = detail::rng_to_policy_state(rng_);
+        nlohmann::json layers = nlohmann::json::array();
+        for (AnyLinear<T>* slot : layers_)
+            layers.push_back(
+                {{"name", slot->name()}, {"rank", options_.rank}, {"structure", layer_structure(*slot)}});
+        out["layers"] = layers;
+    }
+
+    /// Checks the shared part of a saved state against the converted layers (the rank and
+    /// scale do not change after the start, so their structure must already match) and
+    /// returns the saved generator state. Changes nothing.
+    Rng::State check_saved(const PolicyStateReader& state) const {
+        check(started_, policy_, "restore called before on_train_begin: convert the layers first");
+        std::vector<std::string> names;
+        for (const AnyLinear<T>* slot : layers_) names.push_back(slot->name());
+        const auto entries = matched_layers(state, names);
+        for (std::size_t i = 0; i < entries.size(); ++i) check_layer_structure(entries[i], *layers_[i]);
+        return state.rng("rng");
+    }
+
 private:
     FixedOptions options_;
     std::string policy_;
@@ -140,6 +164,20 @@ public:
     std::string_view name() const override { return "lora"; }
 
     void on_train_begin(TrainingContext<T>& ctx) override { adapters_.convert(ctx); }
+
+    /// The generator of the V draws and each converted layer's structure.
+    nlohmann::json state() const override {
+        nlohmann::json out = detail::policy_state_header(name());
+        adapters_.save(out);
+        return out;
+    }
+
+    /// Nothing to reshape (the rank is fixed from the start): checks the layers, takes the
+    /// generator back.
+    void restore(TrainingContext<T>&, const nlohmann::json& state) override {
+        const auto r = detail::open_policy_state(name(), state);
+        adapters_.rng().set_state(adapters_.check_saved(r));
+    }
 
     const FixedOptions& options() const { return adapters_.options(); }
     Index rank() const { return adapters_.rank(); }

@@ -33,10 +33,13 @@
 #include <lowrank/policy/lora.hpp>
 #include <lowrank/policy/rank_policy.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string_view>
 #include <utility>
@@ -105,6 +108,28 @@ public:
     std::string_view name() const override { return "relora"; }
 
     void on_train_begin(TrainingContext<T>& ctx) override { adapters_.convert(ctx); }
+
+    /// The restarts done, the step of the last one, the generator of the V draws and each
+    /// converted layer's structure.
+    nlohmann::json state() const override {
+        nlohmann::json out = detail::policy_state_header(name());
+        out["restarts"] = restarts_;
+        out["last_restart"] = last_restart_;
+        adapters_.save(out);
+        return out;
+    }
+
+    /// Nothing to reshape (a restart keeps every shape): checks the layers, takes the
+    /// counters and the generator back.
+    void restore(TrainingContext<T>&, const nlohmann::json& state) override {
+        const auto r = detail::open_policy_state(name(), state);
+        const std::int64_t restarts = r.integer("restarts", 0, std::numeric_limits<std::int64_t>::max());
+        const std::int64_t last = r.integer("last_restart", -1, std::numeric_limits<std::int64_t>::max());
+        const Rng::State rng = adapters_.check_saved(r);
+        restarts_ = restarts;
+        last_restart_ = last;
+        adapters_.rng().set_state(rng);
+    }
 
     /// Restarts when the optimizer steps taken so far are a positive multiple of `period`.
     void after_step(TrainingContext<T>& ctx) override {

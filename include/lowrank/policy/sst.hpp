@@ -36,10 +36,13 @@
 #include <lowrank/nn/spectral_linear.hpp>
 #include <lowrank/policy/rank_policy.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <span>
 #include <string>
@@ -208,7 +211,7 @@ public:
             const Index d = l.full_rank();
             const Index t2 = options_.round_iterations > 0 ? options_.round_iterations
                                                            : (d + options_.rank - 1) / options_.rank;
-            layers_.push_back(Entry{&slot, t2});
+            layers_.push_back(Entry{&slot, t2, {}});
             ctx.record(name(), l.name(), "init", old_rank, l.rank(), "trainable_share",
                        static_cast<double>(l.trainable_count()) / old_count);
         }
@@ -224,7 +227,8 @@ public:
         for (std::size_t i = 0; i < layers_.size(); ++i) {
             auto& l = layer(i);
             const auto p = sst_probabilities<T>(l.sigma.value, options_.sampling);
-            const auto changed = l.activate(sst_sample(p, l.active_rank(), rng_));
+            layers_[i].sampled = sst_sample(p, l.active_rank(), rng_);
+            const auto changed = l.activate(layers_[i].sampled);
             carry_activation(ctx.optimizer(), l, changed);
             ctx.record(name(), l.name(), "sample", l.rank(), l.rank(), "sigma_mass_active", sigma_mass_active(l));
         }
@@ -253,7 +257,76 @@ public:
         }
     }
 
+    /// The sampler's generator, the steps of the last sampling and the last round check,
+    /// and per layer d, r, T2, the positions drawn at the last iteration start and the
+    /// structure. The active set itself needs no more: the layer keeps the active pairs in
+    /// their own block, so it is in the parameter values (U_active, V_active, sigma, ...).
+    nlohmann::json state() const override {
+        nlohmann::json out = detail::policy_state_header(name());
+        out["rng"] = detail::rng_to_policy_state(rng_);
+        out["last_sample_step"] = last_sample_step_;
+        out["last_round_step"] = last_round_step_;
+        nlohmann::json layers = nlohmann::json::array();
+        for (const Entry& e : layers_) {
+            const auto& l = e.slot->template get<SpectralLinear<T>>();
+            layers.push_back({{"name", l.name()},
+                              {"d", l.full_rank()},
+                              {"active_rank", l.active_rank()},
+                              {"round_iterations", e.round_iterations},
+                              {"sampled", e.sampled},
+                              {"structure", detail::layer_structure(*e.slot)}});
+        }
+        out["layers"] = layers;
+        return out;
+    }
+
+    /// Nothing to reshape (the active block has r columns throughout): checks the layers,
+    /// takes the generator, the step counters and the last draws back.
+    void restore(TrainingContext<T>&, const nlohmann::json& state) override {
+        check(!layers_.empty(), "sst", "restore called before on_train_begin: convert the layers first");
+        const auto r = detail::open_policy_state(name(), state);
+        const Rng::State rng = r.rng("rng");
+        const std::int64_t max = std::numeric_limits<std::int64_t>::max();
+        const std::int64_t sample_step = r.integer("last_sample_step", -1, max);
+        const std::int64_t round_step = r.integer("last_round_step", -1, max);
+        std::vector<std::string> names;
+        for (const Entry& e : layers_) names.push_back(e.slot->name());
+        const auto entries = detail::matched_layers(r, names);
+        std::vector<std::vector<Index>> sampled(layers_.size());
+        for (std::size_t i = 0; i < entries.size(); ++i) {
+            const auto& e = entries[i];
+            const auto& l = layer(i);
+            const Index d = l.full_rank(), rank = l.active_rank();
+            const std::int64_t saved_d = e.integer("d"), saved_r = e.integer("active_rank");
+            if (saved_d != d || saved_r != rank)
+                e.error("expected d = ", d, " and active_rank = ", rank, ", got d = ", saved_d,
+                        " and active_rank = ", saved_r);
+            const std::int64_t t2 = e.integer("round_iterations");
+            if (t2 != layers_[i].round_iterations)
+                e.error("expected round_iterations (T2) = ", layers_[i].round_iterations,
+                        " (this policy's options on this layer), got ", t2);
+            std::vector<char> seen(static_cast<std::size_t>(d), 0);
+            for (const std::int64_t p : e.integers("sampled")) {
+                if (p < 0 || p >= d || seen[static_cast<std::size_t>(p)])
+                    e.error("expected distinct sampled positions in [0, ", d, "), got ", p);
+                seen[static_cast<std::size_t>(p)] = 1;
+                sampled[i].push_back(p);
+            }
+            if (!sampled[i].empty() && static_cast<Index>(sampled[i].size()) != rank)
+                e.error("expected ", rank, " sampled positions (or none before the first draw), got ",
+                        sampled[i].size());
+            detail::check_layer_structure(e, *layers_[i].slot);
+        }
+        for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].sampled = std::move(sampled[i]);
+        last_sample_step_ = sample_step;
+        last_round_step_ = round_step;
+        rng_.set_state(rng);
+    }
+
     const SstOptions& options() const { return options_; }
+    /// The positions drawn for layer i at the last iteration start, in draw order and in the
+    /// layer's storage order before that activation (empty before the first).
+    const std::vector<Index>& sampled(std::size_t i) const { return layers_.at(i).sampled; }
     /// The layers this policy trains, in model order (valid after on_train_begin).
     std::size_t num_layers() const { return layers_.size(); }
     SpectralLinear<T>& layer(std::size_t i) { return layers_.at(i).slot->template get<SpectralLinear<T>>(); }
@@ -286,6 +359,7 @@ private:
     struct Entry {
         AnyLinear<T>* slot;
         std::int64_t round_iterations;
+        std::vector<Index> sampled;  // the positions drawn at the last iteration start
     };
 
     /// The optimizer side of SpectralLinear::activate: newly active U/V columns start from
