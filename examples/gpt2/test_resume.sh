@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# ctest gpt2/resume_is_exact: a run interrupted (--stop-at) and resumed (--resume) must end
+# exactly where the uninterrupted run ends: the same evaluation lines (all but the timing
+# field) and a byte-identical final checkpoint.
+#   test_resume.sh LOWRANK_GPT2 LOWRANK_TOKENIZE VOCAB_DIR TEXT_FILE WORK_DIR
+set -euo pipefail
+gpt2="$(realpath "$1")" tokenize="$(realpath "$2")" vocab="$(realpath "$3")" text="$(realpath "$4")" work="$5"
+[[ -f "$vocab/encoder.json" ]] || { echo "missing $vocab/encoder.json: run scripts/setup.sh" >&2; exit 1; }
+rm -rf "$work"
+mkdir -p "$work"
+cd "$work"
+"$tokenize" --vocab "$vocab" --out text --val-fraction 0.2 "$text" > tokenize.json
+
+for method in dense lora sst inrank; do
+    # SST starts an iteration every 2 steps; InRank checks its ranks every 2 steps from step 2.
+    common=(--config mini --batch 2 --context 16 --steps 8 --eval-every 2 --eval-windows 4 --warmup-steps 2
+            --method "$method" --rank 8 --seed 3 --threads 1 --data text --quiet
+            --sst-iteration-steps 2 --sst-rewarm 1 --inrank-warmup 2 --inrank-gap 2)
+    "$gpt2" "${common[@]}" --log whole.jsonl --save whole.safetensors --rank-log whole.ranks > whole.out
+    "$gpt2" "${common[@]}" --log split.jsonl --save split.safetensors --rank-log split.ranks --stop-at 3 > first.out
+    "$gpt2" "${common[@]}" --log split.jsonl --save split.safetensors --rank-log split.ranks \
+        --resume split.safetensors > second.out
+    strip() { sed -E 's/"tokens_per_second":[^,}]*//' "$1"; }
+    if ! diff <(strip whole.jsonl) <(strip split.jsonl); then
+        echo "$method: the resumed run's evaluation lines differ from the uninterrupted run's" >&2
+        exit 1
+    fi
+    if ! cmp whole.safetensors split.safetensors; then
+        echo "$method: the resumed run's final checkpoint differs from the uninterrupted run's" >&2
+        exit 1
+    fi
+    echo "$method: $(wc -l < whole.jsonl) evaluation lines and the final checkpoint identical after a resume at step 3"
+done
