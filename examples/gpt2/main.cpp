@@ -123,23 +123,35 @@ void rank_log_from_json(const Json& j, lowrank::RankLog& log) {
                                    e.at("value").is_null() ? std::nan("") : e.at("value").get<double>()});
 }
 
-// Mean loss over the first eval_windows non-overlapping windows of the stream.
-double evaluate(Model& model, lowrank::Graph<float>& graph, const lowrank::TokenWindows& data,
-                lowrank::Index max_windows) {
+// Mean loss over `windows` windows of T + 1 tokens spread evenly over the whole stream
+// (the first windows alone would all come from one document), in batches of B.
+double evaluate(Model& model, lowrank::Graph<float>& graph, std::span<const std::uint16_t> tokens, lowrank::Index batch,
+                lowrank::Index context, lowrank::Index windows, std::vector<std::int32_t>& x, std::vector<std::int32_t>& y) {
+    const auto T = static_cast<std::size_t>(context);
+    const std::size_t last_start = tokens.size() - T - 1;  // >= 0: TokenWindows checked the length
+    const auto K = static_cast<std::size_t>(windows);
     graph.set_grad_enabled(false);
     graph.set_training(false);
     double sum = 0.0;
-    lowrank::Index rows_total = 0;
-    data.for_each_sequential_batch(max_windows, [&](std::span<const std::int32_t> x, std::span<const std::int32_t> y,
-                                                    lowrank::Index rows) {
+    for (std::size_t first = 0; first < K; first += static_cast<std::size_t>(batch)) {
+        const std::size_t rows = std::min(static_cast<std::size_t>(batch), K - first);
+        x.resize(rows * T);
+        y.resize(rows * T);
+        for (std::size_t r = 0; r < rows; ++r) {
+            const std::size_t w = first + r;
+            const std::size_t start = K > 1 ? w * last_start / (K - 1) : 0;
+            for (std::size_t t = 0; t < T; ++t) {
+                x[r * T + t] = tokens[start + t];
+                y[r * T + t] = tokens[start + t + 1];
+            }
+        }
         graph.clear();
-        const auto loss = model.loss(graph, x, y, rows, data.context());
+        const auto loss = model.loss(graph, x, y, static_cast<lowrank::Index>(rows), context);
         sum += static_cast<double>(loss.item()) * static_cast<double>(rows);
-        rows_total += rows;
-    });
+    }
     graph.set_grad_enabled(true);
     graph.set_training(true);
-    return rows_total > 0 ? sum / static_cast<double>(rows_total) : std::nan("");
+    return sum / static_cast<double>(K);
 }
 
 // Samples n tokens after `prompt` with temperature and top-k, recomputing the forward
@@ -297,7 +309,7 @@ int run(Config cfg) {
                      step > 0 ? (", resuming at step " + std::to_string(step)).c_str() : "");
 
     lowrank::ProgressBar bar(lowrank::ProgressOptions{.enabled = !cfg.quiet});
-    std::vector<std::int32_t> x, y;
+    std::vector<std::int32_t> x, y, ex, ey;
     const lowrank::Index tokens_per_step = cfg.batch * cfg.context;
     double train_seconds = 0.0, eval_seconds = 0.0, lr_now = 0.0, val_loss = std::nan("");
     double last_train_loss = std::nan("");
@@ -337,7 +349,7 @@ int run(Config cfg) {
             last_train_loss = interval_loss / static_cast<double>(interval_steps);
             if (step % cfg.eval_every == 0) policies.on_epoch_end(ctx);
             const auto eval_start = Clock::now();
-            val_loss = evaluate(model, graph, val, cfg.eval_windows);
+            val_loss = evaluate(model, graph, val.tokens(), cfg.batch, cfg.context, cfg.eval_windows, ex, ey);
             eval_seconds += seconds_since(eval_start);
             const double tps = static_cast<double>((step - interval_first_step) * tokens_per_step) / seconds;
             bar.clear();
@@ -368,7 +380,7 @@ int run(Config cfg) {
             save(cfg.save);
     }
     bar.finish();
-    if (step == first_step) val_loss = evaluate(model, graph, val, cfg.eval_windows);  // nothing left to train
+    if (step == first_step) val_loss = evaluate(model, graph, val.tokens(), cfg.batch, cfg.context, cfg.eval_windows, ex, ey);  // nothing left to train
 
     if (cfg.sample > 0) {
         const auto tok = lowrank::Gpt2Tokenizer::from_dir(cfg.vocab);
@@ -440,7 +452,7 @@ int main(int argc, char** argv) {
     app.add_option("--eval-every", cfg.eval_every, "Steps between validation evaluations")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
-    app.add_option("--eval-windows", cfg.eval_windows, "Validation windows of T tokens per evaluation")
+    app.add_option("--eval-windows", cfg.eval_windows, "Validation windows of T tokens per evaluation, spread evenly over the validation stream")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
     app.add_option("--threads", cfg.threads, "Threads for GEMM and kernels")->check(CLI::Range(1, 1024))->capture_default_str();
