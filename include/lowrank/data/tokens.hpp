@@ -7,12 +7,12 @@
 // next-token targets) drawn with lowrank::Rng, whose state a checkpoint saves, and into a
 // deterministic sequence of non-overlapping windows for evaluation.
 
+#include <lowrank/core/atomic_file.hpp>
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/rng.hpp>
 #include <lowrank/core/types.hpp>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -24,8 +24,6 @@
 #include <utility>
 #include <vector>
 
-#include <fcntl.h>
-#include <unistd.h>
 
 namespace lowrank {
 
@@ -44,32 +42,7 @@ inline void write_tokens(const std::filesystem::path& path, std::span<const std:
         bytes[2 * k] = static_cast<unsigned char>(id & 0xFF);
         bytes[2 * k + 1] = static_cast<unsigned char>((id >> 8) & 0xFF);
     }
-    static std::atomic<std::uint64_t> counter{0};
-    const std::string temp = detail::concat(path.string(), ".tmp-", ::getpid(), "-", counter++);
-    std::FILE* f = std::fopen(temp.c_str(), "wbx");  // x: never clobber someone else's file
-    if (f == nullptr)
-        throw Error(
-            detail::concat(where, ": cannot create the temporary file '", temp, "': ", std::strerror(errno)));
-    const auto fail = [&](const char* doing) {
-        const int err = errno;
-        if (f != nullptr) std::fclose(f);
-        std::remove(temp.c_str());
-        throw Error(detail::concat(where, ": ", doing, " '", temp, "' failed: ", std::strerror(err)));
-    };
-    if (!bytes.empty() && std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size()) fail("writing");
-    if (std::fflush(f) != 0) fail("flushing");
-    if (::fsync(::fileno(f)) != 0) fail("syncing");
-    const int closed = std::fclose(f);
-    f = nullptr;
-    if (closed != 0) fail("closing");
-    if (std::rename(temp.c_str(), path.c_str()) != 0) fail("renaming to the target");
-    const std::filesystem::path dir =
-        path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-    if (dfd >= 0) {  // make the rename durable; failing here loses nothing written
-        ::fsync(dfd);
-        ::close(dfd);
-    }
+    write_file_atomically(path, "write_tokens", [&](const auto& put) { put(bytes.data(), bytes.size()); });
 }
 
 /// Reads a token file written by write_tokens. Throws FormatError for a missing or

@@ -13,13 +13,13 @@
 // The writer replaces its target atomically (temp file, flush, fsync, rename), so a crash
 // never leaves a half-written file under the final name.
 
+#include <lowrank/core/atomic_file.hpp>
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/types.hpp>
 
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cerrno>
 #include <cmath>
@@ -37,8 +37,6 @@
 #include <utility>
 #include <vector>
 
-#include <fcntl.h>
-#include <unistd.h>
 
 namespace lowrank {
 
@@ -429,39 +427,10 @@ public:
     /// untouched.
     void write(const std::string& path) const {
         std::vector<std::uint8_t> head = header_bytes();
-        const std::filesystem::path target(path);
-        const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : std::filesystem::path(".");
-        static std::atomic<std::uint64_t> counter{0};
-        const std::string temp = detail::concat(path, ".tmp-", ::getpid(), "-", counter++);
-
-        std::FILE* f = std::fopen(temp.c_str(), "wbx");  // x: never clobber someone else's file
-        if (f == nullptr)
-            throw Error(detail::concat("SafetensorsWriter::write: '", path, "': cannot create the temporary file '",
-                                       temp, "': ", std::strerror(errno)));
-        auto fail = [&](const char* doing) {
-            const int err = errno;
-            if (f) std::fclose(f);
-            std::remove(temp.c_str());
-            throw Error(detail::concat("SafetensorsWriter::write: '", path, "': ", doing, " '", temp,
-                                       "' failed: ", std::strerror(err)));
-        };
-        auto put = [&](const std::uint8_t* data, std::size_t size) {
-            if (size != 0 && std::fwrite(data, 1, size, f) != size) fail("writing");
-        };
-        put(head.data(), head.size());
-        for (const auto& t : tensors_) put(t.bytes.data(), t.bytes.size());
-        if (std::fflush(f) != 0) fail("flushing");
-        if (::fsync(::fileno(f)) != 0) fail("syncing");
-        const int closed = std::fclose(f);
-        f = nullptr;
-        if (closed != 0) fail("closing");
-        if (std::rename(temp.c_str(), path.c_str()) != 0) fail("renaming to the target");
-        // Make the rename itself durable; a failure here loses nothing already written.
-        const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-        if (dfd >= 0) {
-            ::fsync(dfd);
-            ::close(dfd);
-        }
+        write_file_atomically(path, "SafetensorsWriter::write", [&](const auto& put) {
+            put(head.data(), head.size());
+            for (const auto& t : tensors_) put(t.bytes.data(), t.bytes.size());
+        });
     }
 
 private:

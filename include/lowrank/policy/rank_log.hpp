@@ -3,6 +3,7 @@
 // low rank, a restart, a re-SVD, a compression), with the statistic that decided it. Kept
 // in memory for tests and plots, written out as JSON lines.
 
+#include <lowrank/core/atomic_file.hpp>
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/types.hpp>
 #include <lowrank/train/metrics_log.hpp>
@@ -11,9 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <string>
-#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -62,20 +61,15 @@ public:
         return line;
     }
 
-    /// Writes every event as one JSON line, to a temporary file renamed over `path` at
-    /// the end, so a reader never sees a half-written log.
+    /// Writes every event as one JSON line, atomically (write_file_atomically), so a reader
+    /// never sees a half-written log.
     void write_jsonl(const std::filesystem::path& path) const {
-        const std::filesystem::path tmp = path.string() + ".tmp";
-        {
-            std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-            check(out.good(), "RankLog", "cannot open '", tmp.string(), "' for writing");
-            for (const auto& e : events_) out << to_json(e).str() << '\n';
-            out.flush();
-            check(out.good(), "RankLog", "writing '", tmp.string(), "' failed");
-        }
-        std::error_code ec;
-        std::filesystem::rename(tmp, path, ec);
-        check(!ec, "RankLog", "cannot rename '", tmp.string(), "' to '", path.string(), "': ", ec.message());
+        write_file_atomically(path, "RankLog::write_jsonl", [&](const auto& put) {
+            for (const auto& e : events_) {
+                const std::string line = to_json(e).str() + '\n';
+                put(line.data(), line.size());
+            }
+        });
     }
 
 private:
