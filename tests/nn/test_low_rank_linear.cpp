@@ -78,7 +78,7 @@ TEST_CASE("LowRankLinear one-pass backward equals the GEMM composition", "[nn][g
         const auto [u1, v1, b1, x1] = grads(64);
         CHECK((u0 - u1).norm() <= 1e-12 * u0.norm());
         CHECK((v0 - v1).norm() <= 1e-12 * v0.norm());
-        CHECK((b0 - b1).norm() == 0.0);
+        CHECK((b0 - b1).norm() <= 1e-12 * b0.norm());  // the one-pass path sums db tile by tile
         CHECK((x0 - x1).norm() <= 1e-12 * x0.norm());
         check_gradients(l, 300);
     }

@@ -86,6 +86,17 @@ void ensure_shape(Matrix<T>& m, Index rows, Index cols) {
     if (m.rows() != rows || m.cols() != cols) m.resize(rows, cols);
 }
 
+/// out.row(0) += the column sums of `m` (any row-major matrix expression, e.g. dy or
+/// dy.cwiseProduct(xhat)): one pass over m, a row at a time. Every bias gradient goes
+/// through here. Eigen 3.4's `m.colwise().sum()` of a row-major matrix reduces one strided
+/// column at a time and ran at a seventh of memory speed (docs/performance.md, "Where a
+/// low-rank step's time goes"); adding whole rows is contiguous and vectorised.
+template <class Out, class Expr>
+void add_column_sums(Out& out, const Eigen::MatrixBase<Expr>& m) {
+    auto acc = out.row(0);
+    for (Index i = 0; i < m.rows(); ++i) acc += m.row(i);
+}
+
 }  // namespace detail
 
 template <class T>

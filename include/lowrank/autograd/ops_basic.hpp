@@ -30,7 +30,7 @@ struct AddNode final : Node<T> {
         if (a->requires_grad) *a->grad += this->dout;
         if (b->requires_grad) {
             if (broadcast_b)
-                *b->grad += sign_b * this->dout.colwise().sum();
+                add_column_sums(*b->grad, sign_b * this->dout);
             else
                 *b->grad += sign_b * this->dout;
         }

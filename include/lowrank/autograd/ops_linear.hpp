@@ -16,7 +16,7 @@ struct LinearNode final : Node<T> {
         const auto& dy = this->dout;
         if (x->requires_grad) x->grad->noalias() += dy * *w->value;
         if (w->requires_grad) w->grad->noalias() += dy.transpose() * *x->value;
-        if (b && b->requires_grad) *b->grad += dy.colwise().sum();
+        if (b && b->requires_grad) add_column_sums(*b->grad, dy);
     }
 };
 

@@ -41,8 +41,8 @@ struct LayerNormNode final : Node<T> {
                     dx(i, j) += rstd(i) * (dy(i, j) * gv(0, j) - mean_d - xhat(i, j) * mean_dx);
             });
         }
-        if (gamma->requires_grad) gamma->grad->noalias() += (dy.cwiseProduct(xhat)).colwise().sum();
-        if (beta && beta->requires_grad) *beta->grad += dy.colwise().sum();
+        if (gamma->requires_grad) add_column_sums(*gamma->grad, dy.cwiseProduct(xhat));
+        if (beta && beta->requires_grad) add_column_sums(*beta->grad, dy);
     }
 };
 

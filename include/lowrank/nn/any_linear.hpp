@@ -93,7 +93,7 @@ private:
 };
 
 /// A model's linear layer as a rank policy sees it: the slot and the role the model gives
-/// it ("hidden", "output" in an Mlp; "attn.qkv", "attn.proj", "mlp.fc", "mlp.proj" in GPT-2).
+/// it ("hidden", "output" in an Mlp; "attn_qkv", "attn_proj", "mlp_fc", "mlp_proj" in Gpt2).
 template <class T>
 struct LayerSlot {
     AnyLinear<T>* layer = nullptr;

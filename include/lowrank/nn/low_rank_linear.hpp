@@ -50,9 +50,10 @@ inline Index& low_rank_one_pass_max_rank() {
 /// GEMMs, each at full efficiency. At small r those GEMMs are bound by memory traffic
 /// (each streams an N x m or N x n matrix for only 2r FLOPs per element) and the plain
 /// composition reads dy twice and x once more; the one-pass path walks the tokens in
-/// tiles that stay in cache and does all four products per tile, so dy and x are read
-/// once. Tiles are split statically over threads and the per-thread dU, dV partial sums
-/// are added in thread order: results are reproducible for a given thread count.
+/// tiles that stay in cache and does all four products and the bias gradient per tile, so
+/// dy and x are read once. Tiles are split statically over threads and the per-thread dU,
+/// dV, db partial sums are added in thread order: results are reproducible for a given
+/// thread count.
 template <class T>
 struct LowRankLinearNode final : Node<T> {
     Node<T>* x = nullptr;   // (N x n)
@@ -64,18 +65,19 @@ struct LowRankLinearNode final : Node<T> {
     Index k = 0;    // active columns of U and V (all of them unless the layer has capacity)
     Matrix<T> xv;   // x V
     Matrix<T> dxv;  // s dy U, the gradient reaching x V
-    std::vector<Matrix<T>> du_part, dv_part;  // per-thread partial sums (one-pass path)
+    std::vector<Matrix<T>> du_part, dv_part, db_part;  // per-thread partial sums (one-pass path)
 
     static constexpr Index kTile = 64;  // tokens per tile: 64 rows of dy and x fit in L2
 
     void backward() override {
         const bool one_pass = k <= low_rank_one_pass_max_rank() && this->dout.rows() >= 2 * kTile;
-        if (one_pass)
-            backward_one_pass();
-        else
+        if (one_pass) {
+            backward_one_pass();  // includes the bias gradient, tile by tile
+        } else {
             backward_gemm();
+            if (b && b->requires_grad) add_column_sums(*b->grad, this->dout);
+        }
         if (w0 && w0->requires_grad) w0->grad->noalias() += this->dout.transpose() * *x->value;
-        if (b && b->requires_grad) *b->grad += this->dout.colwise().sum();
     }
 
     void backward_gemm() {
@@ -102,6 +104,7 @@ struct LowRankLinearNode final : Node<T> {
         const auto uk = u->value->leftCols(k);
         const auto vk = v->value->leftCols(k);
         const bool need_u = u->requires_grad, need_v = v->requires_grad, need_x = x->requires_grad;
+        const bool need_b = b != nullptr && b->requires_grad;
         ensure_shape(dxv, n_tok, k);
         int threads = 1;
 #ifdef _OPENMP
@@ -110,17 +113,21 @@ struct LowRankLinearNode final : Node<T> {
         if (static_cast<int>(du_part.size()) < threads) {
             du_part.resize(static_cast<std::size_t>(threads));
             dv_part.resize(static_cast<std::size_t>(threads));
+            db_part.resize(static_cast<std::size_t>(threads));
         }
         auto work = [&](int t) {
             auto& du = du_part[static_cast<std::size_t>(t)];
             auto& dv = dv_part[static_cast<std::size_t>(t)];
+            auto& db = db_part[static_cast<std::size_t>(t)];
             if (need_u) du.setZero(uk.rows(), k);
             if (need_v) dv.setZero(vk.rows(), k);
+            if (need_b) db.setZero(1, dy.cols());
             const Index first = tiles * t / threads, last = tiles * (t + 1) / threads;
             for (Index tile = first; tile < last; ++tile) {
                 const Index row = tile * kTile, len = std::min(kTile, n_tok - row);
                 const auto dy_t = dy.middleRows(row, len);
                 auto dxv_t = dxv.middleRows(row, len);
+                if (need_b) add_column_sums(db, dy_t);  // while the tile of dy is in cache
                 dxv_t.noalias() = scale * dy_t * uk;
                 if (need_u) du.noalias() += scale * dy_t.transpose() * xv.middleRows(row, len);
                 if (need_v) dv.noalias() += xval.middleRows(row, len).transpose() * dxv_t;
@@ -144,6 +151,7 @@ struct LowRankLinearNode final : Node<T> {
         for (int t = 0; t < threads; ++t) {
             if (need_u) u->grad->leftCols(k) += du_part[static_cast<std::size_t>(t)];
             if (need_v) v->grad->leftCols(k) += dv_part[static_cast<std::size_t>(t)];
+            if (need_b) *b->grad += db_part[static_cast<std::size_t>(t)];
         }
     }
 };

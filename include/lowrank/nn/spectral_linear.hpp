@@ -49,7 +49,7 @@ struct SpectralLinearNode final : Node<T> {
         dyu.leftCols(r).noalias() = dy * *ua->value;
         if (f > 0) dyu.rightCols(f).noalias() = dy * *uf->value;
         // dL/dsigma_i = u_i^T G v_i with G = dy^T x, i.e. the column sums of dyu .* xv.
-        if (sigma->requires_grad) *sigma->grad += dyu.cwiseProduct(xv).colwise().sum();
+        if (sigma->requires_grad) add_column_sums(*sigma->grad, dyu.cwiseProduct(xv));
         // Autograd would give sigma_i G v_i for u_i; the enhanced gradient drops sigma_i.
         if (ua->requires_grad) {
             if (enhanced)
@@ -65,7 +65,7 @@ struct SpectralLinearNode final : Node<T> {
             x->grad->noalias() += dyu.leftCols(r) * va->value->transpose();
             if (f > 0) x->grad->noalias() += dyu.rightCols(f) * vf->value->transpose();
         }
-        if (b && b->requires_grad) *b->grad += dy.colwise().sum();
+        if (b && b->requires_grad) add_column_sums(*b->grad, dy);
     }
 };
 
