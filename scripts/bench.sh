@@ -72,6 +72,11 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 out=build/bench
 mkdir -p "$out"
 
+# --- packages: the toolchain, OpenBLAS and (unless --no-pytorch) Debian's PyTorch -----------
+setup_args=(--no-data)
+((run_pytorch || run_asis)) && setup_args+=(--bench)
+bash scripts/setup.sh "${setup_args[@]}" >&2
+
 # --- build ------------------------------------------------------------------------------
 flags=(-std=c++20 -O3 -march=native -fopenmp -DNDEBUG -I include -isystem /usr/include/eigen3)
 targets=(lowrank-bench lowrank-alloc-probe)

@@ -15,6 +15,9 @@ METHODS = ["dense", "lora", "relora", "inrank", "cuttlefish", "sst", "deeplora"]
 
 
 def check_methods(text):
+    """The methods of a comma-separated list; `all` is every method."""
+    if text == "all":
+        return list(METHODS)
     methods = [m for m in text.split(",") if m]
     for m in methods:
         if m not in METHODS:
@@ -37,10 +40,10 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_trainer(cmd, name, log, ranks):
+def run_trainer(cmd, name, log, ranks, env=None):
     """Runs one training command; returns its final JSON line, metrics log and rank events."""
     print("results: " + " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"results: {name} failed with exit code {proc.returncode}")

@@ -5,13 +5,17 @@
 #
 #   bash scripts/setup.sh            packages, GPT-2 vocabulary, data (Fashion-MNIST, text corpus)
 #   bash scripts/setup.sh --no-data  packages and the GPT-2 vocabulary only (enough for the tests)
+#   bash scripts/setup.sh --bench    also PyTorch (Debian's python3-torch), for the comparisons
+#                                    of scripts/bench.sh and bench/pytorch_gpt2.py
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 want_data=1
+want_bench=0
 for arg in "$@"; do
     case "$arg" in
         --no-data) want_data=0 ;;
+        --bench) want_bench=1 ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "setup: unknown option '$arg' (try --help)" >&2; exit 2 ;;
     esac
@@ -27,9 +31,11 @@ packages=(
     nlohmann-json3-dev                     # (header-only: safetensors, checkpoints)
     catch2 libbenchmark-dev                # tests, benchmarks
     libcli11-dev                           # examples' command lines
+    libopenblas-dev                        # optional GEMM backend (lowrank-gpt2-openblas, benchmarks)
     dataset-fashion-mnist                  # real data for examples/mlp
     gnuplot-nox python3                    # plots, helper scripts
 )
+((want_bench)) && packages+=(python3-torch python3-numpy)  # for /usr/bin/python3
 missing=()
 for p in "${packages[@]}"; do
     status="$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)"

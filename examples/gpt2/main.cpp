@@ -39,6 +39,11 @@
 #include <string>
 #include <vector>
 
+#ifdef LOWRANK_EXAMPLE_OPENBLAS
+// lowrank-gpt2-openblas: Eigen's products go to OpenBLAS, whose threads are its own.
+extern "C" void openblas_set_num_threads(int num_threads);
+#endif
+
 namespace {
 
 struct Config {
@@ -202,6 +207,9 @@ int run(Config cfg) {
     const auto wall_start = Clock::now();
     lowrank::tune_allocator();
     lowrank::set_num_threads(cfg.threads);
+#ifdef LOWRANK_EXAMPLE_OPENBLAS
+    openblas_set_num_threads(cfg.threads);
+#endif
 
     lowrank::Gpt2Config mc = lowrank::gpt2_config(cfg.model);
     if (cfg.context == 0) cfg.context = mc.block_size;
@@ -412,6 +420,11 @@ int run(Config cfg) {
     result["lr"] = cfg.lr;
     result["seed"] = cfg.seed;
     result["threads"] = cfg.threads;
+#ifdef LOWRANK_EXAMPLE_OPENBLAS
+    result["gemm"] = "openblas";
+#else
+    result["gemm"] = "eigen";
+#endif
     result["train_seconds"] = train_seconds;
     result["eval_seconds"] = eval_seconds;
     result["wall_seconds"] = seconds_since(wall_start);

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""A GPT-2 training step, lowrank against PyTorch on this machine, in one interleaved run.
+
+    python3 scripts/bench_gpt2.py                    # tiny config, 1 and 2 threads, 5 rounds
+    python3 scripts/bench_gpt2.py --write-docs       # also the block in docs/performance.md
+
+Programs, each started once per round and thread count, in turn (so that a change of
+background load cannot favour one of them):
+
+  lowrank           build/release/examples/gpt2/lowrank-gpt2 (Eigen's own GEMM)
+  lowrank+openblas  lowrank-gpt2-openblas (Eigen's products in OpenBLAS, AVX-512 kernel)
+  pytorch           /usr/bin/python3 bench/pytorch_gpt2.py (Debian's python3-torch, at its best)
+
+All three train the same model (dense `tiny` GPT-2: 4 layers, 4 heads, width 256,
+vocabulary 50257) on the same token file with the same AdamW, clipping and schedule, B x T
+tokens a step. The figure is tokens/s over the steps after the first --warm steps (those
+size and first-touch every buffer): for lowrank the second interval of its metrics log
+(--eval-every --warm), whose time excludes evaluation; for PyTorch its own timed steps after
+--warmup-steps. The table shows the median over rounds and the min-max range.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from results_common import ROOT, build, cpu_name, replace_block
+
+BEGIN, END = "<!-- bench-gpt2:begin -->", "<!-- bench-gpt2:end -->"
+PROGRAMS = ["lowrank", "lowrank+openblas", "pytorch"]
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny", choices=["tiny", "mini"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--warm", type=int, default=10, help="untimed steps first (default 10)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--programs", default=",".join(PROGRAMS))
+    ap.add_argument("--data", default=str(ROOT / "data" / "text" / "corpus"))
+    ap.add_argument("--no-build", action="store_true", help="use the binaries already in build/release")
+    ap.add_argument("--write-docs", action="store_true")
+    return ap.parse_args()
+
+
+def run_lowrank(binary, args, threads):
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "metrics.jsonl"
+        env = dict(os.environ)
+        env.pop("OPENBLAS_CORETYPE", None)  # OpenBLAS then picks its AVX-512 kernel
+        env["OPENBLAS_NUM_THREADS"] = str(threads)
+        cmd = [binary, "--config", args.config, "--batch", str(args.batch), "--context", str(args.context),
+               "--steps", str(args.warm + args.steps), "--eval-every", str(args.warm), "--eval-windows", "1",
+               "--threads", str(threads), "--data", args.data, "--log", str(log), "--quiet",
+               "--rank-log", str(Path(tmp) / "ranks.jsonl")]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        # Evaluation lines come every --warm steps; the timed steps are every interval after the first.
+        timed = [line for line in lines if line["step"] > args.warm]
+        seconds = sum(args.batch * args.context * args.warm / line["tokens_per_second"] for line in timed)
+        steps = sum(args.warm for _ in timed)
+        return args.batch * args.context * steps / seconds
+
+
+def run_pytorch(args, threads):
+    cmd = ["/usr/bin/python3", str(ROOT / "bench" / "pytorch_gpt2.py"), "--config", args.config,
+           "--batch", str(args.batch), "--context", str(args.context), "--warmup-steps", str(args.warm),
+           "--steps", str(args.steps), "--threads", str(threads), "--data", args.data]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["tokens_per_second"]
+
+
+def torch_version():
+    out = subprocess.run(["/usr/bin/python3", "-c", "import torch; print(torch.__version__)"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or "not installed"
+
+
+def main():
+    args = parse_args()
+    if args.steps % args.warm != 0:
+        raise SystemExit("bench_gpt2: --steps must be a multiple of --warm (lowrank times whole intervals)")
+    programs = [p for p in args.programs.split(",") if p]
+    for p in programs:
+        if p not in PROGRAMS:
+            raise SystemExit(f"bench_gpt2: unknown program '{p}', expected one of {', '.join(PROGRAMS)}")
+    threads_list = [int(t) for t in args.threads.split(",") if t]
+    folder = ROOT / "build" / "release" / "examples" / "gpt2"
+    if not args.no_build:
+        subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--bench"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["bash", str(ROOT / "scripts" / "prepare_text.sh")], check=True, stdout=sys.stderr)
+        targets = {"lowrank": "lowrank-gpt2", "lowrank+openblas": "lowrank-gpt2-openblas"}
+        for p in programs:
+            if p in targets:
+                build(targets[p])
+    binaries = {"lowrank": str(folder / "lowrank-gpt2"), "lowrank+openblas": str(folder / "lowrank-gpt2-openblas")}
+
+    samples = {(p, t): [] for p in programs for t in threads_list}
+    load_start = os.getloadavg()[0]
+    for r in range(args.rounds):
+        for t in threads_list:
+            for p in programs:
+                tps = run_pytorch(args, t) if p == "pytorch" else run_lowrank(binaries[p], args, t)
+                samples[(p, t)].append(tps)
+                print(f"bench_gpt2: round {r + 1}/{args.rounds}, {t} thread(s), {p}: {tps:,.0f} tokens/s",
+                      file=sys.stderr, flush=True)
+
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    header = (f"Run {now} on {cpu_name()} ({os.cpu_count()} vCPUs), {args.rounds} interleaved rounds, "
+              f"1-minute load average {load_start:.2f} at the start and {os.getloadavg()[0]:.2f} at the end; "
+              f"PyTorch {torch_version()}. Config `{args.config}`, B = {args.batch}, T = {args.context}, dense; "
+              f"tokens/s over {args.steps} steps after {args.warm} untimed ones.")
+    rows = ["| threads | program | tokens/s (median) | min - max | vs PyTorch |", "|---:|---|---:|---:|---:|"]
+    for t in threads_list:
+        base = statistics.median(samples[("pytorch", t)]) if ("pytorch", t) in samples else None
+        for p in programs:
+            s = samples[(p, t)]
+            med = statistics.median(s)
+            ratio = f"{med / base:.2f}x" if base else ""
+            rows.append(f"| {t} | {p} | {med:,.0f} | {min(s):,.0f} - {max(s):,.0f} | {ratio} |")
+    table = "\n".join(rows)
+    print(header + "\n\n" + table)
+    command = "python3 scripts/bench_gpt2.py --write-docs" + (f" --rounds {args.rounds}" if args.rounds != 5 else "")
+    if args.write_docs:
+        replace_block(ROOT / "docs" / "performance.md", BEGIN, END,
+                      "\n".join([BEGIN, header, "", table, "", f"Command: `{command}`.", END]))
+
+
+if __name__ == "__main__":
+    main()
