@@ -3,6 +3,9 @@
 
     /usr/bin/python3 bench/pytorch_gpt2.py [--config tiny] [--threads 1] [--steps 20] [--warmup-steps 20]
 
+It needs Debian's python3-torch (`bash scripts/setup.sh --bench` installs it);
+scripts/bench_gpt2.py runs it next to lowrank-gpt2 and writes docs/performance.md's table.
+
 The model is GPT-2 as lowrank's Gpt2<float> (include/lowrank/models/gpt2.hpp,
 docs/models/gpt2.md), written here with plain torch.nn modules:
 

@@ -123,10 +123,11 @@ def write_docs(runs, args, unigram, svg_ok):
     any_run = next(iter(runs.values()))["result"]
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     tokens = int(any_run["tokens"])
+    methods_arg = "" if args.methods == ",".join(DEFAULT_METHODS) else f" --methods {args.methods}"
     body = [
         BEGIN,
         f"Run {now} on {cpu_name()} ({os.cpu_count()} vCPUs), load average {os.getloadavg()[0]:.2f} at the end; "
-        f"`python3 scripts/results_gpt2.py --write-docs`: config `{args.config}`, {args.steps} steps of "
+        f"`python3 scripts/results_gpt2.py{methods_arg} --write-docs`: config `{args.config}`, {args.steps} steps of "
         f"{args.batch} x {args.context} tokens ({tokens:,} tokens), AdamW lr {args.lr} with warm-up and cosine "
         f"decay, seed {args.seed}; {args.jobs} run(s) at a time, {args.threads} thread(s) each, GEMM: "
         f"{any_run.get('gemm', 'eigen')}. The low-rank methods act on the MLP projections "
