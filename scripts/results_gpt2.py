@@ -61,6 +61,10 @@ def parse_args():
     ap.add_argument("--data", default=str(ROOT / "data" / "text" / "corpus"))
     ap.add_argument("--out", default=str(ROOT / "build" / "results" / "gpt2"))
     ap.add_argument("--write-docs", action="store_true", help="write the table and plot into docs/results.md")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a method's result from --out when its run there had exactly the same command line "
+                         "(for re-running some methods after a change that affects only them; the binary is not "
+                         "compared, so do not use it after a change to the library)")
     ap.add_argument("extra", nargs="*", help="further lowrank-gpt2 options, after --")
     return ap.parse_args()
 
@@ -85,7 +89,15 @@ def run_method(binary, method, args, out):
            "--log", str(log), "--rank-log", str(ranks), "--quiet", *args.extra]
     if args.rank:
         cmd += ["--rank", str(args.rank)]
-    return run_trainer(cmd, method, log, ranks, env=trainer_env(args.threads))
+    saved = out / f"{method}.run.json"
+    if args.reuse and saved.exists():
+        previous = json.loads(saved.read_text())
+        if previous["cmd"] == cmd:
+            print(f"results: {method}: reusing the run in {saved} (same command)", file=sys.stderr)
+            return previous
+    run = run_trainer(cmd, method, log, ranks, env=trainer_env(args.threads))
+    saved.write_text(json.dumps(run))
+    return run
 
 
 def table(runs, unigram):

@@ -60,6 +60,11 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
     app.add_option("--inrank-gap", m.inrank.gap, "inrank: optimizer steps between rank checks")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
+    app.add_option("--inrank-stage1-steps", m.inrank.stage1_steps,
+                   "inrank: optimizer steps of rank growth before the cut to fixed rank (0: count "
+                   "--inrank-stage1-epochs instead)")
+        ->check(CLI::NonNegativeNumber)
+        ->capture_default_str();
     app.add_option("--inrank-stage1-epochs", m.inrank.stage1_epochs,
                    "inrank: epochs of rank growth before the cut to fixed rank (0: grow throughout)")
         ->check(CLI::NonNegativeNumber)
@@ -132,7 +137,7 @@ PolicyList<T> make_policies(const MethodConfig& m, Index default_rank, const Lay
         list.template add<ReLora<T>>(o);
     } else if (m.method == "inrank") {
         auto o = m.inrank;  // InRank chooses its own ranks: --rank does not apply
-        o.two_stage = o.stage1_epochs > 0;
+        o.two_stage = o.stage1_steps > 0 || o.stage1_epochs > 0;
         o.select = select;
         o.seed = seed;
         list.template add<InRank<T>>(o);

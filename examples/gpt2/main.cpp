@@ -506,6 +506,11 @@ int main(int argc, char** argv) {
         const int code = app.exit(e);
         return code == 0 ? 0 : 2;
     }
+    // A language model has no epochs: unless told otherwise, InRank's stage 1 (rank growth)
+    // lasts through its warm-up and four rank checks, then the cut to fixed rank follows.
+    // (One "epoch" here is one evaluation interval, which can end before the first check.)
+    if (app.count("--inrank-stage1-steps") == 0 && app.count("--inrank-stage1-epochs") == 0)
+        cfg.method.inrank.stage1_steps = cfg.method.inrank.warmup + 4 * cfg.method.inrank.gap;
     try {
         return run(cfg);
     } catch (const std::bad_alloc&) {
