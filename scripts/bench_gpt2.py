@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from results_common import ROOT, build, cpu_name, replace_block
+from results_common import ROOT, build, cpu_name, replace_block, trainer_env
 
 BEGIN, END = "<!-- bench-gpt2:begin -->", "<!-- bench-gpt2:end -->"
 PROGRAMS = ["lowrank", "lowrank+openblas", "pytorch"]
@@ -54,20 +54,16 @@ def parse_args():
 def run_lowrank(binary, args, threads):
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "metrics.jsonl"
-        env = dict(os.environ)
-        env.pop("OPENBLAS_CORETYPE", None)  # OpenBLAS then picks its AVX-512 kernel
-        env["OPENBLAS_NUM_THREADS"] = str(threads)
         cmd = [binary, "--config", args.config, "--batch", str(args.batch), "--context", str(args.context),
                "--steps", str(args.warm + args.steps), "--eval-every", str(args.warm), "--eval-windows", "1",
                "--threads", str(threads), "--data", args.data, "--log", str(log), "--quiet",
                "--rank-log", str(Path(tmp) / "ranks.jsonl")]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=trainer_env(threads))
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        # Evaluation lines come every --warm steps; the timed steps are every interval after the first.
+        # An evaluation line every --warm steps; every interval after the first is timed.
         timed = [line for line in lines if line["step"] > args.warm]
-        seconds = sum(args.batch * args.context * args.warm / line["tokens_per_second"] for line in timed)
-        steps = sum(args.warm for _ in timed)
-        return args.batch * args.context * steps / seconds
+        seconds_per_token = statistics.fmean(1.0 / line["tokens_per_second"] for line in timed)
+        return 1.0 / seconds_per_token  # intervals of equal length: total tokens over total time
 
 
 def run_pytorch(args, threads):

@@ -40,6 +40,17 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def trainer_env(threads):
+    """The environment of a trainer run. OpenBLAS reads OPENBLAS_CORETYPE when it loads; where
+    it is set (this machine sets it to Haswell) it overrides OpenBLAS's own choice of kernel,
+    which is AVX-512 on an AVX-512 CPU. OPENBLAS_NUM_THREADS sizes OpenBLAS's thread pool when
+    it starts. Builds on Eigen's own GEMM ignore both variables."""
+    env = dict(os.environ)
+    env.pop("OPENBLAS_CORETYPE", None)
+    env["OPENBLAS_NUM_THREADS"] = str(threads)
+    return env
+
+
 def run_trainer(cmd, name, log, ranks, env=None):
     """Runs one training command; returns its final JSON line, metrics log and rank events."""
     print("results: " + " ".join(cmd), file=sys.stderr, flush=True)

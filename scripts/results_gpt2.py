@@ -12,7 +12,7 @@ The default budget is 1000 steps of 8 x 64 tokens (512,000 tokens). Two runs go 
 (--jobs), one thread each: on 2 cores that makes more tokens/s than one run on two threads.
 With OpenBLAS installed (scripts/setup.sh installs it) the runs use lowrank-gpt2-openblas,
 about 1.4x faster than Eigen's own GEMM here; on this 2-core machine each run takes about 6
-minutes, so the default four methods take about 12 and all seven about 24.
+minutes, so the default four methods take about 13 and all seven about 25.
 
 Every number comes from the runs' JSON output and logs; nothing is typed in. The corpus is
 tokenized once by scripts/prepare_text.sh; raw outputs stay in --out.
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from results_common import (METHODS, ROOT, build, check_methods, cpu_name, gnuplot, rank_series,
-                            relative_command, replace_block, run_trainer)
+                            relative_command, replace_block, run_trainer, trainer_env)
 
 BEGIN, END = "<!-- results-gpt2:begin -->", "<!-- results-gpt2:end -->"
 DEFAULT_METHODS = ["dense", "sst", "inrank", "cuttlefish"]
@@ -67,16 +67,6 @@ def parse_args():
                          "compared, so do not use it after a change to the library)")
     ap.add_argument("extra", nargs="*", help="further lowrank-gpt2 options, after --")
     return ap.parse_args()
-
-
-def trainer_env(threads):
-    """The environment of each run. OpenBLAS reads OPENBLAS_CORETYPE when it loads; where it is
-    set (this machine sets it to Haswell) it overrides OpenBLAS's own choice of kernel, which
-    is AVX-512 on an AVX-512 CPU. Eigen's own GEMM (lowrank-gpt2) ignores both variables."""
-    env = dict(os.environ)
-    env.pop("OPENBLAS_CORETYPE", None)
-    env["OPENBLAS_NUM_THREADS"] = str(threads)
-    return env
 
 
 def run_method(binary, method, args, out):

@@ -499,6 +499,10 @@ int main(int argc, char** argv) {
                    "Write the rank policy's decisions here (default lowrank-gpt2-<method>.ranks.jsonl)");
     app.add_flag("--quiet,-q", cfg.quiet, "No progress bar or evaluation lines on stderr");
     lowrank::examples::add_method_options(app, cfg.method, "n_embd / 4");
+    app.get_option("--inrank-stage1-steps")
+        ->description("inrank: optimizer steps of rank growth before the cut to fixed rank (default: "
+                      "--inrank-warmup + 4 x --inrank-gap, unless --inrank-stage1-epochs is given)")
+        ->default_str("");
 
     try {
         app.parse(argc, argv);
