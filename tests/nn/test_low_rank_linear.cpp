@@ -57,14 +57,28 @@ TEST_CASE("LowRankLinear::from_dense is exact when r >= rank(W), optimal otherwi
     CHECK(!cut.has_bias());
 }
 
+TEST_CASE("LowRankLinear gradients at widths that fill SIMD packets", "[nn][gradcheck]") {
+    // The products run on register tiles of whole SIMD packets (8 doubles with AVX-512) and
+    // on dot products for the columns left over (linalg/thin_gemm.hpp). The small layers
+    // above have fewer columns than a packet; these have whole packets and a remainder.
+    Rng rng(60);
+    for (Index rank : {8, 11}) {
+        INFO("rank " << rank);
+        LowRankLinear<double> l("fc", 19, 18, rng, {.rank = rank, .bias = true, .scale = 0.8});
+        check_gradients(l, 13);
+    }
+}
+
 TEST_CASE("LowRankLinear one-pass backward equals the GEMM composition", "[nn][gradcheck]") {
-    // 300 tokens: several 64-token tiles and a partial one.
+    // 600 tokens: two 256-token tiles and a partial one.
+    // Rank 4 is below one SIMD packet (dot products only); rank 12 fills one packet of 8
+    // doubles (AVX-512) and leaves 4 columns.
     Rng rng(70);
-    for (bool base : {false, true}) {
-        INFO("base " << base);
-        LowRankLinear<double> l("fc", 20, 16, rng, {.rank = 4, .bias = true, .base = base, .scale = 0.5});
-        Parameter<double> x("x", gaussian(300, 20, 71));
-        const MatrixD weights = gaussian(300, 16, 72);
+    for (auto [base, rank] : {std::pair{false, Index{4}}, {true, Index{4}}, {false, Index{12}}}) {
+        INFO("base " << base << ", rank " << rank);
+        LowRankLinear<double> l("fc", 20, 16, rng, {.rank = rank, .bias = true, .base = base, .scale = 0.5});
+        Parameter<double> x("x", gaussian(600, 20, 71));
+        const MatrixD weights = gaussian(600, 16, 72);
         auto grads = [&](Index one_pass_max_rank) {
             const Index saved = detail::low_rank_one_pass_max_rank();
             detail::low_rank_one_pass_max_rank() = one_pass_max_rank;
@@ -80,7 +94,7 @@ TEST_CASE("LowRankLinear one-pass backward equals the GEMM composition", "[nn][g
         CHECK((v0 - v1).norm() <= 1e-12 * v0.norm());
         CHECK((b0 - b1).norm() <= 1e-12 * b0.norm());  // the one-pass path sums db tile by tile
         CHECK((x0 - x1).norm() <= 1e-12 * x0.norm());
-        check_gradients(l, 300);
+        check_gradients(l, 600);
     }
 }
 

@@ -81,8 +81,8 @@ struct ParameterNode final : Node<T> {
 };
 
 /// Sizes `m` to (rows x cols); Eigen keeps the buffer when the size is unchanged.
-template <class T>
-void ensure_shape(Matrix<T>& m, Index rows, Index cols) {
+template <class M>
+void ensure_shape(Eigen::PlainObjectBase<M>& m, Index rows, Index cols) {
     if (m.rows() != rows || m.cols() != cols) m.resize(rows, cols);
 }
 
@@ -95,6 +95,25 @@ template <class Out, class Expr>
 void add_column_sums(Out& out, const Eigen::MatrixBase<Expr>& m) {
     auto acc = out.row(0);
     for (Index i = 0; i < m.rows(); ++i) acc += m.row(i);
+}
+
+/// dst += product, for a weight gradient such as dU += dy^T (x V). When dst is tall and
+/// thin (rows >= 4 cols, cols <= 256: the m x r gradient of a factor) the product goes into
+/// a column-major scratch first and is then added: Eigen then packs the long side (dy^T or
+/// x^T, contiguous in a row-major activation) as its left operand, which ran 13-35% faster
+/// at m = 768-1024, r = 64, N = 4096 (docs/performance.md, "Where a low-rank step's time
+/// goes"); the add back touches only m x r entries. Any other shape (a square or wide
+/// dense gradient, where the transposing add would cost more than it saves) goes straight
+/// into dst. `scratch` is owned by the node, so steady-state steps allocate nothing.
+template <class Dst, class Product, class Scalar>
+void add_product(Dst&& dst, const Product& product, ColMatrix<Scalar>& scratch) {
+    if (dst.rows() >= 4 * dst.cols() && dst.cols() <= 256) {
+        ensure_shape(scratch, dst.rows(), dst.cols());
+        scratch.noalias() = product;
+        dst += scratch;
+    } else {
+        dst.noalias() += product;
+    }
 }
 
 }  // namespace detail

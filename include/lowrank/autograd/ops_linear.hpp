@@ -12,10 +12,11 @@ struct LinearNode final : Node<T> {
     Node<T>* x = nullptr;  // (N x in)
     Node<T>* w = nullptr;  // (out x in)
     Node<T>* b = nullptr;  // (1 x out) or null
+    ColMatrix<T> dw_scratch;  // dW of a tall, thin weight before it is added (add_product)
     void backward() override {
         const auto& dy = this->dout;
         if (x->requires_grad) x->grad->noalias() += dy * *w->value;
-        if (w->requires_grad) w->grad->noalias() += dy.transpose() * *x->value;
+        if (w->requires_grad) add_product(*w->grad, dy.transpose() * *x->value, dw_scratch);
         if (b && b->requires_grad) add_column_sums(*b->grad, dy);
     }
 };
@@ -34,15 +35,20 @@ Var<T> linear(Graph<T>& g, const Var<T>& x, const Var<T>& w, const Var<T>& b = {
     n.x = x.node();
     n.w = w.node();
     n.b = nullptr;
-    detail::ensure_shape(n.out, x.rows(), w.rows());
-    n.out.noalias() = x.value() * w.value().transpose();
     bool needs_grad = g.any_requires_grad(x, w);
     if (b.valid()) {
         g.check_owned(b, "linear");
         check_shape(b.value(), 1, w.rows(), "linear: bias");
         n.b = b.node();
-        n.out.rowwise() += b.value().row(0);
         needs_grad = needs_grad || g.any_requires_grad(b);
+    }
+    // Starting from the bias and accumulating the product saves a pass over the output.
+    detail::ensure_shape(n.out, x.rows(), w.rows());
+    if (n.b) {
+        n.out.rowwise() = b.value().row(0);
+        n.out.noalias() += x.value() * w.value().transpose();
+    } else {
+        n.out.noalias() = x.value() * w.value().transpose();
     }
     n.requires_grad = needs_grad;
     return Var<T>(&n);

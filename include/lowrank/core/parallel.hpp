@@ -4,16 +4,31 @@
 
 #include <lowrank/core/types.hpp>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace lowrank::detail {
 
 /// Below this many scalars a kernel runs on one thread: the fork costs more than it saves.
 inline constexpr Index kParallelThreshold = 1 << 15;
 
-/// Calls f(i) for i in [0, n), in parallel when n * work_per_item is large enough.
+/// The threads a loop started here may use: 1 inside a parallel region (nested regions
+/// would only add forks), else the pool's size.
+inline Index available_threads() {
+#ifdef _OPENMP
+    return omp_in_parallel() ? 1 : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/// Calls f(i) for i in [0, n), in parallel when n * work_per_item is large enough (and not
+/// already inside a parallel region).
 template <class F>
 void parallel_for(Index n, Index work_per_item, F&& f) {
 #ifdef _OPENMP
-    if (n > 1 && n * work_per_item >= kParallelThreshold) {
+    if (n > 1 && n * work_per_item >= kParallelThreshold && !omp_in_parallel()) {
 #pragma omp parallel for schedule(static)
         for (Index i = 0; i < n; ++i) f(i);
         return;

@@ -21,6 +21,11 @@ using RowVector = Eigen::Matrix<T, 1, Eigen::Dynamic, Eigen::RowMajor>;
 template <class T>
 using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 
+/// Column-major scratch, for the few products Eigen runs faster into that layout
+/// (detail::add_product).
+template <class T>
+using ColMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+
 template <class T>
 using MatrixRef = Eigen::Ref<Matrix<T>>;
 

@@ -5,8 +5,10 @@
 
 #include <lowrank/autograd/graph.hpp>
 #include <lowrank/core/init.hpp>
+#include <lowrank/core/parallel.hpp>
 #include <lowrank/core/parameter.hpp>
 #include <lowrank/linalg/svd.hpp>
+#include <lowrank/linalg/thin_gemm.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -44,16 +46,19 @@ inline Index& low_rank_one_pass_max_rank() {
 }
 
 /// The fused node. Forward keeps xv = x V (N x r) for backward so that every product
-/// costs O(N r (m + n)); the dense m x n weight is never formed.
+/// costs O(N r (m + n)); the dense m x n weight is never formed. Every product with a
+/// factor goes through the kernels of linalg/thin_gemm.hpp (gemm_narrow for the N x r
+/// results, gemm_nn for the N x m and N x n ones, gemm_tn for dU^T and dV^T), which read the
+/// activations in place instead of packing them; the factors are transposed once per step,
+/// in forward, into ut, vt (r x m, r x n) so that each product reads rows.
 ///
 /// Backward has two paths with the same arithmetic. At larger r it is four whole-matrix
-/// GEMMs, each at full efficiency. At small r those GEMMs are bound by memory traffic
-/// (each streams an N x m or N x n matrix for only 2r FLOPs per element) and the plain
-/// composition reads dy twice and x once more; the one-pass path walks the tokens in
-/// tiles that stay in cache and does all four products and the bias gradient per tile, so
-/// dy and x are read once. Tiles are split statically over threads and the per-thread dU,
-/// dV, db partial sums are added in thread order: results are reproducible for a given
-/// thread count.
+/// products. At small r those are bound by memory traffic (each streams an N x m or N x n
+/// matrix for only 2r FLOPs per element) and the plain composition reads dy twice and x
+/// once more; the one-pass path walks the tokens in tiles that stay in cache and does all
+/// four products and the bias gradient per tile, so dy and x are read once. Tiles are split
+/// statically over threads and the per-thread dU, dV, db partial sums are added in thread
+/// order: results are reproducible for a given thread count.
 template <class T>
 struct LowRankLinearNode final : Node<T> {
     Node<T>* x = nullptr;   // (N x n)
@@ -65,12 +70,19 @@ struct LowRankLinearNode final : Node<T> {
     Index k = 0;    // active columns of U and V (all of them unless the layer has capacity)
     Matrix<T> xv;   // x V
     Matrix<T> dxv;  // s dy U, the gradient reaching x V
-    std::vector<Matrix<T>> du_part, dv_part, db_part;  // per-thread partial sums (one-pass path)
+    Matrix<T> ut, vt;  // the active U^T (r x m) and V^T (r x n), transposed in forward
+    Matrix<T> dut, dvt;  // dU^T, dV^T before they are added to the gradients (whole-matrix path)
+    std::vector<Matrix<T>> du_part, dv_part, db_part;  // per-thread partial sums (one-pass path),
+                                                       // dU^T and dV^T
 
-    static constexpr Index kTile = 64;  // tokens per tile: 64 rows of dy and x fit in L2
+    static constexpr Index kTile = 256;  // tokens per tile (docs/performance.md, "Thin products")
 
     void backward() override {
-        const bool one_pass = k <= low_rank_one_pass_max_rank() && this->dout.rows() >= 2 * kTile;
+        // One pass needs at least two tiles, and a tile per thread: the products inside a
+        // tile do not fork again.
+        const Index tiles = (this->dout.rows() + kTile - 1) / kTile;
+        const bool one_pass =
+            k <= low_rank_one_pass_max_rank() && this->dout.rows() >= 2 * kTile && tiles >= available_threads();
         if (one_pass) {
             backward_one_pass();  // includes the bias gradient, tile by tile
         } else {
@@ -82,17 +94,23 @@ struct LowRankLinearNode final : Node<T> {
 
     void backward_gemm() {
         const auto& dy = this->dout;
-        const auto uk = u->value->leftCols(k);
-        const auto vk = v->value->leftCols(k);
         const bool need_dxv = x->requires_grad || v->requires_grad;
         if (need_dxv) {
             ensure_shape(dxv, dy.rows(), k);
-            dxv.noalias() = scale * dy * uk;
+            linalg::gemm_narrow<T>(dxv, dy, u->value->leftCols(k), ut, scale, false);
         }
-        if (u->requires_grad) u->grad->leftCols(k).noalias() += scale * dy.transpose() * xv;
-        if (v->requires_grad) v->grad->leftCols(k).noalias() += x->value->transpose() * dxv;
+        if (u->requires_grad) {
+            ensure_shape(dut, k, dy.cols());
+            linalg::gemm_tn<T>(dut, xv, dy, scale, false);
+            u->grad->leftCols(k) += dut.transpose();
+        }
+        if (v->requires_grad) {
+            ensure_shape(dvt, k, x->value->cols());
+            linalg::gemm_tn<T>(dvt, dxv, *x->value, T(1), false);
+            v->grad->leftCols(k) += dvt.transpose();
+        }
         if (x->requires_grad) {
-            x->grad->noalias() += dxv * vk.transpose();
+            linalg::gemm_nn<T>(*x->grad, dxv, vt, T(1), true);
             if (w0) x->grad->noalias() += dy * *w0->value;
         }
     }
@@ -102,14 +120,10 @@ struct LowRankLinearNode final : Node<T> {
         const auto& xval = *x->value;
         const Index n_tok = dy.rows(), tiles = (n_tok + kTile - 1) / kTile;
         const auto uk = u->value->leftCols(k);
-        const auto vk = v->value->leftCols(k);
         const bool need_u = u->requires_grad, need_v = v->requires_grad, need_x = x->requires_grad;
         const bool need_b = b != nullptr && b->requires_grad;
         ensure_shape(dxv, n_tok, k);
-        int threads = 1;
-#ifdef _OPENMP
-        threads = static_cast<int>(std::min<Index>(omp_get_max_threads(), tiles));
-#endif
+        const int threads = static_cast<int>(std::min<Index>(available_threads(), tiles));
         if (static_cast<int>(du_part.size()) < threads) {
             du_part.resize(static_cast<std::size_t>(threads));
             dv_part.resize(static_cast<std::size_t>(threads));
@@ -119,8 +133,8 @@ struct LowRankLinearNode final : Node<T> {
             auto& du = du_part[static_cast<std::size_t>(t)];
             auto& dv = dv_part[static_cast<std::size_t>(t)];
             auto& db = db_part[static_cast<std::size_t>(t)];
-            if (need_u) du.setZero(uk.rows(), k);
-            if (need_v) dv.setZero(vk.rows(), k);
+            if (need_u) du.setZero(k, uk.rows());
+            if (need_v) dv.setZero(k, xval.cols());
             if (need_b) db.setZero(1, dy.cols());
             const Index first = tiles * t / threads, last = tiles * (t + 1) / threads;
             for (Index tile = first; tile < last; ++tile) {
@@ -128,20 +142,22 @@ struct LowRankLinearNode final : Node<T> {
                 const auto dy_t = dy.middleRows(row, len);
                 auto dxv_t = dxv.middleRows(row, len);
                 if (need_b) add_column_sums(db, dy_t);  // while the tile of dy is in cache
-                dxv_t.noalias() = scale * dy_t * uk;
-                if (need_u) du.noalias() += scale * dy_t.transpose() * xv.middleRows(row, len);
-                if (need_v) dv.noalias() += xval.middleRows(row, len).transpose() * dxv_t;
+                linalg::gemm_narrow<T>(dxv_t, dy_t, uk, ut, scale, false);
+                if (need_u) linalg::gemm_tn<T>(du, xv.middleRows(row, len), dy_t, scale, true);
+                if (need_v) linalg::gemm_tn<T>(dv, dxv_t, xval.middleRows(row, len), T(1), true);
                 if (need_x) {
                     auto dx_t = x->grad->middleRows(row, len);
-                    dx_t.noalias() += dxv_t * vk.transpose();
+                    linalg::gemm_nn<T>(dx_t, dxv_t, vt, T(1), true);
                     if (w0) dx_t.noalias() += dy_t * *w0->value;
                 }
             }
         };
 #ifdef _OPENMP
         if (threads > 1) {
+            // The team may be smaller than asked (OMP_DYNAMIC, a thread limit): its threads
+            // then share the parts, each part still done whole by one thread.
 #pragma omp parallel num_threads(threads)
-            work(omp_get_thread_num());
+            for (int t = omp_get_thread_num(); t < threads; t += omp_get_num_threads()) work(t);
         } else {
             work(0);
         }
@@ -149,8 +165,8 @@ struct LowRankLinearNode final : Node<T> {
         work(0);
 #endif
         for (int t = 0; t < threads; ++t) {
-            if (need_u) u->grad->leftCols(k) += du_part[static_cast<std::size_t>(t)];
-            if (need_v) v->grad->leftCols(k) += dv_part[static_cast<std::size_t>(t)];
+            if (need_u) u->grad->leftCols(k) += du_part[static_cast<std::size_t>(t)].transpose();
+            if (need_v) v->grad->leftCols(k) += dv_part[static_cast<std::size_t>(t)].transpose();
             if (need_b) *b->grad += db_part[static_cast<std::size_t>(t)];
         }
     }
@@ -180,24 +196,33 @@ Var<T> low_rank_linear(Graph<T>& g, const Var<T>& x, const Var<T>& u, const Var<
     check(active <= u.cols(), "low_rank_linear", "active columns ", active, " exceed the factors' ", u.cols());
     n.k = active < 0 ? u.cols() : active;
     bool needs_grad = g.any_requires_grad(x, u, v);
+    detail::ensure_shape(n.ut, n.k, u.rows());
+    n.ut = u.value().leftCols(n.k).transpose();
+    detail::ensure_shape(n.vt, n.k, v.rows());
+    n.vt = v.value().leftCols(n.k).transpose();
     detail::ensure_shape(n.xv, x.rows(), n.k);
-    n.xv.noalias() = x.value() * v.value().leftCols(n.k);
-    detail::ensure_shape(n.out, x.rows(), u.rows());
-    n.out.noalias() = scale * n.xv * u.value().leftCols(n.k).transpose();
+    linalg::gemm_narrow<T>(n.xv, x.value(), v.value().leftCols(n.k), n.vt, T(1), false);
     if (w0.valid()) {
         g.check_owned(w0, "low_rank_linear");
         check_shape(w0.value(), u.rows(), v.rows(), "low_rank_linear: base W0");
         n.w0 = w0.node();
-        n.out.noalias() += x.value() * w0.value().transpose();
         needs_grad = needs_grad || g.any_requires_grad(w0);
     }
     if (b.valid()) {
         g.check_owned(b, "low_rank_linear");
         check_shape(b.value(), 1, u.rows(), "low_rank_linear: bias");
         n.b = b.node();
-        n.out.rowwise() += b.value().row(0);
         needs_grad = needs_grad || g.any_requires_grad(b);
     }
+    // The output starts as the bias (or zero) and the products accumulate into it: one
+    // pass over the N x m output fewer than assigning the product and adding b after.
+    detail::ensure_shape(n.out, x.rows(), u.rows());
+    if (n.b)
+        n.out.rowwise() = b.value().row(0);
+    else
+        n.out.setZero();
+    linalg::gemm_nn<T>(n.out, n.xv, n.ut, scale, true);
+    if (n.w0) n.out.noalias() += x.value() * w0.value().transpose();
     n.requires_grad = needs_grad;
     return Var<T>(&n);
 }

@@ -41,6 +41,7 @@ struct SpectralLinearNode final : Node<T> {
     Matrix<T> xv;   // x [V_a | V_f]               (N x d)
     Matrix<T> xvs;  // xv scaled by sigma per column (N x d)
     Matrix<T> dyu;  // dy [U_a | U_f]              (N x d)
+    ColMatrix<T> du_scratch, dv_scratch;  // dU_a, dV_a before they are added (add_product)
     void backward() override {
         const auto& dy = this->dout;
         const Index r = ua->value->cols(), f = uf->value->cols(), d = r + f;
@@ -53,14 +54,16 @@ struct SpectralLinearNode final : Node<T> {
         // Autograd would give sigma_i G v_i for u_i; the enhanced gradient drops sigma_i.
         if (ua->requires_grad) {
             if (enhanced)
-                ua->grad->noalias() += dy.transpose() * xv.leftCols(r);
+                add_product(*ua->grad, dy.transpose() * xv.leftCols(r), du_scratch);
             else
-                ua->grad->noalias() += dy.transpose() * xvs.leftCols(r);
+                add_product(*ua->grad, dy.transpose() * xvs.leftCols(r), du_scratch);
         }
         // dyu becomes dyu * diag(sigma): what x V receives.
-        if (va->requires_grad && enhanced) va->grad->noalias() += x->value->transpose() * dyu.leftCols(r);
+        if (va->requires_grad && enhanced)
+            add_product(*va->grad, x->value->transpose() * dyu.leftCols(r), dv_scratch);
         dyu.array().rowwise() *= s.row(0).array();
-        if (va->requires_grad && !enhanced) va->grad->noalias() += x->value->transpose() * dyu.leftCols(r);
+        if (va->requires_grad && !enhanced)
+            add_product(*va->grad, x->value->transpose() * dyu.leftCols(r), dv_scratch);
         if (x->requires_grad) {
             x->grad->noalias() += dyu.leftCols(r) * va->value->transpose();
             if (f > 0) x->grad->noalias() += dyu.rightCols(f) * vf->value->transpose();
@@ -268,9 +271,12 @@ private:
         detail::ensure_shape(n.xvs, x.rows(), d);
         n.xvs = n.xv.array().rowwise() * sigma.value.row(0).array();
         detail::ensure_shape(n.out, x.rows(), out_features());
-        n.out.noalias() = n.xvs.leftCols(r) * U_active.value.transpose();
+        if (n.b)
+            n.out.rowwise() = bias.value.row(0);  // the products accumulate onto the bias
+        else
+            n.out.setZero();
+        n.out.noalias() += n.xvs.leftCols(r) * U_active.value.transpose();
         if (f > 0) n.out.noalias() += n.xvs.rightCols(f) * U_frozen.value.transpose();
-        if (n.b) n.out.rowwise() += bias.value.row(0);
         n.requires_grad = g.grad_enabled() && (n.x->requires_grad || n.ua->requires_grad ||
                                                n.va->requires_grad || n.sigma->requires_grad ||
                                                (n.b && n.b->requires_grad));

@@ -1,0 +1,315 @@
+#pragma once
+// The products of a rank-r factorisation, C = alpha A B (+ C) and C = alpha A^T B (+ C), on
+// row-major operands, for shapes where one of the three dimensions is a rank r << d:
+// x V (N x d by d x r), (x V) U^T (N x r by r x d), dy^T (x V) (d x N by N x r).
+//
+// Eigen's general product packs both operands into panels before its 48 x 4 (AVX-512) micro
+// kernel runs. With a thin operand that packing is a large share of the work (every entry
+// of the N x d activation is copied to be used in only 2r FLOPs), and on this project's
+// machine its micro kernel reached 105-125 GFLOP/s on these shapes against 190-210 for the
+// kernel below (docs/performance.md, "Thin products"). Here each tile of C is R <= 6 rows by
+// up to 4 SIMD packets (64 floats with AVX-512) held in registers (3 rows where the
+// register file has 16 SIMD registers); per step of the inner
+// dimension it loads that many packets of one row of B, contiguous in a row-major matrix,
+// and broadcasts one entry of A per row, so neither operand is copied. The inner dimension
+// is walked in blocks of kKBlock so that the rows of B in use stay in cache.
+//
+// Any scalar type Eigen vectorises takes this path (float and double alike, so the
+// double-precision gradient checks run it); the columns past the last whole packet, and
+// scalar types Eigen does not vectorise, go through Eigen's coefficient-wise lazyProduct
+// instead (one dot product per entry: slow, so a feature size that is not a multiple of the
+// packet width, 16 floats with AVX-512, pays for its last columns). Results do not depend on the thread count: threads split the rows or columns of
+// C, never a sum over k, and the left-over columns never use Eigen's threaded product.
+
+#include <lowrank/core/error.hpp>
+#include <lowrank/core/parallel.hpp>
+#include <lowrank/core/types.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+
+namespace lowrank::linalg {
+
+/// A row-major view with unit inner stride: a Matrix<T> or a block of rows or columns of one.
+template <class T>
+using RowMajorView = Eigen::Ref<Matrix<T>, 0, Eigen::OuterStride<>>;
+template <class T>
+using ConstRowMajorView = Eigen::Ref<const Matrix<T>, 0, Eigen::OuterStride<>>;
+
+namespace detail {
+
+inline constexpr Index kKBlock = 256;  // steps of the inner dimension per pass over a tile
+inline constexpr Index kNBlock = 256;  // columns of C per panel (a multiple of every packet width)
+
+// Tile sizes that keep the accumulators, one row of B and a broadcast in the SIMD register
+// file: 24 accumulators with AVX-512's 32 registers, 12 or 8 with AVX2's or SSE's 16.
+inline constexpr bool kWideRegisterFile = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
+inline constexpr int kTileRows = kWideRegisterFile ? 6 : 3;  // rows of C per register tile
+inline constexpr int kTilePackets = 4;                       // SIMD packets of C per tile row
+inline constexpr int kDotRows = kWideRegisterFile ? 3 : 2;   // rows of C per dot-product tile
+inline constexpr int kDotCols = kWideRegisterFile ? 8 : 4;   // columns per dot-product tile
+                                                             // (dot_row covers the last 1-7)
+
+/// Throws the error of a product whose operand shapes do not chain; formatted only then,
+/// so that a product that is called per tile of tokens builds no strings.
+[[noreturn]] inline void throw_shapes(const char* op, const char* form, Index cr, Index cc, Index ar, Index ac,
+                                      Index br, Index bc) {
+    throw Error(lowrank::detail::concat(op, ": C ", shape_string(cr, cc), " = ", form, " with A ",
+                                        shape_string(ar, ac), ", B ", shape_string(br, bc),
+                                        ": shapes do not chain"));
+}
+
+template <class T>
+inline constexpr bool kVectorised = Eigen::internal::packet_traits<T>::Vectorizable;
+
+template <class T>
+inline constexpr int kPacket = Eigen::internal::packet_traits<T>::size;
+
+/// c[i][j..] = alpha * sum_k a(i, k) b(k, j..) (+ c), for i < R and NP packets of columns;
+/// a(i, k) = a[i * a_row + k * a_k], b and c row-major with leading dimensions ldb, ldc.
+template <class T, int R, int NP>
+void tile(const T* a, Index a_row, Index a_k, const T* b, Index ldb, T* c, Index ldc, Index depth, T alpha,
+          bool add) {
+    using Packet = typename Eigen::internal::packet_traits<T>::type;
+    using namespace Eigen::internal;
+    constexpr int W = kPacket<T>;
+    Packet acc[R][NP];
+    for (int i = 0; i < R; ++i)
+        for (int j = 0; j < NP; ++j) acc[i][j] = pset1<Packet>(T(0));
+    for (Index k = 0; k < depth; ++k) {
+        Packet row[NP];
+        for (int j = 0; j < NP; ++j) row[j] = ploadu<Packet>(b + k * ldb + j * W);
+        for (int i = 0; i < R; ++i) {
+            const Packet ai = pset1<Packet>(a[i * a_row + k * a_k]);
+            for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(ai, row[j], acc[i][j]);
+        }
+    }
+    const Packet scale = pset1<Packet>(alpha);
+    for (int i = 0; i < R; ++i)
+        for (int j = 0; j < NP; ++j) {
+            T* out = c + i * ldc + j * W;
+            const Packet v = pmul(scale, acc[i][j]);
+            pstoreu(out, add ? padd(v, ploadu<Packet>(out)) : v);
+        }
+}
+
+/// One block of R rows of C over the columns [0, cols) that fill whole packets.
+template <class T, int R>
+void tile_row(const T* a, Index a_row, Index a_k, const T* b, Index ldb, T* c, Index ldc, Index depth,
+              Index cols, T alpha, bool add) {
+    constexpr int W = kPacket<T>;
+    Index j = 0;
+    for (; j + kTilePackets * W <= cols; j += kTilePackets * W)
+        tile<T, R, kTilePackets>(a, a_row, a_k, b + j, ldb, c + j, ldc, depth, alpha, add);
+    for (; j + W <= cols; j += W) tile<T, R, 1>(a, a_row, a_k, b + j, ldb, c + j, ldc, depth, alpha, add);
+}
+
+template <class T>
+void tile_rows(Index rows, const T* a, Index a_row, Index a_k, const T* b, Index ldb, T* c, Index ldc,
+               Index depth, Index cols, T alpha, bool add) {
+    switch (rows) {
+        case 6: tile_row<T, 6>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
+        case 5: tile_row<T, 5>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
+        case 4: tile_row<T, 4>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
+        case 3: tile_row<T, 3>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
+        case 2: tile_row<T, 2>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
+        default: tile_row<T, 1>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
+    }
+}
+
+/// C[:, :vec_cols] (+)= alpha * op(A) B where op(A)(i, k) = a[i * a_row + k * a_k], on one
+/// thread: the register-tiled part of both products. The inner dimension goes in blocks of
+/// kKBlock and the columns in panels of kNBlock, so that the block of B in use (at most
+/// 256 x 256) stays in L2 while every row block of C passes over it.
+template <class T>
+void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index a_row, Index a_k, const T* b,
+                 Index ldb, Index depth, T alpha, bool accumulate) {
+    if (depth == 0) {
+        if (!accumulate)
+            for (Index i = 0; i < rows; ++i) std::fill(c + i * ldc, c + i * ldc + vec_cols, T(0));
+        return;
+    }
+    for (Index k0 = 0; k0 < depth; k0 += kKBlock) {
+        const Index kd = std::min(kKBlock, depth - k0);
+        const bool add = accumulate || k0 > 0;
+        for (Index j0 = 0; j0 < vec_cols; j0 += kNBlock) {
+            const Index nd = std::min(kNBlock, vec_cols - j0);
+            for (Index i = 0; i < rows; i += kTileRows)
+                tile_rows<T>(std::min<Index>(kTileRows, rows - i), a + i * a_row + k0 * a_k, a_row, a_k,
+                             b + k0 * ldb + j0, ldb, c + i * ldc + j0, ldc, kd, nd, alpha, add);
+        }
+    }
+}
+
+/// tiled_block over all threads: C is cut along its longer side into one contiguous slab
+/// per thread (whole row tiles, or whole packets of columns), each done by tiled_block. One
+/// fork per product, and each thread's sums run in the same order as on one thread.
+template <class T>
+void tiled_product(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index a_row, Index a_k,
+                   const T* b, Index ldb, Index depth, T alpha, bool accumulate) {
+    const bool by_rows = rows >= vec_cols;
+    const Index unit = by_rows ? kTileRows : kPacket<T>;
+    const Index units = ((by_rows ? rows : vec_cols) + unit - 1) / unit;
+    const Index parts = std::min<Index>(lowrank::detail::available_threads(), units);
+    lowrank::detail::parallel_for(parts, rows * vec_cols * std::max<Index>(depth, 1) / std::max<Index>(parts, 1),
+                                  [&](Index p) {
+        const Index first = units * p / parts * unit, last = units * (p + 1) / parts * unit;
+        if (by_rows) {
+            const Index r = std::min(last, rows) - first;
+            if (r > 0)
+                tiled_block<T>(c + first * ldc, ldc, r, vec_cols, a + first * a_row, a_row, a_k, b, ldb, depth,
+                               alpha, accumulate);
+        } else {
+            const Index n = std::min(last, vec_cols) - first;
+            if (n > 0)
+                tiled_block<T>(c + first, ldc, rows, n, a, a_row, a_k, b + first, ldb, depth, alpha, accumulate);
+        }
+    });
+}
+
+/// c[i * ldc + j] = alpha * <a row i, bt row j> (+ c), for i < R, j < NC: dot products
+/// along the inner dimension, vectorised along it, reduced at the end.
+template <class T, int R, int NC>
+void dot_tile(const T* a, Index lda, const T* bt, Index ldb, T* c, Index ldc, Index depth, T alpha,
+              bool add) {
+    using Packet = typename Eigen::internal::packet_traits<T>::type;
+    using namespace Eigen::internal;
+    constexpr int W = kPacket<T>;
+    Packet acc[R][NC];
+    for (int i = 0; i < R; ++i)
+        for (int j = 0; j < NC; ++j) acc[i][j] = pset1<Packet>(T(0));
+    Index k = 0;
+    for (; k + W <= depth; k += W) {
+        Packet ai[R];
+        for (int i = 0; i < R; ++i) ai[i] = ploadu<Packet>(a + i * lda + k);
+        for (int j = 0; j < NC; ++j) {
+            const Packet bj = ploadu<Packet>(bt + j * ldb + k);
+            for (int i = 0; i < R; ++i) acc[i][j] = pmadd(ai[i], bj, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < R; ++i)
+        for (int j = 0; j < NC; ++j) {
+            T sum = predux(acc[i][j]);
+            for (Index kk = k; kk < depth; ++kk) sum += a[i * lda + kk] * bt[j * ldb + kk];
+            T& out = c[i * ldc + j];
+            out = add ? out + alpha * sum : alpha * sum;
+        }
+}
+
+template <class T, int R>
+void dot_row(const T* a, Index lda, const T* bt, Index ldb, T* c, Index ldc, Index depth, Index cols,
+             T alpha, bool add) {
+    constexpr int NC = kDotCols;
+    Index j = 0;
+    for (; j + NC <= cols; j += NC) dot_tile<T, R, NC>(a, lda, bt + j * ldb, ldb, c + j, ldc, depth, alpha, add);
+    const T* b = bt + j * ldb;
+    switch (cols - j) {  // the last columns in one tile, so that A's rows are read once more at most
+        case 0: break;
+        case 1: dot_tile<T, R, 1>(a, lda, b, ldb, c + j, ldc, depth, alpha, add); break;
+        case 2: dot_tile<T, R, 2>(a, lda, b, ldb, c + j, ldc, depth, alpha, add); break;
+        case 3: dot_tile<T, R, 3>(a, lda, b, ldb, c + j, ldc, depth, alpha, add); break;
+        case 4: dot_tile<T, R, 4>(a, lda, b, ldb, c + j, ldc, depth, alpha, add); break;
+        case 5: dot_tile<T, R, 5>(a, lda, b, ldb, c + j, ldc, depth, alpha, add); break;
+        case 6: dot_tile<T, R, 6>(a, lda, b, ldb, c + j, ldc, depth, alpha, add); break;
+        default: dot_tile<T, R, 7>(a, lda, b, ldb, c + j, ldc, depth, alpha, add); break;
+    }
+}
+
+}  // namespace detail
+
+/// C = alpha * A * B, or C += alpha * A * B with `accumulate`: A (m x k), B (k x n), C (m x n),
+/// all row-major. C must not overlap A or B.
+template <class T>
+void gemm_nn(RowMajorView<T> c, const ConstRowMajorView<T>& a, const ConstRowMajorView<T>& b, T alpha,
+             bool accumulate) {
+    if (a.cols() != b.rows() || c.rows() != a.rows() || c.cols() != b.cols())
+        detail::throw_shapes("gemm_nn", "A B", c.rows(), c.cols(), a.rows(), a.cols(), b.rows(), b.cols());
+    Index vec_cols = 0;
+    if constexpr (detail::kVectorised<T>) {
+        vec_cols = c.cols() / detail::kPacket<T> * detail::kPacket<T>;
+        if (vec_cols > 0 && c.rows() > 0)
+            detail::tiled_product<T>(c.data(), c.outerStride(), c.rows(), vec_cols, a.data(), a.outerStride(), 1,
+                                     b.data(), b.outerStride(), a.cols(), alpha, accumulate);
+    }
+    if (const Index rest = c.cols() - vec_cols; rest > 0) {  // coefficient-wise: no threads
+        if (accumulate)
+            c.rightCols(rest) += alpha * a.lazyProduct(b.rightCols(rest));
+        else
+            c.rightCols(rest) = alpha * a.lazyProduct(b.rightCols(rest));
+    }
+}
+
+/// C = alpha * A^T * B, or C += alpha * A^T * B with `accumulate`: A (k x m), B (k x n),
+/// C (m x n), all row-major; k is the long dimension (tokens). C must not overlap A or B.
+template <class T>
+void gemm_tn(RowMajorView<T> c, const ConstRowMajorView<T>& a, const ConstRowMajorView<T>& b, T alpha,
+             bool accumulate) {
+    if (a.rows() != b.rows() || c.rows() != a.cols() || c.cols() != b.cols())
+        detail::throw_shapes("gemm_tn", "A^T B", c.rows(), c.cols(), a.rows(), a.cols(), b.rows(), b.cols());
+    Index vec_cols = 0;
+    if constexpr (detail::kVectorised<T>) {
+        vec_cols = c.cols() / detail::kPacket<T> * detail::kPacket<T>;
+        if (vec_cols > 0 && c.rows() > 0)
+            detail::tiled_product<T>(c.data(), c.outerStride(), c.rows(), vec_cols, a.data(), 1, a.outerStride(),
+                                     b.data(), b.outerStride(), a.rows(), alpha, accumulate);
+    }
+    if (const Index rest = c.cols() - vec_cols; rest > 0) {  // coefficient-wise: no threads
+        if (accumulate)
+            c.rightCols(rest) += alpha * a.transpose().lazyProduct(b.rightCols(rest));
+        else
+            c.rightCols(rest) = alpha * a.transpose().lazyProduct(b.rightCols(rest));
+    }
+}
+
+/// C = alpha * A * Bt^T, or C += alpha * A * Bt^T with `accumulate`: A (m x k), Bt (n x k),
+/// C (m x n), all row-major; for a narrow C (n = r) and a long inner dimension k, such as
+/// x V with V^T at hand. Each entry is a dot product of two contiguous rows, vectorised
+/// along k, so any n is served. C must not overlap A or Bt.
+template <class T>
+void gemm_nt(RowMajorView<T> c, const ConstRowMajorView<T>& a, const ConstRowMajorView<T>& bt, T alpha,
+             bool accumulate) {
+    if (a.cols() != bt.cols() || c.rows() != a.rows() || c.cols() != bt.rows())
+        detail::throw_shapes("gemm_nt", "A B^T", c.rows(), c.cols(), a.rows(), a.cols(), bt.rows(), bt.cols());
+    if constexpr (detail::kVectorised<T>) {
+        const Index rows = c.rows(), blocks = (rows + detail::kDotRows - 1) / detail::kDotRows;
+        const Index lda = a.outerStride(), ldb = bt.outerStride(), ldc = c.outerStride(), depth = a.cols();
+        lowrank::detail::parallel_for(blocks, detail::kDotRows * depth * c.cols(), [&](Index blk) {
+            const Index i = blk * detail::kDotRows, r = std::min<Index>(detail::kDotRows, rows - i);
+            const T* ai = a.data() + i * lda;
+            T* ci = c.data() + i * ldc;
+            if (r == 3)
+                detail::dot_row<T, 3>(ai, lda, bt.data(), ldb, ci, ldc, depth, c.cols(), alpha, accumulate);
+            else if (r == 2)
+                detail::dot_row<T, 2>(ai, lda, bt.data(), ldb, ci, ldc, depth, c.cols(), alpha, accumulate);
+            else
+                detail::dot_row<T, 1>(ai, lda, bt.data(), ldb, ci, ldc, depth, c.cols(), alpha, accumulate);
+        });
+    } else if (accumulate) {
+        c += alpha * a.lazyProduct(bt.transpose());
+    } else {
+        c = alpha * a.lazyProduct(bt.transpose());
+    }
+}
+
+/// C = alpha * A * B (+ C) for a narrow C (n = r columns), with both B (k x n) and B^T
+/// (n x k) at hand: the columns that fill whole SIMD packets go through gemm_nn's register
+/// tiles, the rest (all of C when n is below one packet, e.g. r = 8 floats with AVX-512)
+/// through gemm_nt's dot products, which ran about twice as fast as either tiled product
+/// there.
+template <class T>
+void gemm_narrow(RowMajorView<T> c, const ConstRowMajorView<T>& a, const ConstRowMajorView<T>& b,
+                 const ConstRowMajorView<T>& bt, T alpha, bool accumulate) {
+    if (a.cols() != b.rows() || c.rows() != a.rows() || c.cols() != b.cols())
+        detail::throw_shapes("gemm_narrow", "A B", c.rows(), c.cols(), a.rows(), a.cols(), b.rows(), b.cols());
+    if (bt.rows() != b.cols() || bt.cols() != b.rows())
+        throw Error(lowrank::detail::concat("gemm_narrow: B^T ", shape_string(bt.rows(), bt.cols()),
+                                            " is not the transpose of B ", shape_string(b.rows(), b.cols())));
+    Index vec = 0;
+    if constexpr (detail::kVectorised<T>) vec = c.cols() / detail::kPacket<T> * detail::kPacket<T>;
+    if (vec > 0) gemm_nn<T>(c.leftCols(vec), a, b.leftCols(vec), alpha, accumulate);
+    if (const Index rest = c.cols() - vec; rest > 0)
+        gemm_nt<T>(c.rightCols(rest), a, bt.bottomRows(rest), alpha, accumulate);
+}
+
+}  // namespace lowrank::linalg
