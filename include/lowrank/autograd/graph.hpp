@@ -89,8 +89,8 @@ void ensure_shape(Eigen::PlainObjectBase<M>& m, Index rows, Index cols) {
 /// out.row(0) += the column sums of `m` (any row-major matrix expression, e.g. dy or
 /// dy.cwiseProduct(xhat)): one pass over m, a row at a time. Every bias gradient goes
 /// through here. Eigen 3.4's `m.colwise().sum()` of a row-major matrix reduces one strided
-/// column at a time and ran at a seventh of memory speed (docs/performance.md, "Where a
-/// low-rank step's time goes"); adding whole rows is contiguous and vectorised.
+/// column at a time and ran at a seventh of memory speed (1.8-2.6 ms against 0.26 ms for
+/// this loop on a 4096 x 1024 dy); adding whole rows is contiguous and vectorised.
 template <class Out, class Expr>
 void add_column_sums(Out& out, const Eigen::MatrixBase<Expr>& m) {
     auto acc = out.row(0);
@@ -101,8 +101,8 @@ void add_column_sums(Out& out, const Eigen::MatrixBase<Expr>& m) {
 /// thin (rows >= 4 cols, cols <= 256: the m x r gradient of a factor) the product goes into
 /// a column-major scratch first and is then added: Eigen then packs the long side (dy^T or
 /// x^T, contiguous in a row-major activation) as its left operand, which ran 13-35% faster
-/// at m = 768-1024, r = 64, N = 4096 (docs/performance.md, "Where a low-rank step's time
-/// goes"); the add back touches only m x r entries. Any other shape (a square or wide
+/// at m = 768-1024, r = 64, N = 4096 (docs/performance.md, "Thin products"); the add back
+/// touches only m x r entries. Any other shape (a square or wide
 /// dense gradient, where the transposing add would cost more than it saves) goes straight
 /// into dst. `scratch` is owned by the node, so steady-state steps allocate nothing.
 template <class Dst, class Product, class Scalar>
