@@ -65,4 +65,14 @@ inline void set_rate_counters(benchmark::State& state, double flops_per_iteratio
         benchmark::Counter(iterations * items_per_iteration, benchmark::Counter::kIsRate);
 }
 
+/// Registers one shape of a layer or product benchmark as `name/d:D/N:N/r:R`, timed by
+/// wall clock, in milliseconds: the names scripts/bench_table.py and the docs select by.
+inline void add_shape(const char* name, void (*fn)(benchmark::State&), int d, int n, int r) {
+    benchmark::RegisterBenchmark(name, fn)
+        ->ArgNames({"d", "N", "r"})
+        ->Args({d, n, r})
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+}
+
 }  // namespace lowrank::bench

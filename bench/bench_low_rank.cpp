@@ -283,36 +283,29 @@ constexpr int kTokens[] = {512, 4096};
 constexpr int kRanks[] = {8, 32, 64, 128, 256};  // all <= floor(d / 2): IncrementalRankLinear's
                                                  // capacity, and 2r <= d for DeepLowRankLinear
 
-/// Registers one shape of one benchmark. Every shape is registered on its own, grouped by
-/// (d, N, r), so that the layers and paths compared with each other run back to back and
-/// right after the dense reference of their group.
-void add(const char* name, void (*fn)(benchmark::State&), int d, int n, int r) {
-    benchmark::RegisterBenchmark(name, fn)
-        ->ArgNames({"d", "N", "r"})
-        ->Args({d, n, r})
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
-}
-
+/// Every shape is registered on its own, grouped by (d, N, r), so that the layers and paths
+/// compared with each other run back to back and right after the dense reference of their
+/// group.
 bool register_all() {
+    using lowrank::bench::add_shape;
     const Index one_pass_limit = lowrank::detail::low_rank_one_pass_max_rank();
     for (const int d : kDims)
         for (const int n : kTokens)
             for (const int r : kRanks) {
-                add("BM_LowRankLinear_fwd", low_rank<false>, d, n, r);
-                add("BM_IncrementalRankLinear_fwd", incremental<false>, d, n, r);
-                add("BM_SpectralLinear_fwd", spectral<false>, d, n, r);
-                add("BM_DeepLowRankLinear_fwd", deep<false>, d, n, r);
-                add("BM_LowRankLinear_fwdbwd", low_rank<true>, d, n, r);
+                add_shape("BM_LowRankLinear_fwd", low_rank<false>, d, n, r);
+                add_shape("BM_IncrementalRankLinear_fwd", incremental<false>, d, n, r);
+                add_shape("BM_SpectralLinear_fwd", spectral<false>, d, n, r);
+                add_shape("BM_DeepLowRankLinear_fwd", deep<false>, d, n, r);
+                add_shape("BM_LowRankLinear_fwdbwd", low_rank<true>, d, n, r);
                 // LowRankLinear's other backward path at the same shape: the GEMMs forced where
                 // the default is the one-pass kernel, the one-pass kernel forced above it.
                 if (r <= one_pass_limit)
-                    add("BM_LowRankLinear_gemm_fwdbwd", low_rank<true, Path::gemm>, d, n, r);
+                    add_shape("BM_LowRankLinear_gemm_fwdbwd", low_rank<true, Path::gemm>, d, n, r);
                 else if (r <= 128)
-                    add("BM_LowRankLinear_onepass_fwdbwd", low_rank<true, Path::one_pass>, d, n, r);
-                add("BM_IncrementalRankLinear_fwdbwd", incremental<true>, d, n, r);
-                add("BM_SpectralLinear_fwdbwd", spectral<true>, d, n, r);
-                add("BM_DeepLowRankLinear_fwdbwd", deep<true>, d, n, r);
+                    add_shape("BM_LowRankLinear_onepass_fwdbwd", low_rank<true, Path::one_pass>, d, n, r);
+                add_shape("BM_IncrementalRankLinear_fwdbwd", incremental<true>, d, n, r);
+                add_shape("BM_SpectralLinear_fwdbwd", spectral<true>, d, n, r);
+                add_shape("BM_DeepLowRankLinear_fwdbwd", deep<true>, d, n, r);
             }
     return true;
 }

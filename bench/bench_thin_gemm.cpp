@@ -78,12 +78,7 @@ void thin_product(benchmark::State& state) {
 void add(const char* name, void (*fn)(benchmark::State&)) {
     for (const int d : {768, 1024})
         for (const int n : {512, 4096})
-            for (const int r : {8, 64})
-                benchmark::RegisterBenchmark(name, fn)
-                    ->ArgNames({"d", "N", "r"})
-                    ->Args({d, n, r})
-                    ->UseRealTime()
-                    ->Unit(benchmark::kMillisecond);
+            for (const int r : {8, 64}) lowrank::bench::add_shape(name, fn, d, n, r);
 }
 
 bool register_all() {

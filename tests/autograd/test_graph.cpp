@@ -552,4 +552,23 @@ TEST_CASE("every op's shape check names the op and the offending shapes or value
     CHECK_THROWS_AS(lowrank::embedding(g, table, std::vector<std::int32_t>{10}), lowrank::Error);
 }
 
+TEST_CASE("add_product adds a weight gradient through either layout", "[autograd]") {
+    // Tall, thin destinations (rows >= 4 cols, cols <= 256) go through a column-major
+    // scratch; every other shape straight into the destination. Both must add the same
+    // product, also into a block of a wider matrix (the active columns of a factor).
+    Rng rng(5);
+    lowrank::ColMatrix<double> scratch;
+    for (auto [m, n] : {std::pair<Index, Index>{40, 6}, {6, 40}, {12, 10}, {300, 260}}) {
+        INFO("dst " << m << " x " << n);
+        MatrixD dy(50, m), x(50, n), dst(m, n + 3);
+        lowrank::init::normal<double>(dy, rng);
+        lowrank::init::normal<double>(x, rng);
+        lowrank::init::normal<double>(dst, rng);
+        MatrixD want = dst;
+        want.leftCols(n) += 0.5 * dy.transpose() * x;
+        lowrank::detail::add_product(dst.leftCols(n), 0.5 * dy.transpose() * x, scratch);
+        CHECK((dst - want).cwiseAbs().maxCoeff() < 1e-12);
+    }
+}
+
 }  // namespace test_graph

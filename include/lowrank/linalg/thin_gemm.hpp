@@ -168,6 +168,27 @@ void tiled_product(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Inde
     });
 }
 
+/// C (+)= alpha * op(A) B, the body of gemm_nn and gemm_tn: op(A)(i, k) = a[i * a_row +
+/// k * a_k] for the register tiles, and `op_a`, the same operand as an Eigen expression, for
+/// the columns past the last whole packet (coefficient-wise lazyProduct: no threads).
+template <class T, class OpA>
+void strided_product(RowMajorView<T> c, const OpA& op_a, const T* a, Index a_row, Index a_k,
+                     const ConstRowMajorView<T>& b, T alpha, bool accumulate) {
+    Index vec_cols = 0;
+    if constexpr (kVectorised<T>) {
+        vec_cols = c.cols() / kPacket<T> * kPacket<T>;
+        if (vec_cols > 0 && c.rows() > 0)
+            tiled_product<T>(c.data(), c.outerStride(), c.rows(), vec_cols, a, a_row, a_k, b.data(), b.outerStride(),
+                             b.rows(), alpha, accumulate);
+    }
+    if (const Index rest = c.cols() - vec_cols; rest > 0) {
+        if (accumulate)
+            c.rightCols(rest) += alpha * op_a.lazyProduct(b.rightCols(rest));
+        else
+            c.rightCols(rest) = alpha * op_a.lazyProduct(b.rightCols(rest));
+    }
+}
+
 /// c[i * ldc + j] = alpha * <a row i, bt row j> (+ c), for i < R, j < NC: dot products
 /// along the inner dimension, vectorised along it, reduced at the end.
 template <class T, int R, int NC>
@@ -225,19 +246,7 @@ void gemm_nn(RowMajorView<T> c, const ConstRowMajorView<T>& a, const ConstRowMaj
              bool accumulate) {
     if (a.cols() != b.rows() || c.rows() != a.rows() || c.cols() != b.cols())
         detail::throw_shapes("gemm_nn", "A B", c.rows(), c.cols(), a.rows(), a.cols(), b.rows(), b.cols());
-    Index vec_cols = 0;
-    if constexpr (detail::kVectorised<T>) {
-        vec_cols = c.cols() / detail::kPacket<T> * detail::kPacket<T>;
-        if (vec_cols > 0 && c.rows() > 0)
-            detail::tiled_product<T>(c.data(), c.outerStride(), c.rows(), vec_cols, a.data(), a.outerStride(), 1,
-                                     b.data(), b.outerStride(), a.cols(), alpha, accumulate);
-    }
-    if (const Index rest = c.cols() - vec_cols; rest > 0) {  // coefficient-wise: no threads
-        if (accumulate)
-            c.rightCols(rest) += alpha * a.lazyProduct(b.rightCols(rest));
-        else
-            c.rightCols(rest) = alpha * a.lazyProduct(b.rightCols(rest));
-    }
+    detail::strided_product<T>(c, a, a.data(), a.outerStride(), 1, b, alpha, accumulate);
 }
 
 /// C = alpha * A^T * B, or C += alpha * A^T * B with `accumulate`: A (k x m), B (k x n),
@@ -247,19 +256,7 @@ void gemm_tn(RowMajorView<T> c, const ConstRowMajorView<T>& a, const ConstRowMaj
              bool accumulate) {
     if (a.rows() != b.rows() || c.rows() != a.cols() || c.cols() != b.cols())
         detail::throw_shapes("gemm_tn", "A^T B", c.rows(), c.cols(), a.rows(), a.cols(), b.rows(), b.cols());
-    Index vec_cols = 0;
-    if constexpr (detail::kVectorised<T>) {
-        vec_cols = c.cols() / detail::kPacket<T> * detail::kPacket<T>;
-        if (vec_cols > 0 && c.rows() > 0)
-            detail::tiled_product<T>(c.data(), c.outerStride(), c.rows(), vec_cols, a.data(), 1, a.outerStride(),
-                                     b.data(), b.outerStride(), a.rows(), alpha, accumulate);
-    }
-    if (const Index rest = c.cols() - vec_cols; rest > 0) {  // coefficient-wise: no threads
-        if (accumulate)
-            c.rightCols(rest) += alpha * a.transpose().lazyProduct(b.rightCols(rest));
-        else
-            c.rightCols(rest) = alpha * a.transpose().lazyProduct(b.rightCols(rest));
-    }
+    detail::strided_product<T>(c, a.transpose(), a.data(), 1, a.outerStride(), b, alpha, accumulate);
 }
 
 /// C = alpha * A * Bt^T, or C += alpha * A * Bt^T with `accumulate`: A (m x k), Bt (n x k),
