@@ -34,6 +34,18 @@ bool has_gradient(const Parameter<T>& p) {
     return p.trainable && p.grad.size() != 0;
 }
 
+/// Scales the gradients by max_norm / (norm + 1e-6) when that is below 1 (PyTorch's rule:
+/// the coefficient clamped at 1), given their global norm; returns whether it scaled.
+template <class T>
+bool scale_grad_to_norm(const ParameterList<T>& params, double norm, double max_norm) {
+    const double coef = max_norm / (norm + 1e-6);
+    if (!(coef < 1.0)) return false;
+    const auto c = static_cast<T>(coef);
+    for (Parameter<T>* p : params)
+        if (has_gradient(*p)) p->grad *= c;
+    return true;
+}
+
 }  // namespace detail
 
 /// The L2 norm of all trainable parameters' gradients taken as one vector, accumulated in
@@ -63,13 +75,7 @@ double clip_grad_norm(const ParameterList<T>& params, double max_norm) {
         throw Error(detail::concat("clip_grad_norm: the gradient norm is not finite (", norm,
                                    "): the sum of squares overflowed"));
     }
-    // PyTorch's rule: scale by the coefficient clamped at 1.
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) {
-        const auto c = static_cast<T>(coef);
-        for (Parameter<T>* p : params)
-            if (detail::has_gradient(*p)) p->grad *= c;
-    }
+    detail::scale_grad_to_norm(params, norm, max_norm);
     return norm;
 }
 

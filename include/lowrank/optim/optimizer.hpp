@@ -189,6 +189,7 @@ public:
                   "' appears in more than one group (or twice in this one)");
         }
         groups_.push_back(ParamGroup<T>{std::move(params), std::move(options)});
+        ++membership_version_;
     }
 
     /// Takes parameters out of their groups and drops their state: a layer being swapped
@@ -202,6 +203,7 @@ public:
             list.erase(std::find(list.begin(), list.end(), params[i]));
             states_.erase(params[i]->id());
         }
+        ++membership_version_;
         return where;
     }
 
@@ -219,7 +221,13 @@ public:
             states_.erase(p->id());
             groups_[i].params.push_back(p);
         }
+        ++membership_version_;
     }
+
+    /// Changes whenever a parameter joins or leaves a group (add_group, add_to_group,
+    /// remove_parameters): how a training run learns, without re-reading the model at
+    /// every step, that a policy swapped a layer.
+    std::uint64_t membership_version() const { return membership_version_; }
 
     /// The index of the group that holds p.
     std::size_t group_of(const Parameter<T>& p) const { return group_index_of(&p, "group_of"); }
@@ -447,6 +455,7 @@ private:
     std::unordered_map<std::uint64_t, State> states_;
     double base_lr_ = 0.0;
     double lr_scale_ = 1.0;
+    std::uint64_t membership_version_ = 0;
 };
 
 }  // namespace lowrank
