@@ -17,6 +17,8 @@
 #include <lowrank/train/evaluate.hpp>
 #include <lowrank/train/metrics_log.hpp>
 #include <lowrank/train/progress.hpp>
+#include <lowrank/train/callbacks.hpp>
+#include <lowrank/train/run.hpp>
 
 #include "common/method_cli.hpp"
 
@@ -87,7 +89,7 @@ std::vector<std::string> layer_kinds(const Model& model) {
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-int run(const Config& cfg) {
+int train(const Config& cfg) {
     const auto wall_start = Clock::now();
     lowrank::tune_allocator();
     lowrank::set_num_threads(cfg.threads);
@@ -126,18 +128,23 @@ int run(const Config& cfg) {
     lowrank::LrSchedule schedule(
         lowrank::ScheduleOptions{.kind = kind, .warmup_steps = warmup, .total_steps = total_steps});
 
-    // The method: rank policies that convert the hidden layers and act during training.
-    lowrank::RankLog rank_log;
-    lowrank::TrainingContext<float> ctx(model.layer_slots(), opt, schedule, rank_log);
-    ctx.steps_per_epoch = steps_per_epoch;
-    ctx.total_steps = total_steps;
-    lowrank::PolicyList<float> policies = lowrank::examples::make_policies<float>(
-        cfg.method, cfg.hidden / 4, lowrank::LayerSelector{.roles = {"hidden"}}, rng.next_u64());
-    policies.on_train_begin(ctx);
+    // The run: it owns the step (the policies' hooks, the schedule, the counters) and ends
+    // each epoch itself after steps_per_epoch steps. The method's policies convert the
+    // hidden layers at begin().
+    lowrank::TrainingRun<float> run(model, opt,
+                                    {.schedule = schedule,
+                                     .steps_per_epoch = steps_per_epoch,
+                                     .total_steps = total_steps,
+                                     .seed = cfg.seed,
+                                     .identity = {{"method", cfg.method.method}, {"seed", cfg.seed}}});
+    run.add(lowrank::examples::make_policies<float>(cfg.method, cfg.hidden / 4,
+                                                     lowrank::LayerSelector{.roles = {"hidden"}}, rng.next_u64()));
+    run.begin();
     const lowrank::Index params = parameter_count(model);
     const lowrank::Index trainable = trainable_count(model);
     const std::string rank_log_path =
         cfg.rank_log.empty() && cfg.method.method != "dense" ? "lowrank-mlp-" + cfg.method.method + ".ranks.jsonl" : cfg.rank_log;
+    if (!rank_log_path.empty()) lowrank::check_writable(rank_log_path, "--rank-log");
 
     if (!cfg.quiet) {
         std::string arch;
@@ -150,55 +157,34 @@ int run(const Config& cfg) {
                      cfg.method.method.c_str(), static_cast<long long>(params), static_cast<long long>(trainable),
                      static_cast<long long>(steps_per_epoch), cfg.threads);
     }
+    run.attach<lowrank::ProgressCallback<float>>(lowrank::ProgressCallback<float>::Options{
+        .bar = {.enabled = !cfg.quiet}, .samples_per_step = cfg.batch, .epochs = cfg.epochs});
 
-    lowrank::Graph<float> graph(cfg.seed);
     lowrank::ClassifierEvaluator<float> evaluator(1000);
-    lowrank::ProgressBar bar(lowrank::ProgressOptions{.enabled = !cfg.quiet});
     lowrank::Matrix<float> xb;
     std::vector<std::int32_t> yb;
 
-    std::int64_t step = 0;
     double train_seconds = 0.0, eval_seconds = 0.0, train_loss = 0.0, lr_now = 0.0;
     lowrank::EvalResult test;
     for (int epoch = 0; epoch < cfg.epochs; ++epoch) {
-        bar.begin_epoch(epoch + 1, cfg.epochs, steps_per_epoch);
-        ctx.epoch = epoch;
         const auto epoch_start = Clock::now();
         double loss_sum = 0.0;
-        std::int64_t seen = 0, batch_in_epoch = 0;
+        std::int64_t seen = 0;
         for (std::span<const lowrank::Index> idx : batcher.epoch(epoch)) {
             lowrank::gather_rows(data.train.images, idx, xb);
             lowrank::gather_rows(data.train.labels, idx, yb);
-            ctx.step = step;
-            policies.before_forward(ctx);
-            graph.clear();
-            const auto logits = model.forward(graph, graph.input(xb));
-            const auto loss = lowrank::cross_entropy(graph, logits, yb);
-            const double loss_value = loss.item();
-            if (!std::isfinite(loss_value))
-                throw lowrank::Error("non-finite loss (" + std::to_string(loss_value) + ") at epoch " +
-                                     std::to_string(epoch + 1) + ", step " + std::to_string(step) +
-                                     "; try a smaller --lr");
-            opt.zero_grad();
-            graph.backward(loss);
-            policies.after_backward(ctx);
-            lr_now = cfg.lr * schedule.apply(opt, step);
-            opt.step();
-            ++step;
-            ctx.step = step;
-            policies.after_step(ctx);
-            ++batch_in_epoch;
+            const lowrank::StepResult r = run.step(
+                [&](lowrank::Graph<float>& g) { return lowrank::cross_entropy(g, model.forward(g, g.input(xb)), yb); });
+            lr_now = r.lr;
             const auto k = static_cast<std::int64_t>(idx.size());
-            loss_sum += loss_value * static_cast<double>(k);
+            loss_sum += r.loss * static_cast<double>(k);
             seen += k;
-            bar.update(batch_in_epoch, loss_value, k);
         }
+        // The epoch's last step ended it: the policies' on_epoch_end has run.
         const double epoch_seconds = seconds_since(epoch_start);
         train_seconds += epoch_seconds;
-        bar.finish();
         train_loss = loss_sum / static_cast<double>(seen);
-        policies.on_epoch_end(ctx);
-        if (!rank_log_path.empty()) rank_log.write_jsonl(rank_log_path);
+        if (!rank_log_path.empty()) run.rank_log().write_jsonl(rank_log_path);
 
         const auto eval_start = Clock::now();
         test = evaluator(model, data.test.images, data.test.labels);
@@ -213,7 +199,7 @@ int run(const Config& cfg) {
         if (log)
             log->write(lowrank::JsonLine()
                            .field("epoch", epoch + 1)
-                           .field("step", step)
+                           .field("step", run.global_step())
                            .field("train_loss", train_loss)
                            .field("test_loss", test.loss)
                            .field("test_accuracy", test.accuracy)
@@ -223,6 +209,7 @@ int run(const Config& cfg) {
                            .field("ranks", layer_ranks(model))
                            .field("trainable_params", trainable_count(model)));
     }
+    run.finish();
 
     const double samples = static_cast<double>(batcher.samples_per_epoch()) * cfg.epochs;
     nlohmann::ordered_json result;
@@ -242,9 +229,9 @@ int run(const Config& cfg) {
         result["rank_log"] = nullptr;
     else
         result["rank_log"] = rank_log_path;
-    result["rank_events"] = rank_log.size();
+    result["rank_events"] = run.rank_log().size();
     result["epochs"] = cfg.epochs;
-    result["steps"] = step;
+    result["steps"] = run.global_step();
     result["hidden"] = cfg.hidden;
     result["layers"] = cfg.layers;
     result["batch"] = cfg.batch;
@@ -312,7 +299,7 @@ int main(int argc, char** argv) {
     }
 
     try {
-        return run(cfg);
+        return train(cfg);
     } catch (const std::bad_alloc&) {
         std::cerr << "lowrank-mlp: error: out of memory (try a smaller --hidden or --batch)\n";
     } catch (const std::exception& e) {

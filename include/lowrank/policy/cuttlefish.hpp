@@ -106,6 +106,8 @@ struct CuttlefishLayer {
 template <class T>
 class Cuttlefish : public RankPolicy<T> {
 public:
+    using Options = CuttlefishOptions;
+
     explicit Cuttlefish(CuttlefishOptions options = {}) : options_(std::move(options)) { validate(options_); }
 
     std::string_view name() const override { return "cuttlefish"; }
@@ -344,7 +346,7 @@ public:
     }
 
     void after_step(TrainingContext<T>& ctx) override {
-        if (options_.track_every_steps > 0 && !switched_ && ctx.step > 0 && ctx.step % options_.track_every_steps == 0)
+        if (options_.track_every_steps > 0 && !switched_ && ctx.step() > 0 && ctx.step() % options_.track_every_steps == 0)
             track(ctx);
     }
 
@@ -437,8 +439,8 @@ private:
             ctx.record(name(), l.name, "switch", l.d, r, "stable_rank", static_cast<double>(l.history.back()));
         }
         switched_ = true;
-        switch_step_ = ctx.step;
-        switch_epoch_ = ctx.epoch;
+        switch_step_ = ctx.step();
+        switch_epoch_ = ctx.epoch();
         ctx.rewarm(options_.rewarm_steps);
     }
 

@@ -1,7 +1,7 @@
 #pragma once
 // DeepLora: Deep LoRA (Yaras, Wang, Balzano, Qu, "Compressible dynamics in deep
-// overparameterized low-rank learning & adaptation", arXiv 2406.04112; METHODS.md "Deep
-// LoRA").
+// overparameterized low-rank learning & adaptation", arXiv 2406.04112; page:
+// docs/methods/deep_lora.md).
 //
 // At on_train_begin every selected layer becomes a DeepLowRankLinear: W = W0 + W_L ... W_1
 // with W0 the layer's current weight, frozen (keep_base), or W = W_L ... W_1 alone; each
@@ -27,8 +27,9 @@
 //  - Default width: the layer's min(out, in) (the authors: max(out, in) for adapters, the
 //    matrix size for completion). With min the end-to-end product at init has full rank
 //    min(out, in) either way, and the wide factors cost less.
-//  - gamma defaults to 0.01 (the authors' adapter default is 0): METHODS.md notes that frozen
-//    bases are exact only for fully observed targets, and a mini-batch gradient is noisy.
+//  - gamma defaults to 0.01 (the authors' adapter default is 0): frozen bases are exact only
+//    for fully observed targets, and a mini-batch gradient is noisy (docs/methods/
+//    deep_lora.md, "Choosing the options").
 
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/init.hpp>
@@ -67,6 +68,8 @@ struct DeepLoraOptions {
 template <class T>
 class DeepLora : public RankPolicy<T> {
 public:
+    using Options = DeepLoraOptions;
+
     /// One converted layer.
     struct LayerState {
         std::string name;

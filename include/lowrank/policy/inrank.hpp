@@ -24,7 +24,7 @@
 // and stage 2 trains at fixed rank r.
 //
 // Where this differs from the authors' released code (see docs/methods/inrank.md):
-// - Checks count optimizer steps (ctx.step), not forward calls, so evaluation passes and
+// - Checks count optimizer steps (ctx.step()), not forward calls, so evaluation passes and
 //   gradient-accumulation micro-batches do not move the schedule. A check runs when
 //   step > warmup and (step - warmup) is a multiple of gap (the same steps as the authors'
 //   "step % gap == 0" whenever gap divides warmup, as with 200 and 25).
@@ -156,6 +156,8 @@ struct InRankLayerState {
 template <class T>
 class InRank : public RankPolicy<T> {
 public:
+    using Options = InRankOptions;
+
     explicit InRank(InRankOptions options = {}) : options_(std::move(options)), rng_(options_.seed) {
         constexpr std::string_view what = "InRank";
         const auto& o = options_;
@@ -206,17 +208,17 @@ public:
     /// The rank check (every gap optimizer steps after warmup) and, in the step-counted
     /// two-stage recipe, the truncation at the end of stage 1.
     void after_step(TrainingContext<T>& ctx) override {
-        if (stage_ == 2 || ctx.step == last_step_) return;
-        last_step_ = ctx.step;
-        if (inrank_is_check_step(ctx.step, options_.warmup, options_.gap)) check_ranks(ctx);
-        if (options_.two_stage && options_.stage1_steps > 0 && ctx.step >= options_.stage1_steps)
+        if (stage_ == 2 || ctx.step() == last_step_) return;
+        last_step_ = ctx.step();
+        if (inrank_is_check_step(ctx.step(), options_.warmup, options_.gap)) check_ranks(ctx);
+        if (options_.two_stage && options_.stage1_steps > 0 && ctx.step() >= options_.stage1_steps)
             truncate_all(ctx);
     }
 
     /// In the epoch-counted two-stage recipe, the truncation at the end of stage 1.
     void on_epoch_end(TrainingContext<T>& ctx) override {
         if (stage_ == 1 && options_.two_stage && options_.stage1_steps == 0 &&
-            ctx.epoch + 1 >= options_.stage1_epochs)
+            ctx.epoch() + 1 >= options_.stage1_epochs)
             truncate_all(ctx);
     }
 

@@ -1,5 +1,5 @@
 #pragma once
-// Fixed: the LoRA baseline (Hu et al., "LoRA: Low-Rank Adaptation of Large Language
+// Lora: the LoRA baseline (Hu et al., "LoRA: Low-Rank Adaptation of Large Language
 // Models", arXiv 2106.09685) as a rank policy.
 //
 // At the start of training every selected layer becomes W = W0 + s·B·A with W0 the layer's
@@ -7,7 +7,7 @@
 // function is unchanged; s = α / r. In LowRankLinear's names B is U and A is Vᵀ (V is
 // n × r). The bias is copied and stays trainable, in its own optimizer group. After that
 // the policy takes no decision: the rank is fixed. Pre-training from scratch this way can
-// only ever learn a rank-r update of the initialisation (METHODS.md, "LoRA").
+// only ever learn a rank-r update of the initialisation (docs/methods/lora.md).
 //
 // Where this differs from the authors' code (loralib, PEFT) and why:
 //  - α defaults to r (s = 1 at every rank), so a sweep over r does not also change the
@@ -43,7 +43,7 @@
 
 namespace lowrank {
 
-struct FixedOptions {
+struct LoraOptions {
     Index rank = 8;                 // r, in [1, min(out, in)] of every selected layer
     std::optional<double> alpha{};  // α, scale s = α / r; unset: α = r (s = 1); must be > 0
     bool freeze_base = true;        // W0 frozen (LoRA); false also trains W0 (dense + low-rank)
@@ -61,7 +61,7 @@ template <class T>
 class LoraAdapters {
 public:
     /// `policy` names the owner in messages ("lora", "relora").
-    LoraAdapters(const FixedOptions& options, std::string_view policy)
+    LoraAdapters(const LoraOptions& options, std::string_view policy)
         : options_(options), policy_(policy), rng_(options.seed) {
         check(options.rank >= 1, policy, "option rank: expected >= 1, got ", options.rank);
         if (options.alpha)
@@ -70,7 +70,7 @@ public:
                   *options.alpha);
     }
 
-    const FixedOptions& options() const { return options_; }
+    const LoraOptions& options() const { return options_; }
     Index rank() const { return options_.rank; }
     double alpha() const { return options_.alpha ? *options_.alpha : static_cast<double>(options_.rank); }
     double scale() const { return alpha() / static_cast<double>(options_.rank); }
@@ -146,7 +146,7 @@ public:
     }
 
 private:
-    FixedOptions options_;
+    LoraOptions options_;
     std::string policy_;
     Rng rng_;
     std::vector<AnyLinear<T>*> layers_;
@@ -157,9 +157,11 @@ private:
 
 /// LoRA: selected layers become W0 + (α/r)·U·Vᵀ with W0 frozen at their initial weight.
 template <class T>
-class Fixed : public RankPolicy<T> {
+class Lora : public RankPolicy<T> {
 public:
-    explicit Fixed(FixedOptions options = {}) : adapters_(options, "lora") {}
+    using Options = LoraOptions;
+
+    explicit Lora(LoraOptions options = {}) : adapters_(options, "lora") {}
 
     std::string_view name() const override { return "lora"; }
 
@@ -179,7 +181,7 @@ public:
         adapters_.rng().set_state(adapters_.check_saved(r));
     }
 
-    const FixedOptions& options() const { return adapters_.options(); }
+    const LoraOptions& options() const { return adapters_.options(); }
     Index rank() const { return adapters_.rank(); }
     double alpha() const { return adapters_.alpha(); }
     /// s = α / r.

@@ -5,6 +5,7 @@
 #include <lowrank/policy/deep_lora.hpp>
 #include <lowrank/policy/inrank.hpp>
 #include <lowrank/policy/lora.hpp>
+#include <lowrank/policy/policy_state.hpp>
 #include <lowrank/policy/rank_log.hpp>
 #include <lowrank/policy/rank_policy.hpp>
 #include <lowrank/policy/relora.hpp>

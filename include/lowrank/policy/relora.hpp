@@ -3,7 +3,7 @@
 // Updates", arXiv 2307.05695), in the form the SST paper (arXiv 2405.15481) compares
 // against as "ReLoRA*": no full-rank warm start.
 //
-// The layers start as in Fixed (lora.hpp): W = W0 + s·U·Vᵀ, W0 frozen, U = 0, V random.
+// The layers start as in Lora (lora.hpp): W = W0 + s·U·Vᵀ, W0 frozen, U = 0, V random.
 // Every `period` optimizer steps (counted by TrainingContext::step, in after_step):
 //
 //     W0 <- W0 + s·U·Vᵀ          the merge; the network's function does not change
@@ -20,8 +20,8 @@
 //  - No full-rank warm start (their runs first train the dense model for thousands of
 //    steps): this is the SST paper's ReLoRA*, LoRA from the first step.
 //  - Optimizer state: the authors prune 99% of Adam's moments by magnitude and keep the
-//    step count; METHODS.md asks for a full reset, the default here (state_reset = 1:
-//    moments and step count zeroed, so bias correction restarts). state_reset < 1 prunes
+//    step count; the default here is a full reset (state_reset = 1: moments and step count
+//    zeroed, so bias correction restarts; docs/methods/relora.md). state_reset < 1 prunes
 //    that fraction of each moment by magnitude, as their code does, keeping the step.
 //  - The re-warm-up multiplies whatever schedule the run uses by a linear ramp
 //    (LrSchedule::rewarm); their "cosine_restarts" is the same shape on a cosine.
@@ -48,7 +48,7 @@
 namespace lowrank {
 
 struct ReLoraOptions {
-    // The LoRA part, as in FixedOptions.
+    // The LoRA part, as in LoraOptions.
     Index rank = 8;                 // r, in [1, min(out, in)] of every selected layer
     std::optional<double> alpha{};  // α, scale s = α / r; unset: α = r (s = 1); must be > 0
     bool freeze_base = true;        // W0 frozen between merges; false also trains W0
@@ -64,8 +64,8 @@ struct ReLoraOptions {
                                      // 1 resets all (and the step count); below 1 zeroes the
                                      // smallest-magnitude entries and keeps the step (0.99: ReLoRA's code)
 
-    FixedOptions lora() const {
-        return FixedOptions{.rank = rank,
+    LoraOptions lora() const {
+        return LoraOptions{.rank = rank,
                             .alpha = alpha,
                             .freeze_base = freeze_base,
                             .train_bias = train_bias,
@@ -102,6 +102,8 @@ void prune_smallest(Matrix<T>& m, double fraction) {
 template <class T>
 class ReLora : public RankPolicy<T> {
 public:
+    using Options = ReLoraOptions;
+
     explicit ReLora(ReLoraOptions options = {})
         : options_(validated(options)), adapters_(options.lora(), "relora") {}
 
@@ -134,7 +136,7 @@ public:
     /// Restarts when the optimizer steps taken so far are a positive multiple of `period`.
     void after_step(TrainingContext<T>& ctx) override {
         check(adapters_.started(), "relora", "after_step called before on_train_begin");
-        if (ctx.step <= 0 || ctx.step % options_.period != 0 || ctx.step == last_restart_) return;
+        if (ctx.step() <= 0 || ctx.step() % options_.period != 0 || ctx.step() == last_restart_) return;
         restart(ctx);
     }
 
@@ -161,7 +163,7 @@ public:
             ctx.record(name(), l.name(), "restart", l.rank(), l.rank(), "merged_update_norm", norm);
         }
         ctx.rewarm(options_.rewarm_steps);
-        last_restart_ = ctx.step;
+        last_restart_ = ctx.step();
         ++restarts_;
     }
 

@@ -155,6 +155,8 @@ inline std::vector<Index> sst_sample(std::span<const double> weights, Index r, R
 template <class T>
 class Sst : public RankPolicy<T> {
 public:
+    using Options = SstOptions;
+
     explicit Sst(SstOptions options = {}) : options_(std::move(options)), rng_(options_.seed) {
         constexpr std::string_view what = "Sst";
         check(options_.rank >= 1, what, "option rank (r) must be >= 1, got ", options_.rank);
@@ -222,8 +224,8 @@ public:
     /// At an iteration start: draw and activate r pairs per layer, carry the optimizer
     /// state over, re-warm the learning rate. Idempotent within a step.
     void before_forward(TrainingContext<T>& ctx) override {
-        if (ctx.step % options_.iteration_steps != 0 || ctx.step == last_sample_step_) return;
-        last_sample_step_ = ctx.step;
+        if (ctx.step() % options_.iteration_steps != 0 || ctx.step() == last_sample_step_) return;
+        last_sample_step_ = ctx.step();
         for (std::size_t i = 0; i < layers_.size(); ++i) {
             auto& l = layer(i);
             const auto p = sst_probabilities<T>(l.sigma.value, options_.sampling);
@@ -232,7 +234,7 @@ public:
             carry_activation(ctx.optimizer(), l, changed);
             ctx.record(name(), l.name(), "sample", l.rank(), l.rank(), "sigma_mass_active", sigma_mass_active(l));
         }
-        if (ctx.step > 0) ctx.rewarm(options_.rewarm_steps);
+        if (ctx.step() > 0) ctx.rewarm(options_.rewarm_steps);
     }
 
     /// After each step: sigma >= 0 and unit-length active vectors; at a round end, re-SVD.
@@ -242,9 +244,9 @@ public:
             l.clamp_sigma();
             l.renormalize_active();
         }
-        if (ctx.step <= 0 || ctx.step % options_.iteration_steps != 0 || ctx.step == last_round_step_) return;
-        last_round_step_ = ctx.step;
-        const std::int64_t iterations_done = ctx.step / options_.iteration_steps;
+        if (ctx.step() <= 0 || ctx.step() % options_.iteration_steps != 0 || ctx.step() == last_round_step_) return;
+        last_round_step_ = ctx.step();
+        const std::int64_t iterations_done = ctx.step() / options_.iteration_steps;
         for (std::size_t i = 0; i < layers_.size(); ++i) {
             if (iterations_done % layers_[i].round_iterations != 0) continue;
             auto& l = layer(i);
