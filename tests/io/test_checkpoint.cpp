@@ -270,7 +270,7 @@ TEST_CASE("rng states round-trip exactly through JSON text", "[io][checkpoint]")
     CHECK_THROWS_WITH(rng_state_from_json(nlohmann::json::parse(R"({"s":[1,2,3,4],"has_spare":false,"spare":0.5})")),
                       Contains("spare"));
     CHECK_THROWS_WITH(rng_state_from_json(nlohmann::json::parse(R"({"s":[1,2,3,4],"spare":"0x0"})")),
-                      Contains("missing \"has_spare\""));
+                      Contains("missing key 'has_spare'"));
 }
 
 TEST_CASE("load_parameters lists missing, unexpected and mis-shaped tensors by name, and changes nothing",

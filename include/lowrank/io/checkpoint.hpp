@@ -6,6 +6,7 @@
 // metadata entry "lowrank": a JSON document with the format version, the step, the
 // optimizer's type, groups and per-parameter step counts, every parameter's active
 // columns, and the caller's `extra` object (RNG states, schedule, data loader, ...).
+// Generator states go into `extra` through rng_state_to_json (core/json_codec.hpp).
 // Being one file, it is replaced by one rename: a crash leaves the old checkpoint or the
 // new one, never a mixture.
 //
@@ -13,6 +14,7 @@
 // before it changes anything, so an error leaves the model and the optimizer as they were.
 
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/json_codec.hpp>
 #include <lowrank/core/parameter.hpp>
 #include <lowrank/core/rng.hpp>
 #include <lowrank/core/types.hpp>
@@ -22,7 +24,6 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <bit>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -360,37 +361,6 @@ inline nlohmann::json member(const nlohmann::json& j, const char* key) {
     return j.is_object() && j.contains(key) ? j.at(key) : nlohmann::json();
 }
 
-inline std::string hex_u64(std::uint64_t v) {
-    static constexpr char digits[] = "0123456789abcdef";
-    std::string s = "0x";
-    for (int shift = 60; shift >= 0; shift -= 4) s += digits[(v >> shift) & 0xf];
-    return s;
-}
-
-/// A 64-bit word from "0x" + 1 to 16 hex digits, or from an unsigned JSON integer.
-inline std::uint64_t u64_from_json(const nlohmann::json& j, const std::string& what) {
-    if (j.is_number_unsigned()) return j.get<std::uint64_t>();
-    if (j.is_string()) {
-        const std::string s = j.get<std::string>();
-        if (s.size() > 2 && s.size() <= 18 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-            std::uint64_t v = 0;
-            bool ok = true;
-            for (std::size_t i = 2; i < s.size() && ok; ++i) {
-                const char c = s[i];
-                int d = -1;
-                if (c >= '0' && c <= '9') d = c - '0';
-                else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
-                else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
-                ok = d >= 0;
-                v = (v << 4) | static_cast<std::uint64_t>(d < 0 ? 0 : d);
-            }
-            if (ok) return v;
-        }
-    }
-    throw FormatError(concat(what, ": expected a 64-bit word as \"0x\" and 1 to 16 hex digits (or an unsigned integer), got ",
-                             j.dump()));
-}
-
 }  // namespace detail
 
 /// Writes every parameter under its own name. A one-row parameter (bias, LayerNorm gain)
@@ -431,35 +401,6 @@ LoadReport load_parameters(const SafetensorsReader& reader, const ParameterList<
                                    " problem(s), nothing was loaded:", plan.report.describe()));
     detail::apply_load(reader, plan);
     return plan.report;
-}
-
-/// The Rng state as JSON: the four words and the cached normal's bit pattern as hex
-/// strings (exact; a JSON number is a double to many readers), has_spare as a bool.
-inline nlohmann::json rng_state_to_json(const Rng::State& state) {
-    nlohmann::json words = nlohmann::json::array();
-    for (std::uint64_t w : state.s) words.push_back(detail::hex_u64(w));
-    return {{"s", words},
-            {"has_spare", state.has_spare},
-            {"spare", detail::hex_u64(std::bit_cast<std::uint64_t>(state.spare))}};
-}
-
-inline Rng::State rng_state_from_json(const nlohmann::json& j) {
-    constexpr std::string_view what = "rng_state_from_json";
-    if (!j.is_object())
-        throw FormatError(detail::concat(what, ": expected an object with s, has_spare and spare, got ", j.dump()));
-    for (const char* key : {"s", "has_spare", "spare"})
-        if (!j.contains(key)) throw FormatError(detail::concat(what, ": missing \"", key, "\" in ", j.dump()));
-    const auto& words = j.at("s");
-    if (!words.is_array() || words.size() != 4)
-        throw FormatError(detail::concat(what, ": expected \"s\" to be an array of 4 words, got ", words.dump()));
-    Rng::State state;
-    for (std::size_t i = 0; i < 4; ++i) state.s[i] = detail::u64_from_json(words[i], detail::concat(what, ": s[", i, "]"));
-    if (!j.at("has_spare").is_boolean())
-        throw FormatError(detail::concat(what, ": expected \"has_spare\" to be true or false, got ",
-                                         j.at("has_spare").dump()));
-    state.has_spare = j.at("has_spare").get<bool>();
-    state.spare = std::bit_cast<double>(detail::u64_from_json(j.at("spare"), detail::concat(what, ": spare")));
-    return state;
 }
 
 /// Writes a whole training state atomically (see the top of this file). `opt` may be null
