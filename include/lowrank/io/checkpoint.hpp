@@ -206,7 +206,8 @@ inline std::map<std::string, Index> read_active_cols_metadata(const SafetensorsR
     if (!doc.is_object()) throw FormatError(concat(where, ": expected a JSON object, got a JSON ", doc.type_name()));
     for (const auto& [name, k] : doc.items()) {
         if (!k.is_number_unsigned())
-            throw FormatError(concat(where, ": tensor '", name, "': expected an integer >= 0, got ", k.dump()));
+            throw FormatError(
+                concat(where, ": tensor '", name, "': expected an integer >= 0, got ", json_excerpt(k)));
         out.emplace(name, static_cast<Index>(k.get<std::uint64_t>()));
     }
     return out;
@@ -342,7 +343,8 @@ inline nlohmann::json checkpoint_document(const std::map<std::string, std::strin
         if (!doc.contains(key))
             throw FormatError(concat(prefix, ": expected \"", key, "\" (", expected, "), found none"));
         if (!ok(doc.at(key)))
-            throw FormatError(concat(prefix, ": expected \"", key, "\" to be ", expected, ", got ", doc.at(key).dump()));
+            throw FormatError(concat(prefix, ": expected \"", key, "\" to be ", expected, ", got ",
+                                     json_excerpt(doc.at(key))));
     };
     need("version", [](const nlohmann::json& j) { return j.is_number_unsigned(); }, "an integer >= 1");
     const auto version = doc.at("version").get<std::uint64_t>();
@@ -403,6 +405,278 @@ LoadReport load_parameters(const SafetensorsReader& reader, const ParameterList<
     return plan.report;
 }
 
+namespace detail {
+
+/// The "lowrank" document of a checkpoint, without its "optimizer" entry: the format, the
+/// step, the scalar type, every parameter's shape, active columns and trainable flag, and
+/// the caller's extra.
+template <class T>
+nlohmann::json checkpoint_document_of(const ParameterList<T>& params, std::int64_t step,
+                                      const nlohmann::json& extra) {
+    nlohmann::json doc;
+    doc["format"] = "lowrank checkpoint";
+    doc["version"] = kCheckpointVersion;
+    doc["step"] = step;
+    doc["dtype"] = scalar_dtype_name(std::is_same_v<T, float>);
+    nlohmann::json plist = nlohmann::json::array();
+    for (const Parameter<T>* p : params)
+        plist.push_back({{"name", p->name()},
+                         {"shape", {p->rows(), p->cols()}},
+                         {"active_cols", p->active_cols()},
+                         {"trainable", p->trainable}});
+    doc["parameters"] = plist;
+    doc["extra"] = extra.is_null() ? nlohmann::json::object() : extra;
+    return doc;
+}
+
+/// The optimizer's moment names as the document lists them.
+template <class T>
+nlohmann::json moment_names_json(const Optimizer<T>& opt) {
+    nlohmann::json moments = nlohmann::json::array();
+    for (auto m : opt.moment_names()) moments.push_back(std::string(m));
+    return moments;
+}
+
+/// Adds the optimizer's moments to `writer` ("optimizer.<moment>.<parameter name>", each
+/// of shape rows x active_cols) and returns the document's "optimizer" entry: type,
+/// moments, learning rates, groups and per-parameter step counts. Every parameter the
+/// optimizer holds must be in `params`, and its state made for the parameter's layout.
+template <class T>
+nlohmann::json write_optimizer_state(SafetensorsWriter& writer, const ParameterList<T>& params,
+                                     const Optimizer<T>& opt, const std::string& what) {
+    const std::unordered_set<const Parameter<T>*> listed(params.begin(), params.end());
+    nlohmann::json o;
+    o["type"] = std::string(opt.type_name());
+    o["moments"] = moment_names_json(opt);
+    o["base_lr"] = opt.base_lr();
+    o["lr_scale"] = opt.lr_scale();
+    nlohmann::json groups = nlohmann::json::array();
+    nlohmann::json steps = nlohmann::json::object();
+    for (const auto& g : opt.groups()) {
+        nlohmann::json names = nlohmann::json::array();
+        for (const Parameter<T>* p : g.params) {
+            check(listed.count(p) != 0, what, "the optimizer holds parameter '", p->name(),
+                  "', which is not in the parameter list: its state would be lost");
+            names.push_back(p->name());
+            const OptimizerState<T>* s = opt.state_of(*p);
+            if (s == nullptr) continue;
+            check(s->layout_version == p->layout_version() && s->rows == p->rows() &&
+                      s->cols == p->active_cols(),
+                  what, "parameter '", p->name(), "': its optimizer state ", shape_string(s->rows, s->cols),
+                  " was made for an older layout of the parameter ",
+                  shape_string(p->rows(), p->active_cols()), " (call carry_state before saving)");
+            steps[p->name()] = s->step;
+            for (auto m : opt.moment_names())
+                writer.add(concat(kOptimizerPrefix, m, ".", p->name()), s->moment(m),
+                           stored_shape(p->rows(), p->active_cols()));
+        }
+        groups.push_back({{"name", g.options.name},
+                          {"lr", g.options.lr},
+                          {"weight_decay", g.options.weight_decay},
+                          {"params", names}});
+    }
+    o["groups"] = groups;
+    o["steps"] = steps;
+    return o;
+}
+
+/// Each parameter's saved active columns, from the document's "parameters" entries: every
+/// parameter of `params` must have one, within its columns.
+template <class T>
+std::map<std::string, Index> read_parameter_entries(const nlohmann::json& doc, const ParameterList<T>& params,
+                                                    const std::string& what) {
+    std::map<std::string, Index> active;
+    for (const auto& entry : doc.at("parameters")) {
+        if (!entry.is_object() || !entry.contains("name") || !entry.at("name").is_string() ||
+            !entry.contains("active_cols") || !entry.at("active_cols").is_number_unsigned())
+            throw FormatError(
+                concat(what, ": expected each \"parameters\" entry to have a name and active_cols >= 0, got ",
+                       json_excerpt(entry)));
+        active[entry.at("name").get<std::string>()] =
+            static_cast<Index>(entry.at("active_cols").get<std::uint64_t>());
+    }
+    for (const Parameter<T>* p : params) {
+        const auto it = active.find(p->name());
+        if (it == active.end())
+            throw FormatError(concat(what, ": parameter '", p->name(),
+                                     "' has a tensor but no entry in the checkpoint's parameter list"));
+        if (it->second > p->cols())
+            throw FormatError(concat(what, ": parameter '", p->name(), "': expected active columns in [0, ",
+                                     p->cols(), "], got ", it->second));
+    }
+    return active;
+}
+
+/// The saved optimizer state of one parameter, ready to install (has_state false: the
+/// checkpoint has none for it, and the parameter's current state is dropped).
+template <class T>
+struct StateRestore {
+    Parameter<T>* param;
+    bool has_state;
+    OptimizerState<T> state;
+};
+
+/// What load_checkpoint installs in the optimizer, checked in full.
+template <class T>
+struct OptimizerRestore {
+    std::vector<StateRestore<T>> states;
+    double lr_scale = 1.0;
+};
+
+/// o[key], or a FormatError naming the missing key.
+inline const nlohmann::json& optimizer_field(const nlohmann::json& o, const char* key,
+                                             const std::string& what) {
+    if (!o.contains(key)) throw FormatError(concat(what, ": optimizer entry has no \"", key, "\""));
+    return o.at(key);
+}
+
+/// The saved optimizer's type and moments must be the given optimizer's; returns the saved
+/// lr_scale.
+template <class T>
+double check_optimizer_kind(const nlohmann::json& o, const Optimizer<T>& opt, const std::string& what) {
+    const nlohmann::json& type = optimizer_field(o, "type", what);
+    if (!type.is_string() || type.get<std::string>() != opt.type_name())
+        throw Error(concat(what, ": optimizer type mismatch: the checkpoint was saved with ",
+                           json_excerpt(type), ", the given optimizer is \"", opt.type_name(), "\""));
+    const nlohmann::json moments = moment_names_json(opt);
+    if (optimizer_field(o, "moments", what) != moments)
+        throw FormatError(concat(what, ": expected optimizer moments ", moments.dump(), ", got ",
+                                 json_excerpt(optimizer_field(o, "moments", what))));
+    const nlohmann::json& scale = optimizer_field(o, "lr_scale", what);
+    if (!scale.is_number() || !(scale.get<double>() >= 0.0))
+        throw FormatError(concat(what, ": expected lr_scale >= 0, got ", json_excerpt(scale)));
+    return scale.get<double>();
+}
+
+/// The optimizer's groups must be the saved ones: the same count, and each group's
+/// parameters (in order), lr and weight decay.
+template <class T>
+void check_optimizer_groups(const nlohmann::json& groups, const Optimizer<T>& opt, const std::string& what) {
+    if (groups.size() != opt.groups().size())
+        throw Error(concat(what, ": expected the optimizer to have the saved ", groups.size(),
+                           " parameter group(s), got ", opt.groups().size()));
+    for (std::size_t i = 0; i < groups.size(); ++i) {
+        const auto& saved = groups[i];
+        const auto& g = opt.groups()[i];
+        nlohmann::json names = nlohmann::json::array();
+        for (const Parameter<T>* p : g.params) names.push_back(p->name());
+        if (member(saved, "params") != names)
+            throw Error(concat(what, ": optimizer group ", i, ": expected the saved parameters ",
+                               member(saved, "params").dump(), ", got ", names.dump()));
+        const nlohmann::json lr = g.options.lr, wd = g.options.weight_decay;
+        const nlohmann::json saved_lr = member(saved, "lr"), saved_wd = member(saved, "weight_decay");
+        if (saved_lr != lr || saved_wd != wd)
+            throw Error(concat(what, ": optimizer group ", i, " ('", g.options.name,
+                               "'): expected the saved lr ", saved_lr.dump(), " and weight_decay ",
+                               saved_wd.dump(), ", got lr ", lr.dump(), " and weight_decay ", wd.dump(),
+                               " (CheckpointLoadOptions::check_groups = false resumes with new ones)"));
+    }
+}
+
+/// The state to install for each parameter the optimizer holds, from the saved step
+/// counts and moment tensors (each of the parameter's rows x saved active columns). Every
+/// saved step count and every optimizer tensor must belong to one of them.
+template <class T>
+std::vector<StateRestore<T>> plan_optimizer_states(const SafetensorsReader& reader,
+                                                   const nlohmann::json& steps,
+                                                   const ParameterList<T>& params, const Optimizer<T>& opt,
+                                                   const std::map<std::string, Index>& active,
+                                                   const std::string& what) {
+    if (!steps.is_object())
+        throw FormatError(
+            concat(what, ": expected optimizer steps to be an object, got ", json_excerpt(steps)));
+    const std::unordered_set<const Parameter<T>*> listed(params.begin(), params.end());
+    std::vector<StateRestore<T>> restores;
+    std::set<std::string> optimizer_names;
+    std::set<std::string> consumed;
+    for (Parameter<T>* p : opt.parameters()) {
+        check(listed.count(p) != 0, what, "the optimizer holds parameter '", p->name(),
+              "', which is not in the parameter list");
+        optimizer_names.insert(p->name());
+        StateRestore<T> restore{p, false, {}};
+        if (const nlohmann::json::const_iterator it = steps.find(p->name()); it != steps.end()) {
+            if (!it->is_number_integer() || it->get<std::int64_t>() < 0)
+                throw FormatError(concat(what, ": parameter '", p->name(),
+                                         "': expected an optimizer step >= 0, got ", json_excerpt(*it)));
+            restore.has_state = true;
+            restore.state.step = it->get<std::int64_t>();
+            const Index rows = p->rows(), cols = active.at(p->name());
+            for (auto m : opt.moment_names()) {
+                const std::string tensor = concat(kOptimizerPrefix, m, ".", p->name());
+                if (!reader.contains(tensor))
+                    throw FormatError(concat(what, ": parameter '", p->name(), "': optimizer state ", m,
+                                             " is missing (expected tensor '", tensor, "')"));
+                if (!shape_fits(reader.shape(tensor), rows, cols))
+                    throw Error(concat(what, ": parameter '", p->name(), "': optimizer state ", m,
+                                       " has shape ", shape_list_string(reader.shape(tensor)), ", expected ",
+                                       shape_list_string(stored_shape(rows, cols)), " (rows x active_cols)"));
+                if (!is_float_dtype(reader.dtype(tensor)))
+                    throw FormatError(concat(what, ": parameter '", p->name(), "': optimizer state ", m,
+                                             ": expected dtype F32, F64, F16 or BF16, got ",
+                                             reader.dtype(tensor)));
+                consumed.insert(tensor);
+            }
+        }
+        restores.push_back(std::move(restore));
+    }
+    for (const auto& [name, s] : steps.items())
+        if (!optimizer_names.count(name))
+            throw Error(concat(what, ": the checkpoint has optimizer state for '", name,
+                               "', which the given optimizer does not hold"));
+    for (const std::string& tensor : reader.names())
+        if (tensor.starts_with(kOptimizerPrefix) && !consumed.count(tensor))
+            throw FormatError(concat(what, ": unexpected optimizer tensor '", tensor,
+                                     "' (no parameter of the optimizer has state under that name)"));
+    return restores;
+}
+
+/// Everything the optimizer takes from the document's "optimizer" entry, checked: the
+/// type and moments, the groups (with options.check_groups), each parameter's state.
+template <class T>
+OptimizerRestore<T> plan_optimizer_restore(const SafetensorsReader& reader, const nlohmann::json& doc,
+                                           const ParameterList<T>& params, const Optimizer<T>& opt,
+                                           const std::map<std::string, Index>& active,
+                                           const CheckpointLoadOptions& options, const std::string& what) {
+    const nlohmann::json& o = doc.at("optimizer");
+    if (o.is_null())
+        throw Error(concat(what, ": the checkpoint holds no optimizer state, but an optimizer (",
+                           opt.type_name(), ") was given; pass a null optimizer to load only the weights"));
+    OptimizerRestore<T> out;
+    out.lr_scale = check_optimizer_kind(o, opt, what);
+    const nlohmann::json& groups = optimizer_field(o, "groups", what);
+    if (!groups.is_array())
+        throw FormatError(
+            concat(what, ": expected optimizer groups to be an array, got ", json_excerpt(groups)));
+    if (options.check_groups) check_optimizer_groups(groups, opt, what);
+    out.states = plan_optimizer_states(reader, optimizer_field(o, "steps", what), params, opt, active, what);
+    return out;
+}
+
+/// The last step of load_checkpoint, once everything is checked: parameter values, then
+/// active columns, then the optimizer's state (moments read as rows x active columns) and
+/// lr scale.
+template <class T>
+void apply_checkpoint(const SafetensorsReader& reader, const LoadPlan<T>& plan,
+                      const ParameterList<T>& params, const std::map<std::string, Index>& active,
+                      Optimizer<T>* opt, OptimizerRestore<T>& restore) {
+    apply_load(reader, plan);
+    for (Parameter<T>* p : params)
+        if (const Index k = active.at(p->name()); k != p->active_cols()) p->set_active_cols(k);
+    if (opt == nullptr) return;
+    for (auto& s : restore.states) {
+        Parameter<T>& p = *s.param;
+        opt->drop_state(p.id());
+        if (!s.has_state) continue;
+        // matrix<T> reads a 1-D {n} as (1 x n): every stored shape comes back as (rows x k).
+        for (auto m : opt->moment_names())
+            s.state.moment(m) = reader.matrix<T>(concat(kOptimizerPrefix, m, ".", p.name()));
+        opt->set_state(p, std::move(s.state));
+    }
+    opt->set_lr_scale(restore.lr_scale);
+}
+
+}  // namespace detail
+
 /// Writes a whole training state atomically (see the top of this file). `opt` may be null
 /// (weights only). Every parameter the optimizer holds must be in `params`, and its state
 /// must be current (no pending carry_state). `extra` must be a JSON object (or null).
@@ -416,64 +690,14 @@ void save_checkpoint(const std::string& path, const ParameterList<T>& params, co
 
     SafetensorsWriter writer;
     add_parameters(writer, params);
-
-    nlohmann::json doc;
-    doc["format"] = "lowrank checkpoint";
-    doc["version"] = kCheckpointVersion;
-    doc["step"] = step;
-    doc["dtype"] = detail::scalar_dtype_name(std::is_same_v<T, float>);
-    nlohmann::json plist = nlohmann::json::array();
-    for (const Parameter<T>* p : params)
-        plist.push_back({{"name", p->name()},
-                         {"shape", {p->rows(), p->cols()}},
-                         {"active_cols", p->active_cols()},
-                         {"trainable", p->trainable}});
-    doc["parameters"] = plist;
-    doc["extra"] = extra.is_null() ? nlohmann::json::object() : extra;
-
-    if (opt == nullptr) {
-        doc["optimizer"] = nullptr;
-    } else {
-        const std::unordered_set<const Parameter<T>*> listed(params.begin(), params.end());
-        nlohmann::json o;
-        o["type"] = std::string(opt->type_name());
-        nlohmann::json moments = nlohmann::json::array();
-        for (auto m : opt->moment_names()) moments.push_back(std::string(m));
-        o["moments"] = moments;
-        o["base_lr"] = opt->base_lr();
-        o["lr_scale"] = opt->lr_scale();
-        nlohmann::json groups = nlohmann::json::array();
-        nlohmann::json steps = nlohmann::json::object();
-        for (const auto& g : opt->groups()) {
-            nlohmann::json names = nlohmann::json::array();
-            for (const Parameter<T>* p : g.params) {
-                check(listed.count(p) != 0, what, "the optimizer holds parameter '", p->name(),
-                      "', which is not in the parameter list: its state would be lost");
-                names.push_back(p->name());
-                const OptimizerState<T>* s = opt->state_of(*p);
-                if (s == nullptr) continue;
-                check(s->layout_version == p->layout_version() && s->rows == p->rows() && s->cols == p->active_cols(),
-                      what, "parameter '", p->name(), "': its optimizer state ", shape_string(s->rows, s->cols),
-                      " was made for an older layout of the parameter ", shape_string(p->rows(), p->active_cols()),
-                      " (call carry_state before saving)");
-                steps[p->name()] = s->step;
-                for (auto m : opt->moment_names())
-                    writer.add(detail::concat(kOptimizerPrefix, m, ".", p->name()), s->moment(m),
-                               detail::stored_shape(p->rows(), p->active_cols()));
-            }
-            groups.push_back({{"name", g.options.name},
-                              {"lr", g.options.lr},
-                              {"weight_decay", g.options.weight_decay},
-                              {"params", names}});
-        }
-        o["groups"] = groups;
-        o["steps"] = steps;
-        doc["optimizer"] = o;
-    }
+    nlohmann::json doc = detail::checkpoint_document_of(params, step, extra);
+    doc["optimizer"] =
+        opt == nullptr ? nlohmann::json(nullptr) : detail::write_optimizer_state(writer, params, *opt, what);
     try {
         writer.set_metadata(std::string(kCheckpointMetadataKey), doc.dump());
     } catch (const nlohmann::json::exception& e) {
-        throw Error(detail::concat(what, ": extra (or a parameter name) cannot be written as JSON: ", e.what()));
+        throw Error(
+            detail::concat(what, ": extra (or a parameter name) cannot be written as JSON: ", e.what()));
     }
     writer.write(path);
 }
@@ -494,152 +718,20 @@ CheckpointInfo load_checkpoint(const std::string& path, const ParameterList<T>& 
 
     const auto plan = detail::plan_load(
         reader, params,
-        LoadOptions{.strict = true, .ignore_prefixes = {std::string(kOptimizerPrefix)}, .restore_active_cols = false},
+        LoadOptions{
+            .strict = true, .ignore_prefixes = {std::string(kOptimizerPrefix)}, .restore_active_cols = false},
         "load_checkpoint");
     if (!plan.report.ok())
-        throw Error(detail::concat(what, ": the checkpoint does not fit the model: ", plan.report.problem_count(),
+        throw Error(detail::concat(what,
+                                   ": the checkpoint does not fit the model: ", plan.report.problem_count(),
                                    " problem(s), nothing was loaded:", plan.report.describe()));
-
-    // Active columns, by parameter.
-    std::map<std::string, Index> active;
-    for (const auto& entry : doc.at("parameters")) {
-        if (!entry.is_object() || !entry.contains("name") || !entry.at("name").is_string() ||
-            !entry.contains("active_cols") || !entry.at("active_cols").is_number_unsigned())
-            throw FormatError(detail::concat(what, ": expected each \"parameters\" entry to have a name and "
-                                                   "active_cols >= 0, got ",
-                                             entry.dump()));
-        active[entry.at("name").get<std::string>()] = static_cast<Index>(entry.at("active_cols").get<std::uint64_t>());
-    }
-    for (const Parameter<T>* p : params) {
-        const auto it = active.find(p->name());
-        if (it == active.end())
-            throw FormatError(detail::concat(what, ": parameter '", p->name(),
-                                             "' has a tensor but no entry in the checkpoint's parameter list"));
-        if (it->second > p->cols())
-            throw FormatError(detail::concat(what, ": parameter '", p->name(), "': expected active columns in [0, ",
-                                             p->cols(), "], got ", it->second));
-    }
-
-    // The optimizer: what to install, checked in full before anything changes.
-    struct Restore {
-        Parameter<T>* param;
-        bool has_state;
-        OptimizerState<T> state;
-    };
-    std::vector<Restore> restores;
-    double lr_scale = 1.0;
-    if (opt != nullptr) {
-        const nlohmann::json& o = doc.at("optimizer");
-        if (o.is_null())
-            throw Error(detail::concat(what, ": the checkpoint holds no optimizer state, but an optimizer (",
-                                       opt->type_name(), ") was given; pass a null optimizer to load only the weights"));
-        auto field = [&](const char* key) -> const nlohmann::json& {
-            if (!o.contains(key))
-                throw FormatError(detail::concat(what, ": optimizer entry has no \"", key, "\""));
-            return o.at(key);
-        };
-        const nlohmann::json& type = field("type");
-        if (!type.is_string() || type.get<std::string>() != opt->type_name())
-            throw Error(detail::concat(what, ": optimizer type mismatch: the checkpoint was saved with ", type.dump(),
-                                       ", the given optimizer is \"", opt->type_name(), "\""));
-        nlohmann::json moments = nlohmann::json::array();
-        for (auto m : opt->moment_names()) moments.push_back(std::string(m));
-        if (field("moments") != moments)
-            throw FormatError(detail::concat(what, ": expected optimizer moments ", moments.dump(), ", got ",
-                                             field("moments").dump()));
-        const nlohmann::json& scale = field("lr_scale");
-        if (!scale.is_number() || !(scale.get<double>() >= 0.0))
-            throw FormatError(detail::concat(what, ": expected lr_scale >= 0, got ", scale.dump()));
-        lr_scale = scale.get<double>();
-
-        const std::unordered_set<const Parameter<T>*> listed(params.begin(), params.end());
-        const nlohmann::json& groups = field("groups");
-        if (!groups.is_array())
-            throw FormatError(detail::concat(what, ": expected optimizer groups to be an array, got ", groups.dump()));
-        if (options.check_groups) {
-            if (groups.size() != opt->groups().size())
-                throw Error(detail::concat(what, ": expected the optimizer to have the saved ", groups.size(),
-                                           " parameter group(s), got ", opt->groups().size()));
-            for (std::size_t i = 0; i < groups.size(); ++i) {
-                const auto& saved = groups[i];
-                const auto& g = opt->groups()[i];
-                nlohmann::json names = nlohmann::json::array();
-                for (const Parameter<T>* p : g.params) names.push_back(p->name());
-                if (detail::member(saved, "params") != names)
-                    throw Error(detail::concat(what, ": optimizer group ", i, ": expected the saved parameters ",
-                                               detail::member(saved, "params").dump(), ", got ", names.dump()));
-                const nlohmann::json lr = g.options.lr, wd = g.options.weight_decay;
-                const nlohmann::json saved_lr = detail::member(saved, "lr"), saved_wd = detail::member(saved, "weight_decay");
-                if (saved_lr != lr || saved_wd != wd)
-                    throw Error(detail::concat(what, ": optimizer group ", i, " ('", g.options.name,
-                                               "'): expected the saved lr ", saved_lr.dump(), " and weight_decay ",
-                                               saved_wd.dump(), ", got lr ", lr.dump(), " and weight_decay ", wd.dump(),
-                                               " (CheckpointLoadOptions::check_groups = false resumes with new ones)"));
-            }
-        }
-
-        const nlohmann::json& steps = field("steps");
-        if (!steps.is_object())
-            throw FormatError(detail::concat(what, ": expected optimizer steps to be an object, got ", steps.dump()));
-        std::set<std::string> optimizer_names;
-        std::set<std::string> consumed;
-        for (Parameter<T>* p : opt->parameters()) {
-            check(listed.count(p) != 0, what, "the optimizer holds parameter '", p->name(),
-                  "', which is not in the parameter list");
-            optimizer_names.insert(p->name());
-            Restore restore{p, false, {}};
-            if (const nlohmann::json::const_iterator it = steps.find(p->name()); it != steps.end()) {
-                if (!it->is_number_integer() || it->get<std::int64_t>() < 0)
-                    throw FormatError(detail::concat(what, ": parameter '", p->name(),
-                                                     "': expected an optimizer step >= 0, got ", it->dump()));
-                restore.has_state = true;
-                restore.state.step = it->get<std::int64_t>();
-                const Index rows = p->rows(), cols = active.at(p->name());
-                for (auto m : opt->moment_names()) {
-                    const std::string tensor = detail::concat(kOptimizerPrefix, m, ".", p->name());
-                    if (!reader.contains(tensor))
-                        throw FormatError(detail::concat(what, ": parameter '", p->name(), "': optimizer state ", m,
-                                                         " is missing (expected tensor '", tensor, "')"));
-                    if (!detail::shape_fits(reader.shape(tensor), rows, cols))
-                        throw Error(detail::concat(
-                            what, ": parameter '", p->name(), "': optimizer state ", m, " has shape ",
-                            detail::shape_list_string(reader.shape(tensor)), ", expected ",
-                            detail::shape_list_string(detail::stored_shape(rows, cols)), " (rows x active_cols)"));
-                    if (!detail::is_float_dtype(reader.dtype(tensor)))
-                        throw FormatError(detail::concat(what, ": parameter '", p->name(), "': optimizer state ", m,
-                                                         ": expected dtype F32, F64, F16 or BF16, got ",
-                                                         reader.dtype(tensor)));
-                    consumed.insert(tensor);
-                }
-            }
-            restores.push_back(std::move(restore));
-        }
-        for (const auto& [name, s] : steps.items())
-            if (!optimizer_names.count(name))
-                throw Error(detail::concat(what, ": the checkpoint has optimizer state for '", name,
-                                           "', which the given optimizer does not hold"));
-        for (const std::string& tensor : reader.names())
-            if (tensor.starts_with(kOptimizerPrefix) && !consumed.count(tensor))
-                throw FormatError(detail::concat(what, ": unexpected optimizer tensor '", tensor,
-                                                 "' (no parameter of the optimizer has state under that name)"));
-    }
+    const std::map<std::string, Index> active = detail::read_parameter_entries(doc, params, what);
+    detail::OptimizerRestore<T> restore;
+    if (opt != nullptr)
+        restore = detail::plan_optimizer_restore(reader, doc, params, *opt, active, options, what);
 
     // Everything checked: now change things.
-    detail::apply_load(reader, plan);
-    for (Parameter<T>* p : params)
-        if (const Index k = active.at(p->name()); k != p->active_cols()) p->set_active_cols(k);
-    if (opt != nullptr) {
-        for (auto& restore : restores) {
-            Parameter<T>& p = *restore.param;
-            opt->drop_state(p.id());
-            if (!restore.has_state) continue;
-            // matrix<T> reads a 1-D {n} as (1 x n): every stored shape comes back as (rows x k).
-            for (auto m : opt->moment_names())
-                restore.state.moment(m) = reader.matrix<T>(detail::concat(kOptimizerPrefix, m, ".", p.name()));
-            opt->set_state(p, std::move(restore.state));
-        }
-        opt->set_lr_scale(lr_scale);
-    }
+    detail::apply_checkpoint(reader, plan, params, active, opt, restore);
     return CheckpointInfo{doc.at("step").get<std::int64_t>(), doc.at("extra")};
 }
 
