@@ -22,7 +22,7 @@ inline const std::vector<std::string>& method_names() {
 struct MethodConfig {
     std::string method = "dense";
     Index rank = 0;  // 0: the program's default (a quarter of the width)
-    FixedOptions lora{};
+    LoraOptions lora{};
     ReLoraOptions relora{};
     InRankOptions inrank{};
     CuttlefishOptions cuttlefish{};
@@ -127,7 +127,7 @@ PolicyList<T> make_policies(const MethodConfig& m, Index default_rank, const Lay
         o.rank = rank;
         o.select = select;
         o.seed = seed;
-        list.template add<Fixed<T>>(o);
+        list.template add<Lora<T>>(o);
     } else if (m.method == "relora") {
         auto o = m.relora;
         o.rank = rank;

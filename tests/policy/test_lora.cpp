@@ -1,4 +1,4 @@
-// LoRA (Fixed) and ReLoRA (ReLora): the conversion keeps the function, only the factors
+// LoRA (Lora) and ReLoRA (ReLora): the conversion keeps the function, only the factors
 // and the bias train, a restart merges exactly, leaves dL/dV = 0, resets the factors'
 // optimizer state and re-warms the learning rate, every `period` optimizer steps.
 #include <catch2/catch.hpp>
@@ -16,7 +16,7 @@
 #include <vector>
 
 // Every member compiles, and warning-free, for the training scalar too.
-template class lowrank::Fixed<float>;
+template class lowrank::Lora<float>;
 template class lowrank::ReLora<float>;
 
 // A namespace of its own: the module's files may be compiled as one unity translation unit.
@@ -89,7 +89,7 @@ double relative(const MatrixD& a, const MatrixD& b) { return (a - b).norm() / b.
 
 }  // namespace
 
-TEST_CASE("Fixed turns the selected layers into a frozen base plus a zero low-rank update",
+TEST_CASE("Lora turns the selected layers into a frozen base plus a zero low-rank update",
           "[policy][lora]") {
     Run run;
     const MatrixD before = run.output();
@@ -98,7 +98,7 @@ TEST_CASE("Fixed turns the selected layers into a frozen base plus a zero low-ra
         dense.push_back(l.dense_weight());
         bias.push_back(*l.bias());
     }
-    Fixed<double> lora({.rank = 3, .alpha = 6.0, .seed = 11});
+    Lora<double> lora({.rank = 3, .alpha = 6.0, .seed = 11});
     lora.on_train_begin(*run.ctx);
 
     CHECK(std::string(run.model.layers()[0].kind()) == "low_rank");
@@ -128,7 +128,7 @@ TEST_CASE("Fixed turns the selected layers into a frozen base plus a zero low-ra
 
     // The draws of A come from the policy's seed alone.
     Run same, other;
-    Fixed<double> lora_same({.rank = 3, .seed = 11}), lora_other({.rank = 3, .seed = 12});
+    Lora<double> lora_same({.rank = 3, .seed = 11}), lora_other({.rank = 3, .seed = 12});
     lora_same.on_train_begin(*same.ctx);
     lora_other.on_train_begin(*other.ctx);
     CHECK(same.low_rank(1).V.value == run.low_rank(1).V.value);
@@ -138,10 +138,10 @@ TEST_CASE("Fixed turns the selected layers into a frozen base plus a zero low-ra
     CHECK(same.low_rank(0).scale() == 1.0);
 }
 
-TEST_CASE("Fixed trains only U, V and the bias: r(m+n)+m per layer, frozen base, bias in its group",
+TEST_CASE("Lora trains only U, V and the bias: r(m+n)+m per layer, frozen base, bias in its group",
           "[policy][lora]") {
     Run run;
-    Fixed<double> lora({.rank = 3});
+    Lora<double> lora({.rank = 3});
     lora.on_train_begin(*run.ctx);
     const Index output_layer = 3 * 8 + 3;
     const Index expected = (3 * (8 + 6) + 8) + (3 * (8 + 8) + 8) + output_layer;
@@ -167,7 +167,7 @@ TEST_CASE("Fixed trains only U, V and the bias: r(m+n)+m per layer, frozen base,
 
     SECTION("train_bias = false freezes the bias") {
         Run frozen;
-        Fixed<double> policy({.rank = 3, .train_bias = false});
+        Lora<double> policy({.rank = 3, .train_bias = false});
         policy.on_train_begin(*frozen.ctx);
         CHECK(count_parameters(frozen.model.parameters(), true) == expected - 8 - 8);
         const MatrixD b0 = frozen.low_rank(0).bias.value;
@@ -176,7 +176,7 @@ TEST_CASE("Fixed trains only U, V and the bias: r(m+n)+m per layer, frozen base,
     }
     SECTION("freeze_base = false trains the base too") {
         Run dense;
-        Fixed<double> policy({.rank = 3, .freeze_base = false});
+        Lora<double> policy({.rank = 3, .freeze_base = false});
         policy.on_train_begin(*dense.ctx);
         CHECK(count_parameters(dense.model.parameters(), true) == expected + 8 * 6 + 8 * 8);
         const MatrixD w0 = dense.low_rank(0).base.value;
@@ -186,7 +186,7 @@ TEST_CASE("Fixed trains only U, V and the bias: r(m+n)+m per layer, frozen base,
     SECTION("an explicit group takes the factors, the bias keeps its own") {
         Run grouped;
         grouped.opt->add_group({}, GroupOptions{.lr = 1e-3, .name = "factors"});
-        Fixed<double> policy({.rank = 3, .group = 2});
+        Lora<double> policy({.rank = 3, .group = 2});
         policy.on_train_begin(*grouped.ctx);
         CHECK(grouped.opt->group_of(grouped.low_rank(0).U) == 2);
         CHECK(grouped.opt->group_of(grouped.low_rank(0).V) == 2);
@@ -357,10 +357,10 @@ TEST_CASE("ReLora restarts every period optimizer steps, and only then", "[polic
 
 TEST_CASE("LoRA and ReLoRA reject bad options with a message naming the option", "[policy][errors]") {
     using Catch::Contains;
-    CHECK_THROWS_WITH(Fixed<double>({.rank = 0}),
+    CHECK_THROWS_WITH(Lora<double>({.rank = 0}),
                       Contains("lora") && Contains("option rank") && Contains("expected >= 1, got 0"));
-    CHECK_THROWS_WITH(Fixed<double>({.alpha = 0.0}), Contains("option alpha") && Contains("got 0"));
-    CHECK_THROWS_WITH(Fixed<double>({.alpha = std::nan("")}), Contains("option alpha"));
+    CHECK_THROWS_WITH(Lora<double>({.alpha = 0.0}), Contains("option alpha") && Contains("got 0"));
+    CHECK_THROWS_WITH(Lora<double>({.alpha = std::nan("")}), Contains("option alpha"));
     CHECK_THROWS_WITH(ReLora<double>({.rank = -2}), Contains("relora") && Contains("option rank"));
     CHECK_THROWS_WITH(ReLora<double>({.period = 0}),
                       Contains("relora") && Contains("option period") && Contains("got 0"));
@@ -374,19 +374,19 @@ TEST_CASE("LoRA and ReLoRA reject bad options with a message naming the option",
 
     // A rank too large for a layer: named, and no layer is converted.
     Run run;
-    Fixed<double> too_big({.rank = 7});
+    Lora<double> too_big({.rank = 7});
     CHECK_THROWS_WITH(too_big.on_train_begin(*run.ctx), Contains("lora") && Contains("'layers.0'") &&
                                                             Contains("min(out, in) = 6") &&
                                                             Contains("got 7"));
     CHECK(std::string(run.model.layers()[0].kind()) == "dense");
     CHECK(std::string(run.model.layers()[1].kind()) == "dense");
     // A selector that names no layer.
-    Fixed<double> nothing({.select = {.pattern = "attn.*"}});
+    Lora<double> nothing({.select = {.pattern = "attn.*"}});
     CHECK_THROWS_WITH(nothing.on_train_begin(*run.ctx), Contains("lora") && Contains("matches no layer"));
     // Hooks out of order.
     ReLora<double> early({.rank = 2});
     CHECK_THROWS_WITH(early.after_step(*run.ctx), Contains("relora") && Contains("before on_train_begin"));
-    Fixed<double> twice({.rank = 2});
+    Lora<double> twice({.rank = 2});
     twice.on_train_begin(*run.ctx);
     CHECK_THROWS_WITH(twice.on_train_begin(*run.ctx), Contains("called twice"));
 }

@@ -235,7 +235,7 @@ MatrixD stable_rank_one(Index m, Index n, std::uint64_t seed) {
 
 Setup lora_setup() {
     return {
-        .policies = [](PolicyList<double>& l) { l.add<Fixed<double>>(FixedOptions{.rank = 3, .seed = 11}); }};
+        .policies = [](PolicyList<double>& l) { l.add<Lora<double>>(LoraOptions{.rank = 3, .seed = 11}); }};
 }
 
 Setup relora_setup() {
@@ -294,7 +294,7 @@ public:
 
 }  // namespace
 
-TEST_CASE("Fixed resumes exactly", "[policy][resume][lora]") {
+TEST_CASE("Lora resumes exactly", "[policy][resume][lora]") {
     const Outcome o = check_resume(lora_setup(), 3, 4);
     CHECK(o.original->policies.state()[0]["state"]["layers"].size() == 2);
 }
@@ -554,11 +554,11 @@ TEST_CASE("restore refuses states whose shapes other options would not give", "[
                           Catch::Contains("inrank: restore: 'layers[0]'") &&
                               Catch::Contains("expected buffer 2") && Catch::Contains("got buffer 3"));
     }
-    SECTION("Fixed with another rank") {
+    SECTION("Lora with another rank") {
         Run saved(lora_setup());
         Setup other = lora_setup();
         other.policies = [](PolicyList<double>& l) {
-            l.add<Fixed<double>>(FixedOptions{.rank = 2, .seed = 11});
+            l.add<Lora<double>>(LoraOptions{.rank = 2, .seed = 11});
         };
         Run fresh(other);
         CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, saved.policies.state()),
