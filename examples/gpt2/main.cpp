@@ -15,11 +15,14 @@
 #include <lowrank/data/tokens.hpp>
 #include <lowrank/io/checkpoint.hpp>
 #include <lowrank/models/gpt2.hpp>
+#include <lowrank/models/gpt2_sample.hpp>
 #include <lowrank/models/gpt2_weights.hpp>
 #include <lowrank/optim/optim.hpp>
 #include <lowrank/policy/policies.hpp>
 #include <lowrank/train/metrics_log.hpp>
+#include <lowrank/train/callbacks.hpp>
 #include <lowrank/train/progress.hpp>
+#include <lowrank/train/run.hpp>
 
 #include "common/method_cli.hpp"
 
@@ -95,115 +98,45 @@ std::vector<std::string> split_commas(const std::string& s) {
     return out;
 }
 
-// What a checkpoint must agree on for a resume to continue the same run.
-Json run_identity(const Config& cfg, const lowrank::Gpt2Config& mc) {
-    return Json{{"model", mc.name},       {"n_layer", mc.n_layer}, {"n_head", mc.n_head},
-                {"n_embd", mc.n_embd},    {"vocab_size", mc.vocab_size}, {"batch", cfg.batch},
-                {"context", cfg.context}, {"method", cfg.method.method}, {"rank", cfg.method.rank},
-                {"roles", cfg.roles},     {"seed", cfg.seed}};
+// What a checkpoint must agree on for a resume to continue the same run, besides what the
+// run records itself (the schedule, clipping, the evaluation interval as its epoch, the
+// policies, every parameter's name and shape).
+Json run_identity(const Config& cfg, const lowrank::Gpt2Config& mc, const lowrank::TokenWindows& train) {
+    return Json{{"model", mc.name},
+                {"n_layer", mc.n_layer},
+                {"n_head", mc.n_head},
+                {"n_embd", mc.n_embd},
+                {"vocab_size", mc.vocab_size},
+                {"batch", cfg.batch},
+                {"context", cfg.context},
+                {"lr", cfg.lr},
+                {"weight_decay", cfg.weight_decay},
+                {"method", cfg.method.method},
+                {"method_options", lowrank::examples::method_options_json(cfg.method)},
+                {"roles", cfg.roles},
+                {"seed", cfg.seed},
+                {"data", cfg.data},
+                {"train_tokens", train.size()},
+                {"init_from", cfg.init_from},
+                {"threads", cfg.threads},
+#ifdef LOWRANK_EXAMPLE_OPENBLAS
+                {"gemm", "openblas"}};
+#else
+                {"gemm", "eigen"}};
+#endif
 }
 
-Json rank_log_to_json(const lowrank::RankLog& log) {
-    Json out = Json::array();
-    for (const auto& e : log.events())
-        out.push_back(Json{{"step", e.step},
-                           {"epoch", e.epoch},
-                           {"policy", e.policy},
-                           {"layer", e.layer},
-                           {"event", e.event},
-                           {"old_rank", e.old_rank},
-                           {"new_rank", e.new_rank},
-                           {"statistic", e.statistic},
-                           {"value", std::isfinite(e.value) ? Json(e.value) : Json(nullptr)}});
-    return out;
+// Every id of a token stream inside the vocabulary, checked before the first step.
+void check_token_ids(const lowrank::TokenWindows& stream, const std::string& path, lowrank::Index vocab_size) {
+    const auto tokens = stream.tokens();
+    for (std::size_t i = 0; i < tokens.size(); ++i)
+        if (tokens[i] >= vocab_size)
+            throw lowrank::FormatError("'" + path + "': token id " + std::to_string(tokens[i]) + " at position " +
+                                       std::to_string(i) + " is outside the vocabulary of " +
+                                       std::to_string(vocab_size));
 }
 
-void rank_log_from_json(const Json& j, lowrank::RankLog& log) {
-    log.clear();
-    for (const auto& e : j)
-        log.add(lowrank::RankEvent{e.at("step").get<std::int64_t>(), e.at("epoch").get<std::int64_t>(),
-                                   e.at("policy").get<std::string>(), e.at("layer").get<std::string>(),
-                                   e.at("event").get<std::string>(), e.at("old_rank").get<lowrank::Index>(),
-                                   e.at("new_rank").get<lowrank::Index>(), e.at("statistic").get<std::string>(),
-                                   e.at("value").is_null() ? std::nan("") : e.at("value").get<double>()});
-}
-
-// Mean loss over `windows` windows of T + 1 tokens spread evenly over the whole stream
-// (the first windows alone would all come from one document), in batches of B.
-double evaluate(Model& model, lowrank::Graph<float>& graph, std::span<const std::uint16_t> tokens, lowrank::Index batch,
-                lowrank::Index context, lowrank::Index windows, std::vector<std::int32_t>& x, std::vector<std::int32_t>& y) {
-    const auto T = static_cast<std::size_t>(context);
-    const std::size_t last_start = tokens.size() - T - 1;  // >= 0: TokenWindows checked the length
-    const auto K = static_cast<std::size_t>(windows);
-    graph.set_grad_enabled(false);
-    graph.set_training(false);
-    double sum = 0.0;
-    for (std::size_t first = 0; first < K; first += static_cast<std::size_t>(batch)) {
-        const std::size_t rows = std::min(static_cast<std::size_t>(batch), K - first);
-        x.resize(rows * T);
-        y.resize(rows * T);
-        for (std::size_t r = 0; r < rows; ++r) {
-            const std::size_t w = first + r;
-            const std::size_t start = K > 1 ? w * last_start / (K - 1) : 0;
-            for (std::size_t t = 0; t < T; ++t) {
-                x[r * T + t] = tokens[start + t];
-                y[r * T + t] = tokens[start + t + 1];
-            }
-        }
-        graph.clear();
-        const auto loss = model.loss(graph, x, y, static_cast<lowrank::Index>(rows), context);
-        sum += static_cast<double>(loss.item()) * static_cast<double>(rows);
-    }
-    graph.set_grad_enabled(true);
-    graph.set_training(true);
-    return sum / static_cast<double>(K);
-}
-
-// Samples n tokens after `prompt` with temperature and top-k, recomputing the forward
-// pass over the last block_size tokens for each new token.
-std::string generate(Model& model, const lowrank::Gpt2Tokenizer& tok, const std::string& prompt, int n,
-                     double temperature, int top_k, lowrank::Rng& rng) {
-    std::vector<std::int32_t> ids = tok.encode(prompt);
-    if (ids.empty()) ids.push_back(tok.eot());
-    const std::size_t prompt_len = ids.size();
-    lowrank::Graph<float> g;
-    g.set_grad_enabled(false);
-    g.set_training(false);
-    const auto block = static_cast<std::size_t>(model.config().block_size);
-    std::vector<std::pair<float, std::int32_t>> top;
-    for (int i = 0; i < n; ++i) {
-        const std::size_t T = std::min(ids.size(), block);
-        std::span<const std::int32_t> window(ids.data() + ids.size() - T, T);
-        g.clear();
-        const auto logits = model.forward(g, window, 1, static_cast<lowrank::Index>(T));
-        const auto row = logits.value().row(static_cast<lowrank::Index>(T) - 1);
-        top.clear();
-        for (lowrank::Index v = 0; v < row.size(); ++v) top.emplace_back(row(v), static_cast<std::int32_t>(v));
-        const std::size_t k = top_k > 0 ? std::min<std::size_t>(static_cast<std::size_t>(top_k), top.size()) : top.size();
-        std::partial_sort(top.begin(), top.begin() + static_cast<std::ptrdiff_t>(k), top.end(),
-                          [](const auto& a, const auto& b) { return a.first > b.first; });
-        double total = 0.0;
-        std::vector<double> p(k);
-        for (std::size_t j = 0; j < k; ++j) {
-            p[j] = std::exp((static_cast<double>(top[j].first) - static_cast<double>(top[0].first)) /
-                            std::max(temperature, 1e-6));
-            total += p[j];
-        }
-        double u = rng.uniform() * total;
-        std::size_t pick = k - 1;
-        for (std::size_t j = 0; j < k; ++j) {
-            if (u < p[j]) {
-                pick = j;
-                break;
-            }
-            u -= p[j];
-        }
-        ids.push_back(top[pick].second);
-    }
-    return tok.decode(std::span<const std::int32_t>(ids.data() + prompt_len, ids.size() - prompt_len));
-}
-
-int run(Config cfg) {
+int train(Config cfg) {
     const auto wall_start = Clock::now();
     lowrank::tune_allocator();
     lowrank::set_num_threads(cfg.threads);
@@ -218,6 +151,15 @@ int run(Config cfg) {
                              std::to_string(mc.block_size) + " of config '" + mc.name + "'");
     const std::vector<std::string> roles = cfg.roles.empty() ? mc.low_rank_roles : split_commas(cfg.roles);
 
+    // Everything the run will write is checked before anything is trained.
+    const std::string rank_log_path = cfg.rank_log.empty() && cfg.method.method != "dense"
+                                          ? "lowrank-gpt2-" + cfg.method.method + ".ranks.jsonl"
+                                          : cfg.rank_log;
+    if (!cfg.save.empty()) lowrank::check_writable(cfg.save, "--save");
+    if (!rank_log_path.empty()) lowrank::check_writable(rank_log_path, "--rank-log");
+    if (cfg.save.empty() && (cfg.save_every > 0 || cfg.stop_at > 0))
+        throw lowrank::Error(std::string(cfg.save_every > 0 ? "--save-every" : "--stop-at") +
+                             " needs --save (where the checkpoints go)");
     std::optional<lowrank::MetricsLog> log;
     if (!cfg.log.empty())
         log.emplace(cfg.log, cfg.resume.empty() ? lowrank::MetricsLog::Mode::truncate
@@ -229,10 +171,8 @@ int run(Config cfg) {
                                 {.batch = cfg.batch, .context = cfg.context, .seed = rng.next_u64()});
     lowrank::TokenWindows val(lowrank::read_tokens(cfg.data + ".val.bin"),
                               {.batch = cfg.batch, .context = cfg.context, .seed = 0});
-    for (std::uint16_t id : train.tokens())
-        if (id >= mc.vocab_size)
-            throw lowrank::FormatError("token id " + std::to_string(id) + " in '" + cfg.data +
-                                       ".train.bin' is outside the vocabulary of " + std::to_string(mc.vocab_size));
+    check_token_ids(train, cfg.data + ".train.bin", mc.vocab_size);
+    check_token_ids(val, cfg.data + ".val.bin", mc.vocab_size);
 
     // The model, optionally from pretrained weights, then the optimizer: AdamW with weight
     // decay on matrices, not on biases and LayerNorm gains (rows == 1).
@@ -244,65 +184,42 @@ int run(Config cfg) {
                                                           .weight_decay = cfg.weight_decay});
     opt.add_group(no_decay, lowrank::GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
     const std::int64_t warmup = std::min<std::int64_t>(cfg.warmup_steps, std::max<std::int64_t>(0, cfg.steps - 1));
-    lowrank::LrSchedule schedule(lowrank::ScheduleOptions{.kind = lowrank::ScheduleKind::warmup_cosine,
-                                                          .warmup_steps = warmup,
-                                                          .total_steps = cfg.steps,
-                                                          .min_factor = cfg.min_lr_ratio});
+    const lowrank::LrSchedule schedule(lowrank::ScheduleOptions{.kind = lowrank::ScheduleKind::warmup_cosine,
+                                                                .warmup_steps = warmup,
+                                                                .total_steps = cfg.steps,
+                                                                .min_factor = cfg.min_lr_ratio});
 
-    // The method: rank policies on the selected projections. An "epoch" of the policies
-    // (Cuttlefish's tracking, InRank's stage 1) is one evaluation interval.
-    lowrank::RankLog rank_log;
-    lowrank::TrainingContext<float> ctx(model.layer_slots(), opt, schedule, rank_log);
-    ctx.steps_per_epoch = cfg.eval_every;
-    ctx.total_steps = cfg.steps;
-    lowrank::PolicyList<float> policies = lowrank::examples::make_policies<float>(
-        cfg.method, mc.n_embd / 4, lowrank::LayerSelector{.roles = roles}, rng.next_u64());
-    policies.on_train_begin(ctx);
+    // The run, and the method's policies on the selected projections. An "epoch" of the
+    // policies (Cuttlefish's tracking, InRank's stage 1) is one evaluation interval.
+    const std::uint64_t policy_seed = rng.next_u64();
+    const std::uint64_t graph_seed = rng.next_u64();
+    lowrank::TrainingRun<float> run(model, opt,
+                                    {.schedule = schedule,
+                                     .clip_grad_norm = cfg.grad_clip,
+                                     .steps_per_epoch = cfg.eval_every,
+                                     .total_steps = cfg.steps,
+                                     .seed = graph_seed,
+                                     .identity = run_identity(cfg, mc, train)});
+    run.add(lowrank::examples::make_policies<float>(cfg.method, mc.n_embd / 4, lowrank::LayerSelector{.roles = roles},
+                                                     policy_seed));
+    run.track_rng("train", train.rng());
+    run.begin();
 
-    lowrank::Graph<float> graph(rng.next_u64());
-    std::int64_t step = 0;
     // The running mean of the training loss since the last evaluation: saved too, so that a
     // resumed run reports the same numbers as an uninterrupted one.
     double interval_loss = 0.0;
     std::int64_t interval_steps = 0;
     if (!cfg.resume.empty()) {
-        const Json extra = lowrank::read_checkpoint_extra(cfg.resume);
-        const Json want = run_identity(cfg, mc);
-        if (extra.value("run", Json()) != want)
-            throw lowrank::Error("--resume '" + cfg.resume + "': the checkpoint was written by a different run (" +
-                                 extra.value("run", Json()).dump() + "), this one is " + want.dump());
-        // The policies first: they bring the layers to the saved structure, so that every
-        // saved tensor then finds its parameter by name and shape.
-        policies.restore(ctx, extra.at("policies"));
-        const auto info = lowrank::load_checkpoint(cfg.resume, model.parameters(), &opt);
-        step = info.step;
-        train.rng().set_state(lowrank::rng_state_from_json(extra.at("train_rng")));
-        graph.rng().set_state(lowrank::rng_state_from_json(extra.at("graph_rng")));
-        rng.set_state(lowrank::rng_state_from_json(extra.at("rng")));
-        schedule.set_rewarm_state({extra.at("rewarm_at").get<std::int64_t>(), extra.at("rewarm_length").get<std::int64_t>()});
-        rank_log_from_json(extra.at("rank_log"), rank_log);
+        const Json extra = run.resume(cfg.resume);
         interval_loss = extra.at("interval_loss").get<double>();
         interval_steps = extra.at("interval_steps").get<std::int64_t>();
     }
-    const auto save = [&](const std::string& path) {
-        Json extra{{"run", run_identity(cfg, mc)},
-                   {"train_rng", lowrank::rng_state_to_json(train.rng().state())},
-                   {"graph_rng", lowrank::rng_state_to_json(graph.rng().state())},
-                   {"rng", lowrank::rng_state_to_json(rng.state())},
-                   {"rewarm_at", schedule.rewarm_state().at_step},
-                   {"rewarm_length", schedule.rewarm_state().length},
-                   {"rank_log", rank_log_to_json(rank_log)},
-                   {"policies", policies.state()},
-                   {"interval_loss", interval_loss},
-                   {"interval_steps", interval_steps}};
-        lowrank::save_checkpoint(path, model.parameters(), &opt, step, extra);
+    const auto save = [&] {
+        run.save(cfg.save, Json{{"interval_loss", interval_loss}, {"interval_steps", interval_steps}});
     };
 
-    const lowrank::Index params = lowrank::count_parameters(model.parameters());
-    const lowrank::Index trainable = lowrank::count_parameters(model.parameters(), true);
-    const std::string rank_log_path = cfg.rank_log.empty() && cfg.method.method != "dense"
-                                          ? "lowrank-gpt2-" + cfg.method.method + ".ranks.jsonl"
-                                          : cfg.rank_log;
+    const lowrank::Index params = run.parameter_count();
+    const lowrank::Index trainable = run.parameter_count(true);
     if (!cfg.quiet)
         std::fprintf(stderr,
                      "lowrank-gpt2: config %s (%lld layers, %lld heads, width %lld, context %lld), method %s on "
@@ -314,53 +231,49 @@ int run(Config cfg) {
                      static_cast<long long>(params), static_cast<long long>(trainable),
                      static_cast<long long>(train.size()), static_cast<long long>(val.size()),
                      static_cast<long long>(cfg.batch), cfg.threads,
-                     step > 0 ? (", resuming at step " + std::to_string(step)).c_str() : "");
+                     run.global_step() > 0 ? (", resuming at step " + std::to_string(run.global_step())).c_str() : "");
 
-    lowrank::ProgressBar bar(lowrank::ProgressOptions{.enabled = !cfg.quiet});
-    std::vector<std::int32_t> x, y, ex, ey;
+    // Mean loss over --eval-windows windows spread over the whole validation stream.
+    const auto evaluate = [&] {
+        return run.evaluate([&](lowrank::Graph<float>& g) {
+            double sum = 0.0;
+            val.for_each_spread_batch(cfg.eval_windows, [&](auto x, auto y, lowrank::Index rows) {
+                g.clear();
+                sum += static_cast<double>(model.loss(g, x, y, rows, cfg.context).item()) * static_cast<double>(rows);
+            });
+            return sum / static_cast<double>(cfg.eval_windows);
+        });
+    };
+
     const lowrank::Index tokens_per_step = cfg.batch * cfg.context;
+    auto& progress = run.attach<lowrank::ProgressCallback<float>>(
+        lowrank::ProgressCallback<float>::Options{.bar = {.enabled = !cfg.quiet}, .samples_per_step = tokens_per_step});
     double train_seconds = 0.0, eval_seconds = 0.0, lr_now = 0.0, val_loss = std::nan("");
     double last_train_loss = std::nan("");
-    const std::int64_t first_step = step;
-    bar.begin_epoch(1, 1, cfg.steps - step);
+    const std::int64_t first_step = run.global_step();
     auto interval_start = Clock::now();
-    std::int64_t interval_first_step = step;  // for tokens/s: steps timed in this process
+    std::int64_t interval_first_step = first_step;  // for tokens/s: steps timed in this process
+    std::vector<std::int32_t> x, y;
     const std::int64_t last_step = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
-    while (step < last_step) {
+    while (run.global_step() < last_step) {
         train.next(x, y);
-        ctx.step = step;
-        ctx.epoch = step / cfg.eval_every;
-        policies.before_forward(ctx);
-        graph.clear();
-        const auto loss = model.loss(graph, x, y, cfg.batch, cfg.context);
-        const double loss_value = loss.item();
-        if (!std::isfinite(loss_value))
-            throw lowrank::Error("non-finite loss (" + std::to_string(loss_value) + ") at step " + std::to_string(step) +
-                                 "; try a smaller --lr");
-        opt.zero_grad();
-        graph.backward(loss);
-        policies.after_backward(ctx);
-        if (cfg.grad_clip > 0) lowrank::clip_grad_norm(model.parameters(), cfg.grad_clip);
-        lr_now = cfg.lr * schedule.apply(opt, step);
-        opt.step();
-        ++step;
-        ctx.step = step;
-        policies.after_step(ctx);
-        interval_loss += loss_value;
+        const lowrank::StepResult r =
+            run.step([&](lowrank::Graph<float>& g) { return model.loss(g, x, y, cfg.batch, cfg.context); });
+        lr_now = r.lr;
+        interval_loss += r.loss;
         ++interval_steps;
-        bar.update(step - first_step, loss_value, tokens_per_step);
+        const std::int64_t step = r.step;
 
-        const bool eval_now = step % cfg.eval_every == 0 || step == cfg.steps;
-        if (eval_now) {
+        // At a multiple of --eval-every the run has just ended the policies' epoch.
+        if (step % cfg.eval_every == 0 || step == cfg.steps) {
             const double seconds = seconds_since(interval_start);
             train_seconds += seconds;
             last_train_loss = interval_loss / static_cast<double>(interval_steps);
-            if (step % cfg.eval_every == 0) policies.on_epoch_end(ctx);
             const auto eval_start = Clock::now();
-            val_loss = evaluate(model, graph, val.tokens(), cfg.batch, cfg.context, cfg.eval_windows, ex, ey);
+            val_loss = evaluate();
             eval_seconds += seconds_since(eval_start);
             const double tps = static_cast<double>((step - interval_first_step) * tokens_per_step) / seconds;
-            bar.clear();
+            progress.bar().clear();
             if (!cfg.quiet)
                 std::fprintf(stderr, "step %6lld/%lld  train_loss %.4f  val_loss %.4f  val_ppl %.1f  lr %.2e  %.0f tokens/s\n",
                              static_cast<long long>(step), static_cast<long long>(cfg.steps), last_train_loss, val_loss,
@@ -376,24 +289,27 @@ int run(Config cfg) {
                                .field("lr", lr_now)
                                .field("tokens_per_second", tps)
                                .field("ranks", ranks)
-                               .field("trainable_params", lowrank::count_parameters(model.parameters(), true)));
+                               .field("trainable_params", run.parameter_count(true)));
             }
-            if (!rank_log_path.empty()) rank_log.write_jsonl(rank_log_path);
+            if (!rank_log_path.empty()) run.rank_log().write_jsonl(rank_log_path);
             interval_loss = 0.0;
             interval_steps = 0;
             interval_start = Clock::now();
             interval_first_step = step;
         }
-        if (!cfg.save.empty() && ((cfg.save_every > 0 && step % cfg.save_every == 0) || step == last_step))
-            save(cfg.save);
+        if (!cfg.save.empty() && ((cfg.save_every > 0 && step % cfg.save_every == 0) || step == last_step)) save();
     }
-    bar.finish();
-    if (step == first_step) val_loss = evaluate(model, graph, val.tokens(), cfg.batch, cfg.context, cfg.eval_windows, ex, ey);  // nothing left to train
+    run.finish();
+    if (run.global_step() == first_step) val_loss = evaluate();  // nothing left to train
 
     if (cfg.sample > 0) {
         const auto tok = lowrank::Gpt2Tokenizer::from_dir(cfg.vocab);
+        std::vector<std::int32_t> prompt = tok.encode(cfg.prompt);
+        if (prompt.empty()) prompt.push_back(tok.eot());
         lowrank::Rng sample_rng(cfg.seed + 1);
-        std::cout << generate(model, tok, cfg.prompt, cfg.sample, cfg.temperature, cfg.top_k, sample_rng) << "\n";
+        const auto ids = lowrank::gpt2_sample(model, std::move(prompt), cfg.sample,
+                                              {.temperature = cfg.temperature, .top_k = cfg.top_k}, sample_rng);
+        std::cout << tok.decode(ids) << "\n";
     }
 
     nlohmann::ordered_json result;
@@ -402,21 +318,21 @@ int run(Config cfg) {
     result["val_loss"] = val_loss;
     result["val_ppl"] = std::exp(val_loss);
     result["train_loss"] = last_train_loss;
-    const double trained_tokens = static_cast<double>((step - first_step) * tokens_per_step);
+    const double trained_tokens = static_cast<double>((run.global_step() - first_step) * tokens_per_step);
     result["tokens_per_second"] = train_seconds > 0 ? trained_tokens / train_seconds : 0.0;
-    result["params"] = lowrank::count_parameters(model.parameters());
+    result["params"] = run.parameter_count();
     result["params_at_start"] = params;
-    result["trainable_params"] = lowrank::count_parameters(model.parameters(), true);
+    result["trainable_params"] = run.parameter_count(true);
     nlohmann::ordered_json ranks = nlohmann::ordered_json::object();
     for (const auto& s : model.layer_slots())
         if (std::find(roles.begin(), roles.end(), s.role) != roles.end()) ranks[s.layer->name()] = s.layer->rank();
     result["final_ranks"] = ranks;
     result["rank_log"] = rank_log_path.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(rank_log_path);
-    result["rank_events"] = rank_log.size();
-    result["steps"] = step;
+    result["rank_events"] = run.rank_log().size();
+    result["steps"] = run.global_step();
     result["batch"] = cfg.batch;
     result["context"] = cfg.context;
-    result["tokens"] = static_cast<double>(step * tokens_per_step);
+    result["tokens"] = static_cast<double>(run.global_step() * tokens_per_step);
     result["lr"] = cfg.lr;
     result["seed"] = cfg.seed;
     result["threads"] = cfg.threads;
@@ -516,7 +432,7 @@ int main(int argc, char** argv) {
     if (app.count("--inrank-stage1-steps") == 0 && app.count("--inrank-stage1-epochs") == 0)
         cfg.method.inrank.stage1_steps = cfg.method.inrank.warmup + 4 * cfg.method.inrank.gap;
     try {
-        return run(cfg);
+        return train(cfg);
     } catch (const std::bad_alloc&) {
         std::cerr << "lowrank-gpt2: error: out of memory (try a smaller --batch or --config)\n";
     } catch (const std::exception& e) {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ctest gpt2/resume_is_exact: a run interrupted (--stop-at) and resumed (--resume) must end
 # exactly where the uninterrupted run ends: the same evaluation lines (all but the timing
-# field) and a byte-identical final checkpoint.
+# field) and a byte-identical final checkpoint. A resume that changes the method or a
+# setting that changes the trajectory is refused, naming the setting.
 #   test_resume.sh LOWRANK_GPT2 LOWRANK_TOKENIZE VOCAB_DIR TEXT_FILE WORK_DIR
 set -euo pipefail
 gpt2="$(realpath "$1")" tokenize="$(realpath "$2")" vocab="$(realpath "$3")" text="$(realpath "$4")" work="$5"
@@ -32,3 +33,32 @@ for method in dense lora sst inrank; do
     fi
     echo "$method: $(wc -l < whole.jsonl) evaluation lines and the final checkpoint identical after a resume at step 3"
 done
+
+# The checkpoint of the last method (inrank) resumed as another run: refused, naming the key.
+refused() {  # refused KEY ARGS...: the resume fails and its message names KEY
+    local key="$1"
+    shift
+    if "$gpt2" "$@" --resume split.safetensors > refused.out 2> refused.err; then
+        echo "a resume with $key changed was accepted" >&2
+        exit 1
+    fi
+    if ! grep -q "'$key'" refused.err; then
+        echo "the refused resume does not name '$key':" >&2
+        cat refused.err >&2
+        exit 1
+    fi
+    echo "resume with $key changed: refused ($(head -c 160 refused.err))"
+}
+# common with OPTION's value replaced: changed OPTION VALUE
+changed() {
+    local opt="$1" value="$2" prev=""
+    out=()
+    for arg in "${common[@]}"; do
+        if [[ "$prev" == "$opt" ]]; then out+=("$value"); else out+=("$arg"); fi
+        prev="$arg"
+    done
+}
+changed --method sst && refused method "${out[@]}"
+refused clip_grad_norm "${common[@]}" --grad-clip 0.5
+changed --steps 9 && refused schedule.total_steps "${out[@]}"
+changed --eval-every 3 && refused steps_per_epoch "${out[@]}"

@@ -13,11 +13,13 @@
 #include <lowrank/core/types.hpp>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <span>
 #include <string>
 #include <system_error>
@@ -46,13 +48,18 @@ inline void write_tokens(const std::filesystem::path& path, std::span<const std:
 }
 
 /// Reads a token file written by write_tokens. Throws FormatError for a missing or
-/// unreadable file and for an odd number of bytes (not a uint16 stream, or cut short).
+/// unreadable file, for an odd number of bytes (not a uint16 stream, or cut short), and for
+/// a file whose size changes while it is read. Memory is the file's size, allocated once
+/// from the size checked up front (the bytes are read straight into the ids).
 inline std::vector<std::uint16_t> read_tokens(const std::filesystem::path& path) {
     const std::string where = detail::concat("read_tokens: '", path.string(), "'");
     std::error_code ec;
     const auto status = std::filesystem::status(path, ec);
-    if (!std::filesystem::exists(status))
+    if (!std::filesystem::exists(status)) {
+        if (ec && ec != std::errc::no_such_file_or_directory)
+            throw FormatError(detail::concat(where, ": cannot get its status: ", ec.message()));
         throw FormatError(detail::concat(where, ": the file does not exist"));
+    }
     if (!std::filesystem::is_regular_file(status))
         throw FormatError(detail::concat(where, ": not a regular file"));
     const std::uintmax_t size = std::filesystem::file_size(path, ec);
@@ -60,18 +67,19 @@ inline std::vector<std::uint16_t> read_tokens(const std::filesystem::path& path)
     if (size % 2 != 0)
         throw FormatError(detail::concat(where, ": expected an even number of bytes (uint16 tokens), got ",
                                          size, " (a truncated or foreign file)"));
-    std::FILE* f = std::fopen(path.c_str(), "rb");
-    if (f == nullptr) throw FormatError(detail::concat(where, ": cannot open: ", std::strerror(errno)));
-    std::vector<unsigned char> bytes(static_cast<std::size_t>(size));
-    const std::size_t got = bytes.empty() ? 0 : std::fread(bytes.data(), 1, bytes.size(), f);
-    const bool failed = std::ferror(f) != 0;
-    std::fclose(f);
-    if (failed || got != bytes.size())
-        throw FormatError(detail::concat(where, ": expected ", bytes.size(), " bytes, read ", got,
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
+    if (!f) throw FormatError(detail::concat(where, ": cannot open: ", std::strerror(errno)));
+    std::vector<std::uint16_t> ids(static_cast<std::size_t>(size / 2));
+    const std::size_t want = ids.size() * 2;
+    const std::size_t got = want == 0 ? 0 : std::fread(ids.data(), 1, want, f.get());
+    unsigned char more = 0;
+    const bool grew = got == want && std::fread(&more, 1, 1, f.get()) == 1;
+    if (std::ferror(f.get()) != 0 || got != want || grew)
+        throw FormatError(detail::concat(where, ": expected ", want, " bytes, read ", grew ? "more than " : "",
+                                         grew ? want : got,
                                          " (the file changed while reading, or an I/O error)"));
-    std::vector<std::uint16_t> ids(bytes.size() / 2);
-    for (std::size_t k = 0; k < ids.size(); ++k)
-        ids[k] = static_cast<std::uint16_t>(bytes[2 * k] | (static_cast<unsigned>(bytes[2 * k + 1]) << 8));
+    if constexpr (std::endian::native == std::endian::big)
+        for (auto& id : ids) id = static_cast<std::uint16_t>((id >> 8) | (id << 8));
     return ids;
 }
 
@@ -162,6 +170,32 @@ public:
         for (Index k = 0; k < count; ++k) {
             const Index rows = sequential_batch(k, inputs, targets, max_windows);
             fn(std::span<const std::int32_t>(inputs), std::span<const std::int32_t>(targets), rows);
+        }
+    }
+
+    /// Calls fn(inputs, targets, rows) for batches of B windows (the last may have fewer
+    /// rows) over `windows` windows spread evenly over the whole stream: window w starts at
+    /// w * (size() - T - 1) / (windows - 1). An evaluation then samples every part of the
+    /// text, where the first windows would all come from its first document. The same
+    /// windows every time; draws nothing from rng().
+    template <class F>
+    void for_each_spread_batch(Index windows, F&& fn) const {
+        check(windows >= 1, "TokenWindows::for_each_spread_batch", "expected windows >= 1, got ", windows);
+        const auto T = static_cast<std::size_t>(options_.context);
+        const std::size_t last_start = tokens_.size() - T - 1;  // >= 0: the constructor checked the length
+        const auto K = static_cast<std::size_t>(windows);
+        std::vector<std::int32_t> inputs;
+        std::vector<std::int32_t> targets;
+        for (std::size_t first = 0; first < K; first += static_cast<std::size_t>(options_.batch)) {
+            const std::size_t rows = std::min(static_cast<std::size_t>(options_.batch), K - first);
+            inputs.resize(rows * T);
+            targets.resize(rows * T);
+            for (std::size_t r = 0; r < rows; ++r) {
+                const std::size_t w = first + r;
+                copy_window(K > 1 ? w * last_start / (K - 1) : 0, inputs.data() + r * T, targets.data() + r * T);
+            }
+            fn(std::span<const std::int32_t>(inputs), std::span<const std::int32_t>(targets),
+               static_cast<Index>(rows));
         }
     }
 
