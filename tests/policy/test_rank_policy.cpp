@@ -136,8 +136,8 @@ TEST_CASE("RankLog records step, epoch and statistic and writes JSON lines atomi
     std::getline(in, second);
     CHECK_FALSE(std::getline(in, extra));
     CHECK(first ==
-          R"({"step":12,"epoch":1,"policy":"inrank","layer":"layers.0","event":"grow","old_rank":2,"new_rank":5,)"
-          R"("statistic":"explained_ratio","value":0.93})");
+          R"({"epoch":1,"event":"grow","layer":"layers.0","new_rank":5,"old_rank":2,"policy":"inrank",)"
+          R"("statistic":"explained_ratio","step":12,"value":0.93})");
     CHECK(second.find("\"statistic\"") == std::string::npos);  // no statistic, no field
     std::filesystem::remove(path);
     CHECK_THROWS_WITH(f.log.write_jsonl("/nonexistent-dir/log.jsonl"),

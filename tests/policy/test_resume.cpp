@@ -167,7 +167,7 @@ bool same_value(double a, double b) {
 void check_same_events(const std::vector<RankEvent>& a, const std::vector<RankEvent>& b) {
     REQUIRE(a.size() == b.size());
     for (std::size_t i = 0; i < a.size(); ++i) {
-        INFO("event " << i << ": " << RankLog::to_json(a[i]).str() << " vs " << RankLog::to_json(b[i]).str());
+        INFO("event " << i << ": " << RankLog::to_json(a[i]).dump() << " vs " << RankLog::to_json(b[i]).dump());
         CHECK(a[i].step == b[i].step);
         CHECK(a[i].epoch == b[i].epoch);
         CHECK(a[i].policy == b[i].policy);
