@@ -4,6 +4,7 @@
 #include <lowrank/autograd/gradcheck.hpp>
 #include <lowrank/autograd/graph.hpp>
 #include <lowrank/autograd/ops_activation.hpp>
+#include <lowrank/autograd/ops_attention.hpp>
 #include <lowrank/autograd/ops_basic.hpp>
 #include <lowrank/autograd/ops_linear.hpp>
 #include <lowrank/autograd/ops_loss.hpp>
