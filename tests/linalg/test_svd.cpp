@@ -1,4 +1,4 @@
-// Identities of the SVD tools (METHODS.md, "Shared tools").
+// Identities of the SVD tools of linalg/svd.hpp (their users: docs/layers/, docs/methods/).
 #include <catch2/catch.hpp>
 
 #include "../test_support.hpp"

@@ -1,4 +1,5 @@
-// LowRankLinear: gradients in double, the identities of METHODS.md, the one-pass kernel.
+// LowRankLinear: gradients in double, the identities of docs/derivations/low_rank_linear.md,
+// the one-pass kernel.
 #include "factored_layer_helpers.hpp"
 
 // A namespace of its own: the module's files may be compiled as one unity translation unit.

@@ -73,13 +73,13 @@ public:
         return h;
     }
 
-    /// Replaces the wide factors by the compressed form of METHODS.md ("Deep LoRA") built
-    /// on the input side: from G = dL/dW_1 at initialisation (width x in), P (in x 2r)
-    /// orthonormalises the top-r right singular vectors of G and of G^T W_1; Q = (W_L ... W_1)
-    /// P / eps^L (out x 2r); the inner factors are eps * I (2r x 2r). The chain becomes P^T,
-    /// W~_1..W~_L, Q, with P^T and Q the outer bases (`outer_parameters()`), to be trained at
-    /// gamma * lr or frozen. Faithful when out <= in; prefer the two-gradient overload, which
-    /// picks the side.
+    /// Replaces the wide factors by Deep LoRA's compressed form (docs/layers/
+    /// deep_low_rank_linear.md) built on the input side: from G = dL/dW_1 at initialisation
+    /// (width x in), P (in x 2r) orthonormalises the top-r right singular vectors of G and of
+    /// G^T W_1; Q = (W_L ... W_1) P / eps^L (out x 2r); the inner factors are eps * I
+    /// (2r x 2r). The chain becomes P^T, W~_1..W~_L, Q, with P^T and Q the outer bases
+    /// (`outer_parameters()`), to be trained at gamma * lr or frozen. Faithful when out <= in;
+    /// prefer the two-gradient overload, which picks the side.
     DeepCompressionInfo compress(Index r, const ConstMatrixRef<T>& grad_w1) {
         check_compressible(r);
         const auto& w1 = factors_.front().value;
