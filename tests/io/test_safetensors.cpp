@@ -345,14 +345,14 @@ TEST_CASE("safetensors reader rejects malformed files with a message naming the 
         CHECK_THAT(read_error(dir, huge), Contains("header length 18446744073709551615 is beyond the file"));
     }
     SECTION("bad JSON") {
-        CHECK_THAT(read_error(dir, st_bytes("{\"t\": {\"dtype\": \"F32\",")), Contains("is not valid JSON"));
+        CHECK_THAT(read_error(dir, st_bytes("{\"t\": {\"dtype\": \"F32\",")), Contains("not valid JSON") && Contains("byte 22"));
         CHECK_THAT(read_error(dir, st_bytes("[1, 2]")), Contains("expected the header to be a JSON object, got a JSON array"));
         CHECK_THAT(read_error(dir, st_bytes(one("3"))), Contains("tensor 't'") && Contains("got a JSON number"));
     }
     SECTION("duplicate names") {
         CHECK_THAT(read_error(dir, st_bytes(R"({"t":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},)"
                                             R"("t":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}})")),
-                   Contains("header names 't' twice"));
+                   Contains("key \"t\" a second time") && Contains("top-level object"));
     }
     SECTION("unknown dtype") {
         CHECK_THAT(read_error(dir, st_bytes(one(R"({"dtype":"F128","shape":[4],"data_offsets":[0,16]})"), four_floats)),

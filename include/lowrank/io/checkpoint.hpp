@@ -197,12 +197,7 @@ inline std::map<std::string, Index> read_active_cols_metadata(const SafetensorsR
     present = it != r.metadata().end();
     if (!present) return out;
     const std::string where = concat("load_parameters: '", r.path(), "': metadata '", kActiveColsMetadataKey, "'");
-    nlohmann::json doc;
-    try {
-        doc = nlohmann::json::parse(it->second);
-    } catch (const nlohmann::json::exception& e) {
-        throw FormatError(concat(where, ": not valid JSON: ", e.what()));
-    }
+    const nlohmann::json doc = parse_json_bounded(it->second, JsonLimits{}, where);
     if (!doc.is_object()) throw FormatError(concat(where, ": expected a JSON object, got a JSON ", doc.type_name()));
     for (const auto& [name, k] : doc.items()) {
         if (!k.is_number_unsigned())
@@ -330,13 +325,8 @@ inline nlohmann::json checkpoint_document(const std::map<std::string, std::strin
     if (it == metadata.end())
         throw FormatError(concat(where, ": not a lowrank checkpoint: expected metadata '", kCheckpointMetadataKey,
                                  "', found none (a weights-only file loads with load_parameters)"));
-    nlohmann::json doc;
-    try {
-        doc = nlohmann::json::parse(it->second);
-    } catch (const nlohmann::json::exception& e) {
-        throw FormatError(concat(where, ": metadata '", kCheckpointMetadataKey, "' is not valid JSON: ", e.what()));
-    }
     const std::string prefix = concat(where, ": metadata '", kCheckpointMetadataKey, "'");
+    nlohmann::json doc = parse_json_bounded(it->second, JsonLimits{}, prefix);
     if (!doc.is_object()) throw FormatError(concat(prefix, ": expected a JSON object, got a JSON ", doc.type_name()));
     // Each key must be there and pass its test; the message shows what was found.
     auto need = [&](const char* key, bool (*ok)(const nlohmann::json&), const char* expected) {

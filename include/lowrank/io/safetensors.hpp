@@ -10,11 +10,15 @@
 // The reader reads the whole file and validates every header entry before it hands out
 // anything, so a malformed file (cut short, lying offsets, a shape that does not match its
 // bytes) is a FormatError naming the file and the entry, never a read past the buffer.
+// The header is read by parse_json_bounded (core/json_read.hpp): at most 100 MB, 128
+// levels deep, each key once per object, no NUL and nothing after the object, as the
+// reference library requires.
 // The writer replaces its target atomically (temp file, flush, fsync, rename), so a crash
 // never leaves a half-written file under the final name.
 
 #include <lowrank/core/atomic_file.hpp>
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/json_read.hpp>
 #include <lowrank/core/types.hpp>
 
 #include <nlohmann/json.hpp>
@@ -52,9 +56,13 @@ inline std::size_t safetensors_dtype_size(std::string_view dtype) {
     return it == sizes.end() ? 0 : it->second;
 }
 
+/// "[2, 3]"; a shape of more than 8 dimensions (a file can claim thousands) shows its
+/// first 8 and its length: "[1, 1, 1, 1, 1, 1, 1, 1, ... (1000 dimensions)]".
 inline std::string shape_list_string(const std::vector<std::int64_t>& shape) {
+    constexpr std::size_t shown = 8;
     std::string s = "[";
-    for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    for (std::size_t i = 0; i < shape.size() && i < shown; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    if (shape.size() > shown) s += concat(", ... (", shape.size(), " dimensions)");
     return s + "]";
 }
 
@@ -132,10 +140,14 @@ inline std::vector<std::uint8_t> read_file_bytes(const std::string& path, std::s
     return bytes;
 }
 
+/// Largest header accepted, as in the reference library (its MAX_HEADER_SIZE).
+inline constexpr std::uint64_t kSafetensorsMaxHeaderBytes = 100'000'000;
+
 /// Parses the JSON header of a safetensors file given its first bytes (at least 8, all
-/// of the file or a prefix that holds the header); rejects duplicate top-level keys,
-/// which would make the file mean two things. Returns the header and sets `header_end`
-/// to where the buffer starts.
+/// of the file or a prefix that holds the header), with parse_json_bounded: a key given
+/// twice (which would make the file mean two things), a NUL, nesting deeper than 128 or
+/// bytes after the object are errors. Returns the header and sets `header_end` to where
+/// the buffer starts.
 inline nlohmann::json parse_safetensors_header(const std::uint8_t* bytes, std::uint64_t file_size,
                                                std::uint64_t available, const std::string& where,
                                                std::uint64_t& header_end) {
@@ -148,27 +160,16 @@ inline nlohmann::json parse_safetensors_header(const std::uint8_t* bytes, std::u
                                  " bytes follow the 8-byte length (file size ", file_size, ")"));
     if (n + 8 > available)
         throw FormatError(concat(where, ": could read only ", available, " of the ", n + 8, " header bytes"));
+    if (n > kSafetensorsMaxHeaderBytes)
+        throw FormatError(concat(where, ": header length ", n, " is too large: expected at most ",
+                                 kSafetensorsMaxHeaderBytes, " bytes (the reference library's limit)"));
     header_end = 8 + n;
-    const auto* begin = reinterpret_cast<const char*>(bytes + 8);
-    std::set<std::string> top_keys;
-    std::string duplicate;
-    const nlohmann::json::parser_callback_t note_duplicates = [&](int depth, nlohmann::json::parse_event_t event,
-                                                                  nlohmann::json& parsed) {
-        if (event == nlohmann::json::parse_event_t::key && depth == 1 && parsed.is_string() &&
-            !top_keys.insert(parsed.get<std::string>()).second && duplicate.empty())
-            duplicate = parsed.get<std::string>();
-        return true;
-    };
-    nlohmann::json header;
-    try {
-        header = nlohmann::json::parse(begin, begin + n, note_duplicates);
-    } catch (const nlohmann::json::exception& e) {
-        throw FormatError(concat(where, ": header (", n, " bytes after the length) is not valid JSON: ", e.what()));
-    }
+    const std::string_view text(reinterpret_cast<const char*>(bytes + 8), static_cast<std::size_t>(n));
+    nlohmann::json header = parse_json_bounded(
+        text, JsonLimits{.max_bytes = static_cast<std::size_t>(kSafetensorsMaxHeaderBytes)},
+        concat(where, ": header (", n, " bytes after the length)"));
     if (!header.is_object())
         throw FormatError(concat(where, ": expected the header to be a JSON object, got a JSON ", header.type_name()));
-    if (!duplicate.empty())
-        throw FormatError(concat(where, ": header names '", duplicate, "' twice"));
     return header;
 }
 
@@ -183,7 +184,7 @@ inline std::map<std::string, std::string> parse_safetensors_metadata(const nlohm
                                  it->type_name()));
     for (const auto& [key, value] : it->items()) {
         if (!value.is_string())
-            throw FormatError(concat(where, ": metadata '", key, "': expected a string value, got a JSON ",
+            throw FormatError(concat(where, ": metadata '", clip(key), "': expected a string value, got a JSON ",
                                      value.type_name()));
         out.emplace(key, value.get<std::string>());
     }
@@ -216,23 +217,29 @@ public:
         // Sorted by offsets (then name, for zero-sized tensors that share an offset), the
         // ranges must tile the buffer: an overlap would alias two tensors, and a hole or
         // trailing bytes are unindexed data the format does not allow.
-        order_.reserve(entries_.size());
-        for (const auto& [name, e] : entries_) order_.push_back(name);
-        std::sort(order_.begin(), order_.end(), [&](const std::string& a, const std::string& b) {
-            const Entry &ea = entries_.at(a), &eb = entries_.at(b);
-            if (ea.begin != eb.begin) return ea.begin < eb.begin;
-            if (ea.end != eb.end) return ea.end < eb.end;
-            return a < b;
+        // Sorted as (entry, name) pointers: looking names up in the comparison would make a
+        // header of n entries cost n log^2 n string comparisons.
+        std::vector<const std::pair<const std::string, Entry>*> sorted;
+        sorted.reserve(entries_.size());
+        for (const auto& named : entries_) sorted.push_back(&named);
+        std::sort(sorted.begin(), sorted.end(), [](const auto* a, const auto* b) {
+            if (a->second.begin != b->second.begin) return a->second.begin < b->second.begin;
+            if (a->second.end != b->second.end) return a->second.end < b->second.end;
+            return a->first < b->first;
         });
+        order_.reserve(sorted.size());
         std::uint64_t expected = 0;
         const std::string* previous = nullptr;
-        for (const std::string& name : order_) {
-            const Entry& e = entries_.at(name);
+        for (const auto* named : sorted) {
+            const std::string& name = named->first;
+            const Entry& e = named->second;
+            order_.push_back(name);
             if (e.begin < expected)
-                throw FormatError(detail::concat(where, ": tensor '", name, "': data_offsets [", e.begin, ", ", e.end,
-                                                 "] overlap tensor '", *previous, "', which ends at ", expected));
+                throw FormatError(detail::concat(where, ": tensor '", detail::clip(name), "': data_offsets [", e.begin,
+                                                 ", ", e.end, "] overlap tensor '", detail::clip(*previous),
+                                                 "', which ends at ", expected));
             if (e.begin > expected)
-                throw FormatError(detail::concat(where, ": tensor '", name, "': expected its data to start at ",
+                throw FormatError(detail::concat(where, ": tensor '", detail::clip(name), "': expected its data to start at ",
                                                  expected, " (right after the previous tensor), got ", e.begin,
                                                  " (a hole in the buffer)"));
             expected = e.end;
@@ -309,7 +316,7 @@ private:
 
     static Entry parse_entry(const std::string& name, const nlohmann::json& info, std::uint64_t buffer_size,
                              const std::string& where) {
-        const std::string what = detail::concat(where, ": tensor '", name, "'");
+        const std::string what = detail::concat(where, ": tensor '", detail::clip(name), "'");
         if (!info.is_object())
             throw FormatError(detail::concat(what, ": expected an object with dtype, shape and data_offsets, got a JSON ",
                                              info.type_name()));
@@ -323,7 +330,7 @@ private:
         e.dtype = dtype.get<std::string>();
         const std::size_t element_size = detail::safetensors_dtype_size(e.dtype);
         if (element_size == 0)
-            throw FormatError(detail::concat(what, ": unknown dtype '", e.dtype,
+            throw FormatError(detail::concat(what, ": unknown dtype '", detail::clip(e.dtype),
                                              "' (expected one of BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, "
                                              "I32, U32, F32, I64, U64, F64)"));
 
@@ -333,7 +340,8 @@ private:
         for (std::size_t i = 0; i < shape.size(); ++i) {
             const auto& d = shape[i];
             if (!d.is_number_integer())
-                throw FormatError(detail::concat(what, ": shape entry ", i, ": expected an integer, got ", d.dump()));
+                throw FormatError(detail::concat(what, ": shape entry ", i, ": expected an integer, got ",
+                                                 detail::json_value_excerpt(d)));
             if (d.is_number_unsigned()) {
                 const auto u = d.get<std::uint64_t>();
                 if (u > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
@@ -352,7 +360,7 @@ private:
         if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
             !offsets[1].is_number_unsigned())
             throw FormatError(detail::concat(what, ": expected data_offsets to be [begin, end] with integers >= 0, got ",
-                                             offsets.dump()));
+                                             detail::json_value_excerpt(offsets)));
         e.begin = offsets[0].get<std::uint64_t>();
         e.end = offsets[1].get<std::uint64_t>();
         if (e.begin > e.end)
