@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -495,7 +496,7 @@ TEST_CASE("Gpt2Tokenizer rejects malformed vocabulary files, naming the file and
     SECTION("a key written twice") {
         std::string text = good.encoder_json;
         text.insert(text.size() - 1, ",\"ab\":7");
-        CHECK_THAT(try_load(text, good.vocab_bpe), Contains("\"ab\"") && Contains("more than once"));
+        CHECK_THAT(try_load(text, good.vocab_bpe), Contains("\"ab\"") && Contains("a second time"));
     }
     SECTION("a key that is not in GPT-2's byte encoding") {
         // A raw space: GPT-2 writes byte 0x20 as U+0120; U+20AC stands for no byte.
@@ -547,6 +548,69 @@ TEST_CASE("Gpt2Tokenizer rejects malformed vocabulary files, naming the file and
         const auto tok = Gpt2Tokenizer::from_dir(dir.path());
         CHECK(tok.merge_count() == 2);
         CHECK(pieces(tok, tok.encode("abc")) == std::vector<std::string>{"abc"});
+    }
+}
+
+TEST_CASE("Gpt2Tokenizer refuses a hostile encoder.json: deep nesting, NUL, trailing bytes, huge tokens",
+          "[data][bpe][errors][hostile]") {
+    TempDir dir;
+    const TinyVocab good = tiny_vocab({"ab", "abc"}, {{"a", "b"}, {"ab", "c"}});
+    const auto try_encoder = [&](const std::string& encoder_json) {
+        write_file(dir / "encoder.json", encoder_json);
+        write_file(dir / "vocab.bpe", good.vocab_bpe);
+        return format_error([&] { (void)Gpt2Tokenizer::from_dir(dir.path()); });
+    };
+    const std::string entries = good.encoder_json.substr(1, good.encoder_json.size() - 2);  // without { }
+
+    // 200 KB nested 100,000 deep, as the value of one entry (nlohmann's dump() of it, once
+    // in the message, overflowed the stack).
+    const std::string deep = "{\"a\":" + std::string(100000, '[') + std::string(100000, ']') + "," + entries + "}";
+    REQUIRE(deep.size() > 200000);
+    std::string msg = try_encoder(deep);
+    CHECK_THAT(msg, Contains("encoder.json") && Contains("at most 128 nested") && Contains("/a/0/0"));
+    CHECK(msg.size() < 600);
+
+    msg = try_encoder(std::string("{\0", 2) + entries + "}");
+    CHECK_THAT(msg, Contains("encoder.json") && Contains("byte 1") && Contains("NUL"));
+    CHECK_THAT(try_encoder(good.encoder_json + "{}"), Contains("encoder.json") && Contains("expected end of input"));
+
+    // Messages quote at most a short excerpt of a long key or value.
+    const std::string long_key(100000, 'a');
+    msg = try_encoder("{\"" + long_key + "\":\"x\"," + entries + "}");
+    CHECK_THAT(msg, Contains("expected an integer id"));
+    CHECK(msg.size() < 400);
+    std::string ones = "1";
+    for (int i = 0; i < 50000; ++i) ones += ",1";
+    msg = try_encoder("{\"zz\":[" + ones + "]," + entries + "}");
+    CHECK_THAT(msg, Contains("expected an integer id"));
+    CHECK(msg.size() < 400);
+}
+
+TEST_CASE("Gpt2Tokenizer refuses a vocab.bpe cut at a line end: tokens that no merge makes",
+          "[data][bpe][errors][hostile]") {
+    TempDir dir;
+    SECTION("a hand-made vocabulary without its last merge") {
+        const TinyVocab full = tiny_vocab({"ab", "abc"}, {{"a", "b"}, {"ab", "c"}});
+        write_file(dir / "encoder.json", full.encoder_json);
+        write_file(dir / "vocab.bpe", full.vocab_bpe.substr(0, full.vocab_bpe.rfind('\n', full.vocab_bpe.size() - 2) + 1));
+        const std::string msg = format_error([&] { (void)Gpt2Tokenizer::from_dir(dir.path()); });
+        CHECK_THAT(msg, Contains("vocab.bpe") && Contains("encoder.json") && Contains("its 1 merges make none of 1") &&
+                            Contains("\"abc\", id 257") && Contains("cut short"));
+        // A vocabulary with special tokens of its own can opt out.
+        const Gpt2Tokenizer tok(dir / "encoder.json", dir / "vocab.bpe", {.require_complete_merges = false});
+        CHECK(tok.merge_count() == 1);
+    }
+    SECTION("GPT-2's vocab.bpe without its last 1000 merges") {
+        const fs::path real = fs::path(LOWRANK_DATA_DIR) / "gpt2";
+        std::ifstream in(real / "vocab.bpe", std::ios::binary);
+        std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        REQUIRE(text.size() > 1000);
+        std::size_t cut = text.size() - 1;  // the final newline
+        for (int k = 0; k < 1000; ++k) cut = text.rfind('\n', cut - 1);
+        fs::copy_file(real / "encoder.json", dir / "encoder.json");
+        write_file(dir / "vocab.bpe", text.substr(0, cut + 1));
+        const std::string msg = format_error([&] { (void)Gpt2Tokenizer::from_dir(dir.path()); });
+        CHECK_THAT(msg, Contains("its 49000 merges make none of 1000 token(s)") && Contains("id 49256"));
     }
 }
 

@@ -17,6 +17,7 @@
 // See docs/data.md.
 
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/json_read.hpp>
 #include <lowrank/data/unicode_tables.hpp>
 
 #include <nlohmann/json.hpp>
@@ -36,7 +37,6 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -135,9 +135,18 @@ inline const std::array<std::int16_t, 0x144>& code_point_to_byte() {
 }
 
 /// A string printed for a message: JSON-quoted, so control characters and invalid UTF-8
-/// show as escapes.
+/// show as escapes, and cut to kJsonExcerptChars bytes ("..." before the closing quote).
 inline std::string quoted(std::string_view s) {
-    return nlohmann::json(std::string(s)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    std::string out = nlohmann::json(std::string(s.substr(0, kJsonExcerptChars)))
+                          .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    if (s.size() > kJsonExcerptChars) out.insert(out.size() - 1, "...");
+    return out;
+}
+
+/// A code point below U+0800 (every stand-in is) as UTF-8.
+inline std::string code_point_to_utf8(std::uint32_t cp) {
+    if (cp < 0x80) return std::string(1, static_cast<char>(cp));
+    return {static_cast<char>(0xC0 | (cp >> 6)), static_cast<char>(0x80 | (cp & 0x3F))};
 }
 
 /// Decodes a vocabulary symbol (GPT-2's printable stand-ins for bytes, UTF-8 encoded) to
@@ -257,6 +266,12 @@ struct Gpt2TokenizerOptions {
     std::size_t cache_words = std::size_t{1} << 18;
     /// Longer words are not cached (a long run of symbols is rarely seen twice).
     std::size_t cache_max_word_bytes = 64;
+    /// Refuse a vocabulary in which a token of more than one byte (other than
+    /// "<|endoftext|>") is the result of no merge: encode() could never produce it, and in
+    /// GPT-2's files every such token is made by exactly one merge, so a token left over
+    /// means a vocab.bpe cut short (at a line end, where nothing else shows it) or files of
+    /// two vocabularies. Turn off for a vocabulary with special tokens of its own.
+    bool require_complete_merges = true;
 };
 
 /// GPT-2's byte-level BPE tokenizer. encode() keeps a cache of word -> ids, so one
@@ -274,6 +289,7 @@ public:
         : options_(options) {
         load_encoder(encoder_json);
         load_merges(vocab_bpe);
+        if (options_.require_complete_merges) check_merges_complete(encoder_json, vocab_bpe);
     }
 
     /// Reads dir/encoder.json and dir/vocab.bpe.
@@ -378,6 +394,9 @@ private:
         return std::string_view(bytes_).substr(t.offset, t.length);
     }
 
+    /// Largest vocabulary file read (GPT-2's encoder.json is 1 MB, its vocab.bpe 0.5 MB).
+    static constexpr std::uintmax_t max_file_bytes = 100'000'000;
+
     static std::string read_file(const std::filesystem::path& path, std::string_view what) {
         std::error_code ec;
         if (!std::filesystem::exists(path, ec))
@@ -388,6 +407,9 @@ private:
         if (std::filesystem::is_directory(path, ec))
             throw FormatError(
                 detail::concat("Gpt2Tokenizer: ", what, " '", path.string(), "' is a directory"));
+        if (const auto size = std::filesystem::file_size(path, ec); !ec && size > max_file_bytes)
+            throw FormatError(detail::concat("Gpt2Tokenizer: ", what, " '", path.string(), "' is ", size,
+                                             " bytes: expected at most ", max_file_bytes));
         std::ifstream in(path, std::ios::binary);
         if (!in)
             throw FormatError(detail::concat("Gpt2Tokenizer: cannot open ", what, " '", path.string(), "'"));
@@ -401,29 +423,12 @@ private:
     void load_encoder(const std::filesystem::path& path) {
         const std::string where = detail::concat("Gpt2Tokenizer: '", path.string(), "'");
         const std::string text = read_file(path, "encoder.json");
-        // nlohmann keeps the last of duplicate keys silently; a duplicate means a damaged
-        // file, so note them while parsing.
-        std::string duplicate;
-        std::unordered_set<std::string> keys;
-        const nlohmann::json::parser_callback_t note_duplicates =
-            [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-                if (event == nlohmann::json::parse_event_t::key && depth == 1 && parsed.is_string() &&
-                    !keys.insert(parsed.get<std::string>()).second && duplicate.empty())
-                    duplicate = parsed.get<std::string>();
-                return true;
-            };
-        nlohmann::json json;
-        try {
-            json = nlohmann::json::parse(text, note_duplicates);
-        } catch (const nlohmann::json::exception& e) {
-            throw FormatError(detail::concat(where, ": not valid JSON: ", e.what()));
-        }
+        // A key given twice (which nlohmann would resolve silently) means a damaged file.
+        const nlohmann::json json =
+            detail::parse_json_bounded(text, detail::JsonLimits{.max_bytes = max_file_bytes}, where);
         if (!json.is_object())
             throw FormatError(
                 detail::concat(where, ": expected a JSON object (token -> id), got a ", json.type_name()));
-        if (!duplicate.empty())
-            throw FormatError(
-                detail::concat(where, ": entry ", detail::quoted(duplicate), " appears more than once"));
         const std::size_t n = json.size();
         if (n < 256)
             throw FormatError(
@@ -441,7 +446,8 @@ private:
         for (const auto& [key, value] : json.items()) {
             if (!value.is_number_integer())
                 throw FormatError(detail::concat(where, ": entry ", detail::quoted(key),
-                                                 ": expected an integer id, got ", value.dump()));
+                                                 ": expected an integer id, got ",
+                                                 detail::json_value_excerpt(value)));
             const auto id = value.get<std::int64_t>();
             if (id < 0 || id >= static_cast<std::int64_t>(n))
                 throw FormatError(detail::concat(where, ": entry ", detail::quoted(key), ": id ", id,
@@ -542,6 +548,28 @@ private:
             ++rank;
         }
         if (merges_.empty()) throw FormatError(detail::concat(where, ": holds no merges"));
+    }
+
+    /// See Gpt2TokenizerOptions::require_complete_merges.
+    void check_merges_complete(const std::filesystem::path& encoder_json, const std::filesystem::path& vocab_bpe) const {
+        std::vector<bool> made(tokens_.size(), false);
+        for (const auto& [pair, merge] : merges_) made[static_cast<std::size_t>(merge.result)] = true;
+        std::size_t unmade = 0;
+        std::int32_t first = -1;
+        for (std::size_t id = 0; id < tokens_.size(); ++id) {
+            if (made[id] || tokens_[id].length <= 1 || static_cast<std::int32_t>(id) == eot_) continue;
+            if (unmade++ == 0) first = static_cast<std::int32_t>(id);
+        }
+        if (unmade == 0) return;
+        std::string symbol;
+        for (char c : token_view(tokens_[static_cast<std::size_t>(first)]))
+            symbol += detail::code_point_to_utf8(detail::byte_to_code_point()[static_cast<std::uint8_t>(c)]);
+        throw FormatError(detail::concat(
+            "Gpt2Tokenizer: '", vocab_bpe.string(), "': its ", merges_.size(), " merges make none of ", unmade,
+            " token(s) of '", encoder_json.string(), "' (the first is ", detail::quoted(symbol), ", id ", first,
+            "): a vocab.bpe cut short, or files of two different vocabularies (GPT-2's 50000 merges make every "
+            "token but the 256 bytes and \"<|endoftext|>\"; Gpt2TokenizerOptions::require_complete_merges = "
+            "false accepts special tokens of another vocabulary)"));
     }
 
     /// Appends the ids of one pre-tokenized word.
