@@ -232,16 +232,31 @@ TEST_CASE("read_idx rejects malformed files with the file, the expected and the 
     SECTION("dimensions whose product overflows or is absurd") {
         write_plain(dir / "product.idx", idx_bytes({0x7FFFFFFFu, 0x7FFFFFFFu, 0x7FFFFFFFu}, {}));
         const auto msg = format_error([&] { lowrank::read_idx(dir / "product.idx"); });
-        CHECK_THAT(msg, Contains("product.idx") && Contains("absurd") && Contains("at most 4294967296"));
+        CHECK_THAT(msg, Contains("product.idx") && Contains("absurd") && Contains("at most 1073741824"));
         write_plain(dir / "cap.idx", idx_bytes({100}, iota_bytes(100)));
         CHECK_THAT(format_error([&] { lowrank::read_idx(dir / "cap.idx", {.max_bytes = 99}); }),
                    Contains("cap.idx") && Contains("at most 99"));
         CHECK(lowrank::read_idx(dir / "cap.idx", {.max_bytes = 100}).data.size() == 100);
     }
-    SECTION("a small gzip file that claims 2 GB fails as truncated, without reading on") {
-        write_gz(dir / "liar.gz", idx_bytes({2000000000u}, iota_bytes(10)));
+    SECTION("a small gzip file that claims 1 GB fails as truncated, from its trailer, without decompressing") {
+        write_gz(dir / "liar.gz", idx_bytes({1000000000u}, iota_bytes(10)));
         const auto msg = format_error([&] { lowrank::read_idx(dir / "liar.gz"); });
-        CHECK_THAT(msg, Contains("liar.gz") && Contains("need 2000000000") && Contains("got 10"));
+        CHECK_THAT(msg, Contains("liar.gz") && Contains("need 1000000000") && Contains("got 10") &&
+                            Contains("gzip trailer records 18"));
+        // 65536 x 64 x 64 pixels (268 MB) claimed by 10 bytes of images: refused as fast.
+        write_gz(dir / "pixels.gz", idx_bytes({65536, 64, 64}, iota_bytes(10)));
+        CHECK_THAT(format_error([&] { lowrank::read_idx_dims(dir / "pixels.gz"); }),
+                   Contains("need 268435456") && Contains("got 10"));
+    }
+    SECTION("a gzip trailer that does not match its stream is refused as well") {
+        // Large enough that reading the header does not decompress it all (zlib would then
+        // find the mismatch itself).
+        write_gz(dir / "full.gz", idx_bytes({1000000}, iota_bytes(1000000)));
+        Bytes z = read_all(dir / "full.gz");
+        z.back() ^= 0x01;  // ISIZE's top byte: now 2^24 + 1000008
+        write_plain(dir / "isize.gz", z);
+        CHECK_THAT(format_error([&] { lowrank::read_idx(dir / "isize.gz"); }),
+                   Contains("isize.gz") && Contains("trailing data") && Contains("gzip trailer records 17777224"));
     }
     SECTION("a cut gzip stream") {
         write_gz(dir / "full.gz", idx_bytes({1000}, iota_bytes(1000)));
@@ -381,6 +396,35 @@ TEST_CASE("load_mnist_like reports missing files, count mismatches and bad label
         CHECK_THAT(format_error([&] { lowrank::load_mnist_like<float>(dir.path()); }),
                    Contains("train-images-idx3-ubyte") && Contains("expected 3 dimensions") && Contains("got 2"));
     }
+}
+
+TEST_CASE("load_mnist_like compares the label count with the image count before decoding either",
+          "[data][idx][errors]") {
+    TempDir dir;
+    write_mnist_like(dir, 4, 4, false);
+    // 4096 images of 64 x 64 zeros (16 MB) with 10 labels. The middle of the compressed
+    // stream is damaged, far past what reading the header decompresses: a reader that
+    // decoded the images first would fail on the damage (or spend the memory), not on the
+    // counts.
+    write_gz(dir / "train-images-idx3-ubyte.gz", idx_bytes({4096, 64, 64}, Bytes(4096 * 64 * 64, 0)));
+    Bytes z = read_all(dir / "train-images-idx3-ubyte.gz");
+    REQUIRE(z.size() > 4000);
+    for (std::size_t i = z.size() / 2; i < z.size() / 2 + 64; ++i) z[i] ^= 0xA5;
+    write_plain(dir / "train-images-idx3-ubyte.gz", z);
+    fs::remove(dir / "train-images-idx3-ubyte");
+    write_plain(dir / "train-labels-idx1-ubyte", idx_bytes({10}, iota_bytes(10)));
+    CHECK_THAT(format_error([&] { lowrank::load_mnist_like<float>(dir.path()); }),
+               Contains("train-labels-idx1-ubyte") && Contains("expected 4096 labels") && Contains("got 10"));
+    // The damage is real: reading the images themselves fails on it.
+    CHECK_THROWS_AS(lowrank::read_idx(dir / "train-images-idx3-ubyte.gz"), lowrank::FormatError);
+}
+
+TEST_CASE("read_idx_dims gives the dimensions without reading the data", "[data][idx]") {
+    TempDir dir;
+    write_gz(dir / "a.gz", idx_bytes({3, 2, 5}, iota_bytes(30)));
+    CHECK(lowrank::read_idx_dims(dir / "a.gz") == std::vector<int>{3, 2, 5});
+    write_plain(dir / "b", idx_bytes({7}, iota_bytes(7)));
+    CHECK(lowrank::read_idx_dims(dir / "b") == std::vector<int>{7});
 }
 
 }  // namespace test_idx

@@ -10,7 +10,11 @@
 // means the dimensions do not describe the file) all raise FormatError naming the file,
 // the expected and the actual value. It reads the header first and the data in bounded
 // chunks, so a malformed file can neither make it read past a buffer nor allocate much
-// more memory than the file actually holds.
+// more memory than the file actually holds. Before any data is read, the dimensions are
+// checked against what the file can hold: a plain file's size, or the uncompressed size
+// that a gzip file records in its last four bytes (so a small gzip claiming gigabytes is
+// refused without decompressing it); load_mnist_like also checks that the label count
+// matches the image count before it reads either's data.
 
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/types.hpp>
@@ -52,8 +56,9 @@ struct IdxArray {
 
 struct IdxReadOptions {
     /// Files whose dimensions promise more data bytes than this are rejected as absurd
-    /// before anything is allocated. The largest MNIST-family file holds 47 MB.
-    std::uint64_t max_bytes = std::uint64_t{1} << 32;
+    /// before anything is allocated: 1 GiB, twice the largest file of the MNIST family
+    /// (EMNIST ByClass, 547 MB; MNIST's own largest holds 47 MB).
+    std::uint64_t max_bytes = std::uint64_t{1} << 30;
 };
 
 namespace detail {
@@ -106,6 +111,12 @@ public:
         std::array<unsigned char, 2> magic{};
         const std::size_t got = std::fread(magic.data(), 1, magic.size(), file_.get());
         if (got == 2 && magic[0] == 0x1f && magic[1] == 0x8b) {
+            // ISIZE, the member's uncompressed size modulo 2^32 (RFC 1952), ends the file.
+            std::array<unsigned char, 4> isize{};
+            if (std::fseek(file_.get(), -4, SEEK_END) == 0 &&
+                std::fread(isize.data(), 1, isize.size(), file_.get()) == isize.size())
+                gzip_size_ = std::uint32_t{isize[0]} | (std::uint32_t{isize[1]} << 8) |
+                             (std::uint32_t{isize[2]} << 16) | (std::uint32_t{isize[3]} << 24);
             file_.reset();
             gz_ = gzopen(path_.c_str(), "rb");
             if (gz_ == nullptr) fail("cannot open it as gzip: ", std::strerror(errno));
@@ -125,6 +136,8 @@ public:
     bool gzipped() const { return gz_ != nullptr; }
     /// The size of a plain file in bytes; unknown (nullopt) for gzip.
     std::optional<std::uint64_t> plain_size() const { return plain_size_; }
+    /// For gzip, the uncompressed size modulo 2^32 that the file's trailer records.
+    std::optional<std::uint32_t> gzip_size() const { return gzip_size_; }
 
     /// Reads up to n bytes into dst; returns fewer only at the end of the data. A corrupt
     /// or truncated gzip stream is an error, not an end.
@@ -173,6 +186,112 @@ private:
     std::unique_ptr<std::FILE, FileCloser> file_;
     gzFile gz_ = nullptr;
     std::optional<std::uint64_t> plain_size_;
+    std::optional<std::uint32_t> gzip_size_;
+};
+
+/// An IDX file whose header has been read and checked against the file (see the top of
+/// this file); read_data() then reads the elements.
+class IdxFile {
+public:
+    IdxFile(const std::filesystem::path& path, const IdxReadOptions& options, std::string_view what)
+        : src_(path, what) {
+        std::array<std::uint8_t, 4> magic{};
+        const std::size_t got_magic = src_.read(magic.data(), magic.size());
+        if (got_magic < magic.size())
+            src_.fail("truncated header: expected a 4-byte magic number, got ", got_magic, " byte(s)");
+        if (magic[0] != 0 || magic[1] != 0)
+            src_.fail("bad magic number: expected the first two bytes to be 0x00 0x00, got ", hex_byte(magic[0]), " ",
+                      hex_byte(magic[1]), " (not an IDX file)");
+        if (magic[2] != 0x08)
+            src_.fail("unsupported element type: expected 0x08 (unsigned byte), got ", idx_type_name(magic[2]));
+        const int ndim = magic[3];
+        if (ndim == 0) src_.fail("bad magic number: expected at least 1 dimension, got 0");
+
+        std::array<std::uint8_t, 4 * 255> header{};
+        const auto header_bytes = static_cast<std::size_t>(4 * ndim);
+        const std::size_t got_header = src_.read(header.data(), header_bytes);
+        if (got_header < header_bytes)
+            src_.fail("truncated header: expected ", ndim, " dimensions (", header_bytes, " bytes), got ", got_header,
+                      " byte(s)");
+
+        dims_.resize(static_cast<std::size_t>(ndim));
+        for (int k = 0; k < ndim; ++k) {
+            const std::uint8_t* b = header.data() + 4 * k;
+            const std::uint64_t d = (std::uint64_t{b[0]} << 24) | (std::uint64_t{b[1]} << 16) |
+                                    (std::uint64_t{b[2]} << 8) | std::uint64_t{b[3]};
+            if (d > static_cast<std::uint64_t>(INT_MAX))
+                src_.fail("dimension ", k, " is absurd: expected at most ", INT_MAX, ", got ", d);
+            dims_[static_cast<std::size_t>(k)] = static_cast<int>(d);
+            // d < 2^31, so the product stays exact until it passes max_bytes (< 2^64 / 2^31).
+            if (count_ != 0 && d != 0 && count_ > options.max_bytes / d)
+                src_.fail("dimensions are absurd: expected at most ", options.max_bytes,
+                          " elements in all, the dimensions multiply to more (dimension ", k, " = ", d, ")");
+            count_ *= d;
+        }
+
+        const std::uint64_t header_size = 4 + header_bytes;
+        const std::uint64_t expected = header_size + count_;
+        if (auto size = src_.plain_size()) {
+            // A plain file's size tells truncation before anything is allocated.
+            if (*size < expected)
+                src_.fail("truncated data: the dimensions need ", count_, " data bytes (file size ", expected,
+                          "), got ", *size > header_size ? *size - header_size : 0, " (file size ", *size, ")");
+            if (*size > expected)
+                src_.fail("trailing data: expected the file to end after ", count_, " data bytes (file size ",
+                          expected, "), got ", *size - expected, " more byte(s) (file size ", *size, ")");
+        } else if (auto recorded = src_.gzip_size(); recorded && *recorded != static_cast<std::uint32_t>(expected)) {
+            // So does a gzip file's trailer. It is exact below 4 GiB (every MNIST-family
+            // file); a file of several gzip members records only its last member's size, so
+            // such a file is refused too (gunzip it, or gzip it again as one member).
+            const std::string note = concat("(the gzip trailer records ", *recorded,
+                                            " uncompressed bytes; the data was not decompressed)");
+            if (expected > 0xFFFFFFFFu)
+                src_.fail("the dimensions need ", count_, " data bytes (", expected, " in all, ",
+                          static_cast<std::uint32_t>(expected), " modulo 2^32), but the gzip trailer records ",
+                          *recorded, " uncompressed bytes modulo 2^32; the data was not decompressed");
+            if (*recorded < expected)
+                src_.fail("truncated data: the dimensions need ", count_, " data bytes, got ",
+                          *recorded > header_size ? *recorded - header_size : 0, " ", note);
+            src_.fail("trailing data: expected the data to end after ", count_, " bytes, got ", *recorded - expected,
+                      " more byte(s) ", note);
+        }
+    }
+
+    const std::vector<int>& dims() const { return dims_; }
+    /// The number of elements (the product of dims()).
+    std::uint64_t count() const { return count_; }
+    ByteSource& source() { return src_; }
+
+    /// Reads the elements (once), and checks that nothing follows them.
+    std::vector<std::uint8_t> read_data() {
+        // Fill the buffer as the data arrives. A plain file's size is already checked; for
+        // gzip only the first 256 MiB are reserved up front (reserving is cheap: untouched
+        // pages cost nothing), so a small file claiming huge dimensions cannot make the
+        // reader allocate much more than it holds.
+        const auto total = static_cast<std::size_t>(count_);
+        constexpr std::size_t chunk = std::size_t{1} << 22;
+        std::vector<std::uint8_t> data;
+        std::size_t have = 0;
+        data.reserve(src_.plain_size() ? total : std::min(total, std::size_t{1} << 28));
+        while (have < total) {
+            const std::size_t want = std::min(chunk, total - have);
+            data.resize(have + want);
+            const std::size_t got = src_.read(data.data() + have, want);
+            have += got;
+            if (got < want) src_.fail("truncated data: the dimensions need ", count_, " data bytes, got ", have);
+        }
+        std::uint8_t extra[256];
+        const std::size_t trailing = src_.read(extra, sizeof extra);
+        if (trailing > 0)
+            src_.fail("trailing data: expected the data to end after ", count_, " bytes, got ",
+                      trailing == sizeof extra ? "at least " : "", trailing, " more byte(s)");
+        return data;
+    }
+
+private:
+    ByteSource src_;
+    std::vector<int> dims_;
+    std::uint64_t count_ = 1;
 };
 
 }  // namespace detail
@@ -182,102 +301,42 @@ private:
 /// type other than 0x08, zero dimensions, dimensions larger than options.max_bytes, fewer
 /// data bytes than the dimensions say, and any byte after the data.
 inline IdxArray read_idx(const std::filesystem::path& path, const IdxReadOptions& options = {}) {
-    detail::ByteSource src(path, "read_idx");
-
-    std::array<std::uint8_t, 4> magic{};
-    const std::size_t got_magic = src.read(magic.data(), magic.size());
-    if (got_magic < magic.size())
-        src.fail("truncated header: expected a 4-byte magic number, got ", got_magic, " byte(s)");
-    if (magic[0] != 0 || magic[1] != 0)
-        src.fail("bad magic number: expected the first two bytes to be 0x00 0x00, got ",
-                 detail::hex_byte(magic[0]), " ", detail::hex_byte(magic[1]), " (not an IDX file)");
-    if (magic[2] != 0x08)
-        src.fail("unsupported element type: expected 0x08 (unsigned byte), got ", detail::idx_type_name(magic[2]));
-    const int ndim = magic[3];
-    if (ndim == 0) src.fail("bad magic number: expected at least 1 dimension, got 0");
-
-    std::array<std::uint8_t, 4 * 255> header{};
-    const auto header_bytes = static_cast<std::size_t>(4 * ndim);
-    const std::size_t got_header = src.read(header.data(), header_bytes);
-    if (got_header < header_bytes)
-        src.fail("truncated header: expected ", ndim, " dimensions (", header_bytes, " bytes), got ", got_header,
-                 " byte(s)");
-
+    detail::IdxFile file(path, options, "read_idx");
     IdxArray out;
-    out.dims.resize(static_cast<std::size_t>(ndim));
-    std::uint64_t count = 1;
-    for (int k = 0; k < ndim; ++k) {
-        const std::uint8_t* b = header.data() + 4 * k;
-        const std::uint64_t d = (std::uint64_t{b[0]} << 24) | (std::uint64_t{b[1]} << 16) |
-                                (std::uint64_t{b[2]} << 8) | std::uint64_t{b[3]};
-        if (d > static_cast<std::uint64_t>(INT_MAX))
-            src.fail("dimension ", k, " is absurd: expected at most ", INT_MAX, ", got ", d);
-        out.dims[static_cast<std::size_t>(k)] = static_cast<int>(d);
-        // d < 2^31, so the product stays exact until it passes max_bytes (< 2^64 / 2^31).
-        if (count != 0 && d != 0 && count > options.max_bytes / d)
-            src.fail("dimensions are absurd: expected at most ", options.max_bytes,
-                     " elements in all, the dimensions multiply to more (dimension ", k, " = ", d, ")");
-        count *= d;
-    }
-
-    const std::uint64_t header_size = 4 + header_bytes;
-    if (auto size = src.plain_size()) {
-        // A plain file's size tells truncation before anything is allocated.
-        const std::uint64_t expected = header_size + count;
-        if (*size < expected)
-            src.fail("truncated data: the dimensions need ", count, " data bytes (file size ", expected,
-                     "), got ", *size > header_size ? *size - header_size : 0, " (file size ", *size, ")");
-        if (*size > expected)
-            src.fail("trailing data: expected the file to end after ", count, " data bytes (file size ",
-                     expected, "), got ", *size - expected, " more byte(s) (file size ", *size, ")");
-    }
-
-    // Fill the buffer as the data arrives. A plain file's size is already checked; for
-    // gzip only the first 256 MiB are reserved up front (reserving is cheap: untouched
-    // pages cost nothing), so a small file claiming huge dimensions cannot make the
-    // reader allocate much more than it holds.
-    const auto total = static_cast<std::size_t>(count);
-    constexpr std::size_t chunk = std::size_t{1} << 22;
-    std::size_t have = 0;
-    out.data.reserve(src.plain_size() ? total : std::min(total, std::size_t{1} << 28));
-    while (have < total) {
-        const std::size_t want = std::min(chunk, total - have);
-        out.data.resize(have + want);
-        const std::size_t got = src.read(out.data.data() + have, want);
-        have += got;
-        if (got < want)
-            src.fail("truncated data: the dimensions need ", count, " data bytes, got ", have);
-    }
-    std::uint8_t extra[256];
-    const std::size_t trailing = src.read(extra, sizeof extra);
-    if (trailing > 0)
-        src.fail("trailing data: expected the data to end after ", count, " bytes, got ",
-                 trailing == sizeof extra ? "at least " : "", trailing, " more byte(s)");
+    out.dims = file.dims();
+    out.data = file.read_data();
     return out;
+}
+
+/// The dimensions of an IDX file, checked as read_idx checks them, without reading its
+/// data (a gzip'd file is not decompressed beyond its header).
+inline std::vector<int> read_idx_dims(const std::filesystem::path& path, const IdxReadOptions& options = {}) {
+    return detail::IdxFile(path, options, "read_idx").dims();
 }
 
 /// Reads an IDX file of images (N x rows x cols, unsigned bytes) into an (N x rows*cols)
 /// matrix, one flattened image per row, scaled from 0..255 to [0, 1] (byte / 255).
 template <class T>
 Matrix<T> load_idx_images(const std::filesystem::path& path, const IdxReadOptions& options = {}) {
-    const IdxArray a = read_idx(path, options);
-    if (a.dims.size() != 3)
+    detail::IdxFile file(path, options, "read_idx");
+    const auto& dims = file.dims();
+    if (dims.size() != 3)
         throw FormatError(detail::concat("load_idx_images: '", path.string(),
-                                         "': expected 3 dimensions (images x rows x cols), got ",
-                                         a.dims.size()));
-    Matrix<T> out(Index{a.dims[0]}, Index{a.dims[1]} * Index{a.dims[2]});
-    detail::bytes_to_unit<T>(a.data, out.data());
+                                         "': expected 3 dimensions (images x rows x cols), got ", dims.size()));
+    Matrix<T> out(Index{dims[0]}, Index{dims[1]} * Index{dims[2]});
+    detail::bytes_to_unit<T>(file.read_data(), out.data());
     return out;
 }
 
 /// Reads an IDX file of labels (N, unsigned bytes).
 inline std::vector<std::int32_t> load_idx_labels(const std::filesystem::path& path,
                                                  const IdxReadOptions& options = {}) {
-    const IdxArray a = read_idx(path, options);
-    if (a.dims.size() != 1)
+    detail::IdxFile file(path, options, "read_idx");
+    if (file.dims().size() != 1)
         throw FormatError(detail::concat("load_idx_labels: '", path.string(),
-                                         "': expected 1 dimension (labels), got ", a.dims.size()));
-    return std::vector<std::int32_t>(a.data.begin(), a.data.end());
+                                         "': expected 1 dimension (labels), got ", file.dims().size()));
+    const std::vector<std::uint8_t> data = file.read_data();
+    return std::vector<std::int32_t>(data.begin(), data.end());
 }
 
 /// Images (one flattened image per row, in [0, 1]) and their class labels.
@@ -316,31 +375,37 @@ LabeledImages<T> load_mnist_split(const std::filesystem::path& dir, const std::s
                                   Index& rows, Index& cols) {
     const auto images_path = find_plain_or_gz(dir, prefix + "-images-idx3-ubyte");
     const auto labels_path = find_plain_or_gz(dir, prefix + "-labels-idx1-ubyte");
-    const IdxArray images = read_idx(images_path);
-    if (images.dims.size() != 3)
+    // Both headers first: a label file that does not match the images is refused before
+    // either's data is read (decoding a large gzip only to fail on a count wastes memory
+    // and time).
+    IdxFile images(images_path, {}, "read_idx");
+    const auto& dims = images.dims();
+    if (dims.size() != 3)
         throw FormatError(concat("load_mnist_like: '", images_path.string(),
-                                 "': expected 3 dimensions (images x rows x cols), got ", images.dims.size()));
-    if (images.dims[1] == 0 || images.dims[2] == 0)
+                                 "': expected 3 dimensions (images x rows x cols), got ", dims.size()));
+    if (dims[1] == 0 || dims[2] == 0)
         throw FormatError(concat("load_mnist_like: '", images_path.string(),
-                                 "': expected images of at least 1 x 1 pixels, got ", images.dims[1], " x ",
-                                 images.dims[2]));
+                                 "': expected images of at least 1 x 1 pixels, got ", dims[1], " x ", dims[2]));
     if (rows == 0) {
-        rows = images.dims[1];
-        cols = images.dims[2];
-    } else if (images.dims[1] != rows || images.dims[2] != cols) {
+        rows = dims[1];
+        cols = dims[2];
+    } else if (dims[1] != rows || dims[2] != cols) {
         throw FormatError(concat("load_mnist_like: '", images_path.string(), "': expected ", rows, " x ", cols,
-                                 " images (as in the train split), got ", images.dims[1], " x ",
-                                 images.dims[2]));
+                                 " images (as in the train split), got ", dims[1], " x ", dims[2]));
     }
-    LabeledImages<T> out;
-    out.images.resize(images.dims[0], rows * cols);
-    bytes_to_unit<T>(images.data, out.images.data());
+    IdxFile labels(labels_path, {}, "read_idx");
+    if (labels.dims().size() != 1)
+        throw FormatError(concat("load_idx_labels: '", labels_path.string(), "': expected 1 dimension (labels), got ",
+                                 labels.dims().size()));
+    if (labels.dims()[0] != dims[0])
+        throw FormatError(concat("load_mnist_like: '", labels_path.string(), "': expected ", dims[0],
+                                 " labels (one per image in '", images_path.string(), "'), got ", labels.dims()[0]));
 
-    out.labels = load_idx_labels(labels_path);
-    if (static_cast<Index>(out.labels.size()) != out.images.rows())
-        throw FormatError(concat("load_mnist_like: '", labels_path.string(), "': expected ", out.images.rows(),
-                                 " labels (one per image in '", images_path.string(), "'), got ",
-                                 out.labels.size()));
+    LabeledImages<T> out;
+    out.images.resize(dims[0], rows * cols);
+    bytes_to_unit<T>(images.read_data(), out.images.data());
+    const std::vector<std::uint8_t> label_bytes = labels.read_data();
+    out.labels.assign(label_bytes.begin(), label_bytes.end());
     for (std::size_t i = 0; i < out.labels.size(); ++i)
         if (out.labels[i] < 0 || out.labels[i] >= num_classes)
             throw FormatError(concat("load_mnist_like: '", labels_path.string(), "': label ", i,
