@@ -22,8 +22,10 @@
 #include <lowrank/core/threads.hpp>
 #include <lowrank/linalg/svd.hpp>
 #include <lowrank/nn/any_linear.hpp>
+#include <lowrank/nn/module.hpp>
 #include <lowrank/optim/sgd.hpp>
 #include <lowrank/policy/deep_lora.hpp>
+#include <lowrank/train/run.hpp>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -117,28 +119,27 @@ RunResult run(const std::string& name, const Config& cfg, const Problem& problem
     RunResult out;
     out.name = name;
     out.width = width;
-    // The slot starts dense (as a model would build it); the policy discards that weight
-    // (keep_base = false) and puts the deep factorisation in its place.
+    // The model is one slot, registered in a Module: it starts dense (as a model would
+    // build it); the policy discards that weight (keep_base = false) and puts the deep
+    // factorisation in its place.
     lowrank::Rng rng(cfg.seed);
-    lowrank::AnyLinear<double> slot(
-        lowrank::Linear<double>("W", d, d, rng, lowrank::LinearOptions{.bias = false}));
-    lowrank::Sgd<double> opt(slot.parameters(), lowrank::SgdOptions{.lr = cfg.lr});
-    lowrank::LrSchedule schedule;
-    lowrank::RankLog log;
-    lowrank::TrainingContext<double> ctx({lowrank::LayerSlot<double>{&slot, "hidden"}}, opt, schedule, log);
+    lowrank::Module<double> model;
+    lowrank::AnyLinear<double>& slot = model.register_linear(
+        lowrank::Linear<double>("W", d, d, rng, lowrank::LinearOptions{.bias = false}), "hidden");
+    lowrank::Sgd<double> opt(model.parameters(), lowrank::SgdOptions{.lr = cfg.lr});
+    lowrank::TrainingRun<double> training(model, opt);
     // The same seed in every run: the wide and compressed runs share their initial factors.
-    lowrank::DeepLora<double> policy(lowrank::DeepLoraOptions{.depth = cfg.depth,
-                                                              .width = width,
-                                                              .epsilon = cfg.epsilon,
-                                                              .rank = cfg.rank,
-                                                              .gamma = cfg.gamma,
-                                                              .keep_base = false,
-                                                              .compress = compress,
-                                                              .seed = cfg.seed + 1});
-    policy.on_train_begin(ctx);
+    training.add<lowrank::DeepLora<double>>({.depth = cfg.depth,
+                                             .width = width,
+                                             .epsilon = cfg.epsilon,
+                                             .rank = cfg.rank,
+                                             .gamma = cfg.gamma,
+                                             .keep_base = false,
+                                             .compress = compress,
+                                             .seed = cfg.seed + 1});
+    training.begin();  // the factorisation in place before the first error is measured
 
     const Mat eye = Mat::Identity(d, d);
-    lowrank::Graph<double> graph;
     // The compressed run's first step only measures the gradient: one more step gives it
     // the same number of updates.
     const int steps = cfg.steps + (compress ? 1 : 0);
@@ -146,20 +147,11 @@ RunResult run(const std::string& name, const Config& cfg, const Problem& problem
     for (int step = 0; step < steps; ++step) {
         if (step >= offset && (step - offset) % cfg.report_every == 0)
             out.history.push_back(relative_error(slot.dense_weight(), problem));
-        graph.clear();
-        const auto wt = slot.forward(graph, graph.input(eye));
-        const auto observed = lowrank::mul(graph, wt, graph.input(problem.mask_t));
-        const auto loss = lowrank::scale(graph, lowrank::mse(graph, observed, problem.target_t), 0.5);
-        out.loss = loss.item();
-        if (!std::isfinite(out.loss))
-            throw lowrank::Error(name + ": non-finite loss at step " + std::to_string(step) +
-                                 "; try a smaller --lr");
-        opt.zero_grad();
-        graph.backward(loss);
-        policy.after_backward(ctx);
-        opt.step();
-        ++ctx.step;
-        policy.after_step(ctx);
+        out.loss = training.step([&](lowrank::Graph<double>& g) {
+            const auto wt = slot.forward(g, g.input(eye));
+            const auto observed = lowrank::mul(g, wt, g.input(problem.mask_t));
+            return lowrank::scale(g, lowrank::mse(g, observed, problem.target_t), 0.5);
+        }).loss;
     }
     out.weight = slot.dense_weight();
     if ((steps - offset) % cfg.report_every == 0) out.history.push_back(relative_error(out.weight, problem));
