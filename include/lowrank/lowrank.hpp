@@ -22,6 +22,7 @@
 #include <lowrank/linalg/svd.hpp>
 #include <lowrank/linalg/thin_gemm.hpp>
 #include <lowrank/models/gpt2.hpp>
+#include <lowrank/models/gpt2_sample.hpp>
 #include <lowrank/models/gpt2_weights.hpp>
 #include <lowrank/models/mlp.hpp>
 #include <lowrank/nn/any_linear.hpp>
@@ -29,9 +30,12 @@
 #include <lowrank/nn/incremental_rank_linear.hpp>
 #include <lowrank/nn/linear.hpp>
 #include <lowrank/nn/low_rank_linear.hpp>
+#include <lowrank/nn/module.hpp>
 #include <lowrank/nn/spectral_linear.hpp>
 #include <lowrank/optim/optim.hpp>
 #include <lowrank/policy/policies.hpp>
+#include <lowrank/train/callbacks.hpp>
 #include <lowrank/train/evaluate.hpp>
 #include <lowrank/train/metrics_log.hpp>
 #include <lowrank/train/progress.hpp>
+#include <lowrank/train/run.hpp>

@@ -412,3 +412,42 @@ TEST_CASE("module: a user's model registers its slots by name and takes two poli
 }
 
 }  // namespace test_run
+
+namespace test_run {
+
+// The README's ten-line program, on Gaussian blobs instead of Fashion-MNIST: it must run
+// as written, and Cuttlefish must have switched the hidden layers by the end.
+TEST_CASE("run: the README's program trains and its policy switches the hidden layers", "[train][run]") {
+    Rng data_rng(11);
+    std::vector<std::pair<lowrank::Matrix<float>, std::vector<std::int32_t>>> batches;
+    for (int b = 0; b < 8; ++b) {
+        lowrank::Matrix<float> x(32, 784);
+        std::vector<std::int32_t> y(32);
+        for (Index i = 0; i < 32; ++i) {
+            y[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(data_rng.below(10));
+            for (Index j = 0; j < 784; ++j)
+                x(i, j) = static_cast<float>(data_rng.normal() + (j % 10 == y[static_cast<std::size_t>(i)] ? 2.0 : 0.0));
+        }
+        batches.emplace_back(std::move(x), std::move(y));
+    }
+    const auto steps_per_epoch = static_cast<std::int64_t>(batches.size());
+    const auto path = temp_path("mlp.safetensors");
+
+    lowrank::Rng rng(0);
+    lowrank::Mlp<float> model({.sizes = {784, 256, 256, 10}}, rng);
+    lowrank::AdamW<float> opt(model.parameters(), {.lr = 1e-3, .weight_decay = 0.01});
+    lowrank::TrainingRun<float> run(model, opt, {.clip_grad_norm = 1.0, .steps_per_epoch = steps_per_epoch});
+    run.add<lowrank::Cuttlefish<float>>({.select = {.roles = {"hidden"}}});  // dense, then LowRankLinear at the stable rank
+    for (int epoch = 0; epoch < 10; ++epoch)
+        for (auto& [x, y] : batches)
+            run.step([&](lowrank::Graph<float>& g) { return lowrank::cross_entropy(g, model.forward(g, g.input(x)), y); });
+    run.save(path.string());
+
+    CHECK(model.layers()[0].kind() == std::string("low_rank"));
+    CHECK(model.layers()[1].kind() == std::string("low_rank"));
+    CHECK(run.last().loss < 0.5);
+    CHECK(run.global_step() == 80);
+    CHECK(std::filesystem::exists(path));
+}
+
+}  // namespace test_run
