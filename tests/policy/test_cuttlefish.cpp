@@ -9,6 +9,7 @@
 #include <lowrank/models/mlp.hpp>
 #include <lowrank/optim/adam.hpp>
 #include <lowrank/policy/cuttlefish.hpp>
+#include <lowrank/train/run.hpp>
 
 #include <Eigen/SVD>
 
@@ -23,6 +24,7 @@ namespace test_cuttlefish {
 using namespace lowrank;
 using lowrank::test::gaussian;
 using CF = Cuttlefish<double>;
+using Access = lowrank::detail::TrainingContextAccess;
 
 namespace {
 
@@ -52,22 +54,24 @@ double reference_stable_rank(const MatrixD& w) {
 
 std::span<const double> span_of(const std::vector<double>& v) { return {v.data(), v.size()}; }
 
-// A model, AdamW (decay on weights, none on biases), a schedule and a rank log.
+// A model, AdamW (decay on weights, none on biases) and a TrainingRun over them, whose
+// context the tests of one decision hand to a policy directly.
 struct Fixture {
     Rng rng{11};
     Mlp<double> model;
     std::unique_ptr<AdamW<double>> opt;
-    LrSchedule schedule;
-    RankLog log;
-    std::unique_ptr<TrainingContext<double>> ctx;
+    std::unique_ptr<TrainingRun<double>> run;
 
-    explicit Fixture(std::vector<Index> sizes) : model(MlpOptions{.sizes = std::move(sizes)}, rng) {
+    explicit Fixture(std::vector<Index> sizes, RunOptions options = {})
+        : model(MlpOptions{.sizes = std::move(sizes)}, rng) {
         ParameterList<double> weights, biases;
         for (auto* p : model.parameters()) (p->name().ends_with(".bias") ? biases : weights).push_back(p);
         opt = std::make_unique<AdamW<double>>(weights, AdamOptions{.lr = 1e-3, .weight_decay = 0.1});
         opt->add_group(biases, GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
-        ctx = std::make_unique<TrainingContext<double>>(model.layer_slots(), *opt, schedule, log);
+        run = std::make_unique<TrainingRun<double>>(model, *opt, std::move(options));
     }
+    TrainingContext<double>& ctx() { return run->context(); }
+    const LrSchedule& schedule() const { return run->schedule(); }
     AnyLinear<double>& layer(std::size_t i) { return model.layers()[i]; }
     MatrixD& weight(std::size_t i) { return layer(i).get<Linear<double>>().weight.value; }
     MatrixD forward(const MatrixD& x) {
@@ -76,7 +80,7 @@ struct Fixture {
     }
     std::vector<RankEvent> events(const std::string& kind) const {
         std::vector<RankEvent> out;
-        for (const auto& e : log.events())
+        for (const auto& e : run->rank_log().events())
             if (e.event == kind) out.push_back(e);
         return out;
     }
@@ -153,14 +157,14 @@ TEST_CASE("Cuttlefish counts the unstable layers to relax the test during traini
                                     .relax_two = relax ? 2.5 : 1.0,
                                     .relax_one = relax ? 5.0 : 1.0,
                                     .min_speedup = 0.1});
-        policy.on_train_begin(*f.ctx);
+        policy.on_train_begin(f.ctx());
         const Index b_history[] = {2, 2, 6, 6};
         for (int point = 0; point < 4; ++point) {
-            f.ctx->epoch = point;
+            Access::set_counters(f.ctx(), 0, point);
             f.weight(0) = with_stable_rank(12, 12, 3, 100 + 2 * static_cast<std::uint64_t>(point));
             f.weight(1) = with_stable_rank(12, 12, b_history[point], 200 + 2 * static_cast<std::uint64_t>(point));
             CHECK(policy.current_threshold() == Approx(0.26 * (relax ? (point < 3 ? 2.5 : 5.0) : 1.0)));
-            policy.on_epoch_end(*f.ctx);
+            policy.on_epoch_end(f.ctx());
             if (point < 3) CHECK_FALSE(policy.switched());
         }
         CHECK(policy.layers()[0].history == std::vector<Index>{3, 3, 3, 3});
@@ -196,7 +200,7 @@ TEST_CASE("Cuttlefish computes xi from the initial weights", "[policy][cuttlefis
     std::vector<double> init_srank;
     for (std::size_t i = 0; i < 2; ++i) init_srank.push_back(reference_stable_rank(f.weight(i)));
     CF policy;
-    policy.on_train_begin(*f.ctx);
+    policy.on_train_begin(f.ctx());
     REQUIRE(policy.layers().size() == 2);  // the hidden layers; the output layer is not selected
     const Index d[] = {8, 6};
     for (std::size_t i = 0; i < 2; ++i) {
@@ -216,7 +220,7 @@ TEST_CASE("Cuttlefish computes xi from the initial weights", "[policy][cuttlefis
     // Training moves the weights; xi stays what the initial weights gave.
     const double xi0 = policy.layers()[0].xi;
     f.weight(0) = with_stable_rank(10, 8, 1, 5);
-    policy.on_epoch_end(*f.ctx);
+    policy.on_epoch_end(f.ctx());
     CHECK(policy.layers()[0].xi == xi0);
     CHECK(policy.layers()[0].history == std::vector<Index>{1});
 }
@@ -240,14 +244,13 @@ struct SwitchFixture : Fixture {
                                    .frobenius_decay = lambda,
                                    .rewarm_steps = 7}) {
         weight(0) = with_singular_values(5, 6, {2, 1.5, 1, 1, 0.5}, 21);
-        policy.on_train_begin(*ctx);
+        policy.on_train_begin(ctx());
         weight(0) = with_singular_values(5, 6, {3, 1, 0.5, 0.2, 0.1}, 23);
         bias = gaussian(1, 5, 25);
         layer(0).get<Linear<double>>().bias.value = bias;
         before = forward(x);
-        ctx->step = 40;
-        ctx->epoch = 2;
-        policy.on_epoch_end(*ctx);
+        Access::set_counters(ctx(), 40, 2);
+        policy.on_epoch_end(ctx());
         after = forward(x);
     }
     LowRankLinear<double>& low() { return layer(0).get<LowRankLinear<double>>(); }
@@ -292,8 +295,8 @@ TEST_CASE("Cuttlefish's switch gives the factors fresh state, their own decay-fr
     CHECK(opt.group(opt.group_of(f.low().bias)).options.name == "no_decay");
     CHECK(opt.parameters().size() == 3);
     CHECK_FALSE(opt.has_state(f.low().U.id()));
-    CHECK(f.schedule.rewarm_state() == LrSchedule::Rewarm{40, 7});
-    CHECK(f.schedule.factor(40) == Approx(1.0 / 7.0));
+    CHECK(f.schedule().rewarm_state() == LrSchedule::Rewarm{40, 7});
+    CHECK(f.schedule().factor(40) == Approx(1.0 / 7.0));
 
     // With the decay off, the factors keep the weight decay of the dense weight's group.
     SwitchFixture plain(0.0);
@@ -312,7 +315,7 @@ TEST_CASE("Cuttlefish's Frobenius decay is the autograd gradient of lambda/2 ||U
     const MatrixD g_v = gaussian(low.V.rows(), low.V.cols(), 32);
     low.U.grad = g_u;
     low.V.grad = g_v;
-    f.policy.after_backward(*f.ctx);
+    f.policy.after_backward(f.ctx());
 
     Parameter<double> u("U", low.U.value), v("V", low.V.value);
     Graph<double> g;
@@ -325,55 +328,43 @@ TEST_CASE("Cuttlefish's Frobenius decay is the autograd gradient of lambda/2 ||U
     // lambda = 0 leaves the gradients alone.
     SwitchFixture off(0.0);
     off.low().U.grad = g_u;
-    off.policy.after_backward(*off.ctx);
+    off.policy.after_backward(off.ctx());
     CHECK(off.low().U.grad == g_u);
 }
 
 TEST_CASE("Cuttlefish applies no decay to dense layers before the switch", "[policy][cuttlefish]") {
     Fixture f({6, 8, 3});
     CF policy(CuttlefishOptions{.frobenius_decay = 0.5});
-    policy.on_train_begin(*f.ctx);
+    policy.on_train_begin(f.ctx());
     auto& w = f.layer(0).get<Linear<double>>().weight;
     w.grad = gaussian(8, 6, 3);
     const MatrixD before = w.grad;
-    policy.after_backward(*f.ctx);
+    policy.after_backward(f.ctx());
     CHECK(w.grad == before);
 }
 
 TEST_CASE("Cuttlefish switches by itself during training once the histories are flat", "[policy][cuttlefish]") {
     for (const std::int64_t every : {std::int64_t{0}, std::int64_t{2}}) {
         INFO("track_every_steps = " << every);
-        Fixture f({16, 16, 16, 4});
-        f.ctx->steps_per_epoch = 3;
-        CF policy(CuttlefishOptions{.track_every_steps = every});  // defaults: w = 3, L = 2
-        policy.on_train_begin(*f.ctx);
+        Fixture f({16, 16, 16, 4}, {.steps_per_epoch = 3});
+        auto& policy = f.run->add<CF>({.track_every_steps = every});  // defaults: w = 3, L = 2
+        f.run->begin();
         // Trained-looking hidden weights (stable rank 1.5); a tiny lr keeps them flat.
         f.weight(0) = with_stable_rank(16, 16, 1, 41);
         f.weight(1) = with_stable_rank(16, 16, 1, 43);
         f.opt->set_group_lr(0, 1e-7);
         const MatrixD x = gaussian(20, 16, 45), target = gaussian(20, 4, 46);
-        Graph<double> g;
-        std::int64_t step = 0;
+        const auto loss = [&](Graph<double>& g) { return mse(g, f.model.forward(g, g.input(x)), target); };
         double last_loss = 0.0;
         for (int epoch = 0; epoch < 4; ++epoch) {
-            f.ctx->epoch = epoch;
             for (int b = 0; b < 3; ++b) {
-                f.ctx->step = step;
-                g.clear();
-                const auto loss = mse(g, f.model.forward(g, g.input(x)), target);
-                last_loss = loss.item();
-                f.opt->zero_grad();
-                g.backward(loss);
-                policy.after_backward(*f.ctx);
-                f.schedule.apply(*f.opt, step);
-                f.opt->step();
-                f.ctx->step = ++step;
-                policy.after_step(*f.ctx);
+                last_loss = f.run->step(loss).loss;
                 // Step-based: tracking points at steps 2, 4, 6; the third one switches.
-                if (every > 0) CHECK(policy.switched() == (step >= 6));
+                if (every > 0) CHECK(policy.switched() == (f.run->global_step() >= 6));
             }
-            policy.on_epoch_end(*f.ctx);
-            // Epoch-based: points at the ends of epochs 0, 1, 2; the third one switches.
+            // The run ended the epoch in its third step. Epoch-based: points at the ends of
+            // epochs 0, 1, 2; the third one switches.
+            REQUIRE(f.run->epoch() == epoch + 1);
             if (every == 0) CHECK(policy.switched() == (epoch >= 2));
         }
         REQUIRE(policy.switched());
@@ -401,13 +392,13 @@ TEST_CASE("Cuttlefish keeps dense the layers where factorizing does not pay", "[
     for (const auto cost : {CuttlefishCost::flops, CuttlefishCost::time}) {
         Fixture f({16, 16, 16, 16, 4});
         CF policy(CuttlefishOptions{.keep_first_dense = 1, .cost = cost, .timing_tokens = 8, .timing_repeats = 3});
-        policy.on_train_begin(*f.ctx);
+        policy.on_train_begin(f.ctx());
         REQUIRE(policy.layers().size() == 2);  // layers.0 is never tracked
         CHECK(policy.layers()[0].name == "layers.1");
         // layers.1 settles at a low stable rank; layers.2 keeps its initial weight, so its
         // rank comes out at d and a factorization would cost more than the dense layer.
         f.weight(1) = with_stable_rank(16, 16, 1, 51);
-        for (int point = 0; point < 3; ++point) policy.on_epoch_end(*f.ctx);
+        for (int point = 0; point < 3; ++point) policy.on_epoch_end(f.ctx());
         REQUIRE(policy.switched());
         CHECK(std::string(f.layer(0).kind()) == "dense");
         const auto keep = f.events("keep_dense");
@@ -458,11 +449,11 @@ TEST_CASE("Cuttlefish rejects bad options and layers it cannot start from", "[po
     fails(O{.rewarm_steps = -5}, "rewarm_steps", "got -5");
 
     Fixture f({6, 8, 8, 3});
-    CHECK_THROWS_WITH(CF(O{.keep_first_dense = 2}).on_train_begin(*f.ctx),
+    CHECK_THROWS_WITH(CF(O{.keep_first_dense = 2}).on_train_begin(f.ctx()),
                       Catch::Contains("keep_first_dense = 2") && Catch::Contains("none of the 2"));
     const MatrixD w = f.layer(1).dense_weight();
-    f.ctx->replace_layer(f.layer(1), LowRankLinear<double>::from_dense("layers.1", w, 4));
-    CHECK_THROWS_WITH(CF().on_train_begin(*f.ctx),
+    f.ctx().replace_layer(f.layer(1), LowRankLinear<double>::from_dense("layers.1", w, 4));
+    CHECK_THROWS_WITH(CF().on_train_begin(f.ctx()),
                       Catch::Contains("'layers.1' must be dense") && Catch::Contains("low_rank"));
 }
 

@@ -6,9 +6,11 @@
 #include <lowrank/autograd/ops_loss.hpp>
 #include <lowrank/linalg/svd.hpp>
 #include <lowrank/models/mlp.hpp>
+#include <lowrank/nn/module.hpp>
 #include <lowrank/optim/adam.hpp>
 #include <lowrank/optim/sgd.hpp>
 #include <lowrank/policy/deep_lora.hpp>
+#include <lowrank/train/run.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -38,40 +40,34 @@ MatrixD rank_two_target(Index out, Index in, std::uint64_t seed) {
     return u * Eigen::Vector2d(3.0, 2.0).asDiagonal() * v.transpose();
 }
 
-// The fully observed deep factorisation: one layer W (out x in) trained by gradient
-// descent on 1/2 ||W - Phi||_F^2 (the layer applied to the identity gives W^T).
+// The fully observed deep factorisation: one layer W (out x in) in a Module, trained by
+// gradient descent on 1/2 ||W - Phi||_F^2 (the layer applied to the identity gives W^T),
+// through a TrainingRun (constant schedule, no clipping).
 struct Factorization {
     Rng rng{3};
-    AnyLinear<double> slot;
+    Module<double> model;
+    AnyLinear<double>& slot;
     MatrixD eye, target_t;
     Sgd<double> opt;
-    LrSchedule schedule;
-    RankLog log;
-    TrainingContext<double> ctx;
-    DeepLora<double> policy;
-    Graph<double> graph;
+    TrainingRun<double> run;
+    DeepLora<double>& policy;
 
     Factorization(const MatrixD& phi, DeepLoraOptions options, double lr)
-        : slot(Linear<double>("W", phi.cols(), phi.rows(), rng, LinearOptions{.bias = false})),
+        : slot(model.register_linear(
+              Linear<double>("W", phi.cols(), phi.rows(), rng, LinearOptions{.bias = false}), "hidden")),
           eye(MatrixD::Identity(phi.cols(), phi.cols())),
           target_t(phi.transpose()),
-          opt(slot.parameters(), SgdOptions{.lr = lr}),
-          ctx({LayerSlot<double>{&slot, "hidden"}}, opt, schedule, log),
-          policy(std::move(options)) {
-        policy.on_train_begin(ctx);
+          opt(model.parameters(), SgdOptions{.lr = lr}),
+          run(model, opt),
+          policy(run.add<DeepLora<double>>(std::move(options))) {
+        run.begin();
     }
 
     void step() {
-        policy.before_forward(ctx);
-        graph.clear();
-        const auto y = slot.forward(graph, graph.input(eye));
-        const auto loss = scale(graph, mse(graph, y, target_t), 0.5 * static_cast<double>(target_t.size()));
-        opt.zero_grad();
-        graph.backward(loss);
-        policy.after_backward(ctx);
-        opt.step();
-        ++ctx.step;
-        policy.after_step(ctx);
+        run.step([&](Graph<double>& g) {
+            const auto y = slot.forward(g, g.input(eye));
+            return scale(g, mse(g, y, target_t), 0.5 * static_cast<double>(target_t.size()));
+        });
     }
 
     MatrixD weight() const { return slot.dense_weight(); }
@@ -89,16 +85,15 @@ double orthonormality_error(const MatrixD& a) {
     return (a.transpose() * a - MatrixD::Identity(a.cols(), a.cols())).norm();
 }
 
-// An MLP 6-8-8-3 with AdamW: weights at lr in group 0, biases in "no_decay" (group 1).
+// An MLP 6-8-8-3 with AdamW: weights at lr in group 0, biases in "no_decay" (group 1), and
+// the TrainingRun that steps it (constant schedule, no clipping).
 struct MlpFixture {
     Rng rng{5};
     Mlp<double> model{MlpOptions{.sizes = {6, 8, 8, 3}}, rng};
     std::unique_ptr<AdamW<double>> opt;
-    LrSchedule schedule;
-    RankLog log;
+    std::unique_ptr<TrainingRun<double>> run;
     MatrixD x;
     std::vector<std::int32_t> y{0, 1, 2, 0, 1};
-    Graph<double> graph;
 
     static constexpr double lr = 1e-2;
 
@@ -108,19 +103,19 @@ struct MlpFixture {
         opt = std::make_unique<AdamW<double>>(weights, AdamOptions{.lr = lr, .weight_decay = 0.1});
         opt->add_group(biases, GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
         init::normal<double>(x, rng);
+        run = std::make_unique<TrainingRun<double>>(model, *opt);
     }
-    TrainingContext<double> context() { return {model.layer_slots(), *opt, schedule, log}; }
+    TrainingContext<double>& ctx() { return run->context(); }
+    const RankLog& log() const { return run->rank_log(); }
 
-    void step(TrainingContext<double>& ctx, RankPolicy<double>& policy) {
-        policy.before_forward(ctx);
-        graph.clear();
-        const auto loss = cross_entropy(graph, model.forward(graph, graph.input(x)), y);
-        opt->zero_grad();
-        graph.backward(loss);
-        policy.after_backward(ctx);
-        opt->step();
-        ++ctx.step;
-        policy.after_step(ctx);
+    // The policy under test, in the run; its on_train_begin has run.
+    DeepLora<double>& start(DeepLoraOptions options) {
+        auto& policy = run->add<DeepLora<double>>(std::move(options));
+        run->begin();
+        return policy;
+    }
+    void step() {
+        run->step([&](Graph<double>& g) { return cross_entropy(g, model.forward(g, g.input(x)), y); });
     }
 };
 
@@ -184,9 +179,7 @@ TEST_CASE("DeepLora builds the basis on the larger side, so a tall layer still f
 TEST_CASE("DeepLora compression keeps the function and makes orthonormal outer bases", "[policy][deeplora]") {
     MlpFixture f;
     const MatrixD w0 = f.model.layers()[1].dense_weight();
-    auto ctx = f.context();
-    DeepLora<double> policy(DeepLoraOptions{.rank = 2, .seed = 9});
-    policy.on_train_begin(ctx);
+    auto& policy = f.start({.rank = 2, .seed = 9});
     REQUIRE(policy.layers().size() == 2);  // the hidden layers 6 -> 8 and 8 -> 8
     CHECK(std::string(f.model.layers()[0].kind()) == "deep");
     CHECK(std::string(f.model.layers()[2].kind()) == "dense");  // the output layer is not selected
@@ -202,7 +195,7 @@ TEST_CASE("DeepLora compression keeps the function and makes orthonormal outer b
     for (std::size_t i = 0; i < 2; ++i)
         wide.push_back(chain(f.model.layers()[i].get<DeepLowRankLinear<double>>()));
 
-    f.step(ctx, policy);
+    f.step();
     REQUIRE(policy.compressed());
     CHECK(policy.ranks() == std::vector<Index>{4, 4});
     for (std::size_t i = 0; i < 2; ++i) {
@@ -237,7 +230,7 @@ TEST_CASE("DeepLora compression keeps the function and makes orthonormal outer b
     CHECK(orthonormality_error(sq.factors().back().value) < 1e-10);
 
     // The rank log: one init and one compress per layer.
-    const auto events = f.log.of_layer("layers.1");
+    const auto events = f.log().of_layer("layers.1");
     REQUIRE(events.size() == 2);
     CHECK(events[0].event == "init");
     CHECK(events[0].new_rank == 8);
@@ -249,19 +242,17 @@ TEST_CASE("DeepLora compression keeps the function and makes orthonormal outer b
     CHECK(events[1].statistic == "grad_energy_top_r");
     CHECK(events[1].value > 0.0);
     CHECK(events[1].value <= 1.0 + 1e-12);
-    CHECK(f.log.of_layer("layers.2").empty());
+    CHECK(f.log().of_layer("layers.2").empty());
 }
 
 TEST_CASE("DeepLora puts inner factors at lr and outer bases at gamma * lr", "[policy][deeplora]") {
     for (double gamma : {0.01, 0.0}) {
         INFO("gamma " << gamma);
         MlpFixture f;
-        auto ctx = f.context();
         // eps = 0.1: with the default 1e-3 the factors' gradients (~eps^(L-1)) are near Adam's
         // own eps and its first update is not yet lr-sized.
-        DeepLora<double> policy(DeepLoraOptions{.epsilon = 0.1, .rank = 2, .gamma = gamma, .seed = 9});
-        policy.on_train_begin(ctx);
-        f.step(ctx, policy);  // measures the gradient and compresses
+        auto& policy = f.start({.epsilon = 0.1, .rank = 2, .gamma = gamma, .seed = 9});
+        f.step();  // measures the gradient and compresses
 
         auto& l = f.model.layers()[1].get<DeepLowRankLinear<double>>();
         auto& opt = *f.opt;
@@ -286,7 +277,7 @@ TEST_CASE("DeepLora puts inner factors at lr and outer bases at gamma * lr", "[p
         const MatrixD inner0 = l.factors()[1].value, p0 = l.factors().front().value;
         CHECK((inner0 - 0.1 * MatrixD::Identity(4, 4)).norm() == 0.0);
         // Adam's first update moves every entry by about its lr (|m / sqrt(v)| = 1).
-        f.step(ctx, policy);
+        f.step();
         const double inner_move = (l.factors()[1].value - inner0).cwiseAbs().maxCoeff();
         const double outer_move = (l.factors().front().value - p0).cwiseAbs().maxCoeff();
         CHECK(inner_move == Approx(MlpFixture::lr).epsilon(0.05));
@@ -299,25 +290,21 @@ TEST_CASE("DeepLora puts inner factors at lr and outer bases at gamma * lr", "[p
 
 TEST_CASE("DeepLora without compression keeps training the wide factors", "[policy][deeplora]") {
     MlpFixture f;
-    auto ctx = f.context();
-    DeepLora<double> policy(DeepLoraOptions{.width = 5, .compress = false});
-    policy.on_train_begin(ctx);
+    auto& policy = f.start({.width = 5, .compress = false});
     auto& l = f.model.layers()[1].get<DeepLowRankLinear<double>>();
     const MatrixD w1 = l.factors().front().value;
-    for (int k = 0; k < 2; ++k) f.step(ctx, policy);
+    for (int k = 0; k < 2; ++k) f.step();
     CHECK_FALSE(policy.compressed());
     CHECK(l.factors().size() == 3);
     CHECK(l.factors().front().rows() == 5);
     CHECK((l.factors().front().value - w1).norm() > 0.0);
     CHECK(policy.ranks() == std::vector<Index>{5, 5});
-    CHECK(f.log.size() == 2);  // the two init events
+    CHECK(f.log().size() == 2);  // the two init events
 }
 
 TEST_CASE("DeepLora without a base starts from the eps-sized product alone", "[policy][deeplora]") {
     MlpFixture f;
-    auto ctx = f.context();
-    DeepLora<double> policy(DeepLoraOptions{.rank = 2, .keep_base = false});
-    policy.on_train_begin(ctx);
+    f.start({.rank = 2, .keep_base = false});
     const auto& l = f.model.layers()[1].get<DeepLowRankLinear<double>>();
     CHECK_FALSE(l.has_base());
     CHECK(l.dense_weight().norm() == Approx(1e-9 * std::sqrt(8.0)).epsilon(1e-9));  // eps^3 times orthogonal
@@ -336,7 +323,7 @@ TEST_CASE("DeepLora rejects bad options", "[policy][deeplora][errors]") {
                       Catch::Contains("gamma"));
 
     MlpFixture f;
-    auto ctx = f.context();
+    auto& ctx = f.ctx();
     // 2r = 8 > min(out, in) = 6 for layers.0: nothing is converted.
     DeepLora<double> too_wide(DeepLoraOptions{.rank = 4});
     CHECK_THROWS_WITH(too_wide.on_train_begin(ctx),

@@ -9,6 +9,7 @@
 #include <lowrank/models/mlp.hpp>
 #include <lowrank/optim/adam.hpp>
 #include <lowrank/policy/inrank.hpp>
+#include <lowrank/train/run.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +24,7 @@ namespace test_inrank {
 
 using namespace lowrank;
 using lowrank::test::gaussian;
+using Access = lowrank::detail::TrainingContextAccess;
 
 namespace {
 
@@ -33,21 +35,24 @@ Eigen::VectorXd spectrum(std::initializer_list<double> head, Index d) {
     return s;
 }
 
-// A model, an AdamW with a no-decay group for the biases, a schedule and a rank log.
+// A model, an AdamW with a no-decay group for the biases, and a TrainingRun over them
+// (constant schedule, no clipping), whose context the tests of one decision hand to a
+// policy directly.
 struct Fixture {
     Rng rng{11};
     Mlp<double> model;
     std::unique_ptr<AdamW<double>> opt;
-    LrSchedule schedule;
-    RankLog log;
+    std::unique_ptr<TrainingRun<double>> run;
 
     explicit Fixture(std::vector<Index> sizes) : model(MlpOptions{.sizes = std::move(sizes)}, rng) {
         ParameterList<double> weights, biases;
         for (auto* p : model.parameters()) (p->name().ends_with(".bias") ? biases : weights).push_back(p);
         opt = std::make_unique<AdamW<double>>(weights, AdamOptions{.lr = 1e-2, .weight_decay = 0.1});
         opt->add_group(biases, GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
+        run = std::make_unique<TrainingRun<double>>(model, *opt);
     }
-    TrainingContext<double> context() { return {model.layer_slots(), *opt, schedule, log}; }
+    TrainingContext<double>& ctx() { return run->context(); }
+    const RankLog& log() const { return run->rank_log(); }
     IncrementalRankLinear<double>& layer(std::size_t i) {
         return model.layers()[i].get<IncrementalRankLinear<double>>();
     }
@@ -59,7 +64,7 @@ struct Fixture {
     }
     std::vector<RankEvent> events(const std::string& kind) const {
         std::vector<RankEvent> out;
-        for (const auto& e : log.events())
+        for (const auto& e : log().events())
             if (e.event == kind) out.push_back(e);
         return out;
     }
@@ -183,7 +188,7 @@ TEST_CASE("InRank converts the selected layers, keeps their bias and logs an ini
           "[policy][inrank]") {
     SECTION("efficient form, random factors, buffer derived from the width") {
         Fixture f({256, 256, 10});
-        auto ctx = f.context();
+        auto& ctx = f.ctx();
         const MatrixD bias = *ctx.layers()[0].layer->bias();
         InRank<double> policy;
         policy.on_train_begin(ctx);
@@ -204,8 +209,8 @@ TEST_CASE("InRank converts the selected layers, keeps their bias and logs an ini
         CHECK(l.U.value.cwiseAbs().maxCoeff() <= 1.0 / std::sqrt(128.0));
         CHECK(l.V.value.cwiseAbs().maxCoeff() <= 1.0 / 16.0);
         CHECK(l.U.value.cwiseAbs().maxCoeff() > 0.9 / std::sqrt(128.0));
-        REQUIRE(f.log.size() == 1);
-        const auto& e = f.log.events()[0];
+        REQUIRE(f.log().size() == 1);
+        const auto& e = f.log().events()[0];
         CHECK(e.event == "init");
         CHECK(e.policy == "inrank");
         CHECK(e.layer == "layers.0");
@@ -215,17 +220,17 @@ TEST_CASE("InRank converts the selected layers, keeps their bias and logs an ini
         CHECK(e.value == 32.0);
         // A second policy seeded alike draws the same factors.
         Fixture g({256, 256, 10});
-        auto ctx2 = g.context();
+        auto& ctx2 = g.ctx();
         InRank<double>().on_train_begin(ctx2);
         CHECK(g.layer(0).U.value == l.U.value);
     }
     SECTION("with a base: W starts exactly at the dense weight") {
         Fixture f({20, 32, 32, 4});
-        auto ctx = f.context();
+        auto& ctx = f.ctx();
         const MatrixD w0 = ctx.layers()[1].layer->dense_weight();
         InRank<double> policy({.buffer = 3, .keep_base = true});
         policy.on_train_begin(ctx);
-        CHECK(f.log.size() == 2);
+        CHECK(f.log().size() == 2);
         auto& l = f.layer(1);
         CHECK(l.has_base());
         CHECK(l.capacity() == 16);
@@ -235,7 +240,7 @@ TEST_CASE("InRank converts the selected layers, keeps their bias and logs an ini
     }
     SECTION("dense SVD init: the active product is the best rank-k approximation") {
         Fixture f({20, 32, 32, 4});
-        auto ctx = f.context();
+        auto& ctx = f.ctx();
         const MatrixD w = ctx.layers()[1].layer->dense_weight();
         InRank<double> policy({.buffer = 3, .init = InRankInit::dense_svd});
         policy.on_train_begin(ctx);
@@ -247,7 +252,7 @@ TEST_CASE("InRank converts the selected layers, keeps their bias and logs an ini
 TEST_CASE("InRank rank is monotone, grows at most buffer - 1 per check and stops at capacity - buffer - 1",
           "[policy][inrank]") {
     Fixture f({24, 24, 3});
-    auto ctx = f.context();
+    auto& ctx = f.ctx();
     InRank<double> policy({.buffer = 3, .warmup = 0, .gap = 1, .two_stage = false});
     policy.on_train_begin(ctx);
     auto& l = f.layer(0);
@@ -255,7 +260,7 @@ TEST_CASE("InRank rank is monotone, grows at most buffer - 1 per check and stops
     make_flat(l);  // a flat spectrum never reaches the threshold within the buffer
     std::vector<Index> ranks;
     for (std::int64_t step = 1; step <= 5; ++step) {
-        ctx.step = step;
+        Access::set_counters(ctx, step, 0);
         policy.after_step(ctx);
         ranks.push_back(policy.ranks()[0]);
         CHECK(l.rank() == policy.ranks()[0] + 3);
@@ -275,13 +280,13 @@ TEST_CASE("InRank rank is monotone, grows at most buffer - 1 per check and stops
 
     // A spectrum that is already explained at the current rank does not grow it.
     Fixture g({24, 24, 3});
-    auto ctx2 = g.context();
+    auto& ctx2 = g.ctx();
     InRank<double> still({.buffer = 3, .warmup = 0, .gap = 1, .two_stage = false});
     still.on_train_begin(ctx2);
     auto& m = g.layer(0);
     m.U.value.setZero();
     m.U.value.col(0) = gaussian(24, 1, 9);  // rank one
-    ctx2.step = 1;
+    Access::set_counters(ctx2, 1, 0);
     still.after_step(ctx2);
     CHECK(still.ranks()[0] == 2);
     CHECK(g.events("grow").empty());
@@ -291,7 +296,7 @@ TEST_CASE("InRank rank is monotone, grows at most buffer - 1 per check and stops
 TEST_CASE("InRank new columns keep their values and get zero optimizer state, old columns keep theirs",
           "[policy][inrank]") {
     Fixture f({24, 24, 3});
-    auto ctx = f.context();
+    auto& ctx = f.ctx();
     InRank<double> policy({.buffer = 3, .warmup = 0, .gap = 1, .two_stage = false});
     policy.on_train_begin(ctx);
     auto& l = f.layer(0);
@@ -303,7 +308,7 @@ TEST_CASE("InRank new columns keep their values and get zero optimizer state, ol
     REQUIRE(old_u.exp_avg.cols() == 5);
     REQUIRE(old_u.exp_avg.norm() > 0.0);
 
-    ctx.step = 1;
+    Access::set_counters(ctx, 1, 0);
     policy.after_step(ctx);
     REQUIRE(l.rank() == 7);
     CHECK(l.U.value == u_before);  // nothing moved: the new columns keep their initial values
@@ -327,17 +332,22 @@ TEST_CASE("InRank new columns keep their values and get zero optimizer state, ol
 
 TEST_CASE("InRank check counts optimizer steps, not forward passes or repeated hooks", "[policy][inrank]") {
     Fixture f({24, 24, 3});
-    auto ctx = f.context();
-    InRank<double> policy({.buffer = 3, .warmup = 3, .gap = 2, .two_stage = false});
-    policy.on_train_begin(ctx);
+    auto& ctx = f.ctx();
+    auto& policy = f.run->add<InRank<double>>({.buffer = 3, .warmup = 3, .gap = 2, .two_stage = false});
+    f.run->begin();
     make_flat(f.layer(0));
+    // lr 0: the run's steps count, and leave the flat spectrum (which grows at every check) as it is.
+    f.opt->set_group_lr(0, 0.0);
+    f.opt->set_group_lr(1, 0.0);
+    const MatrixD x = gaussian(8, 24, 70);
+    const std::vector<std::int32_t> y{0, 1, 2, 0, 1, 2, 0, 1};
     for (std::int64_t step = 1; step <= 9; ++step) {
-        for (int micro = 0; micro < 3; ++micro) {  // gradient accumulation, evaluation passes
+        for (int stray = 0; stray < 3; ++stray) {  // hooks without an optimizer step never count
             policy.before_forward(ctx);
             policy.after_backward(ctx);
         }
-        ctx.step = step;
-        policy.after_step(ctx);
+        f.run->step([&](Graph<double>& g) { return cross_entropy(g, f.model.forward(g, g.input(x)), y); });
+        REQUIRE(ctx.step() == step);
         policy.after_step(ctx);  // a second call for the same step is not a second check
     }
     CHECK(policy.checks() == 3);
@@ -355,21 +365,21 @@ TEST_CASE(
     for (bool base : {false, true}) {
         INFO("keep_base " << base);
         Fixture f({24, 24, 3});
-        auto ctx = f.context();
+        auto& ctx = f.ctx();
         InRank<double> policy({.buffer = 3, .warmup = 100, .gap = 1, .keep_base = base, .stage1_steps = 2});
         policy.on_train_begin(ctx);
         auto& l = f.layer(0);
         l.U.value = gaussian(24, 12, 50);  // a generic spectrum (U starts at 0 with a base)
         f.step_with_random_grads(60);
         const auto old_u = *f.opt->state_of(l.U);
-        ctx.step = 1;
+        Access::set_counters(ctx, 1, 0);
         policy.after_step(ctx);
         CHECK(policy.stage() == 1);
 
         const MatrixD w = l.dense_weight();
         const auto s = l.singular_values();  // the 5 active singular values
         const double tail = s.tail(3).squaredNorm();
-        ctx.step = 2;
+        Access::set_counters(ctx, 2, 0);
         policy.after_step(ctx);
         CHECK(policy.stage() == 2);
         CHECK(l.capacity() == 2);
@@ -396,7 +406,7 @@ TEST_CASE(
         f.step_with_random_grads(80);
         make_flat(l);
         for (std::int64_t step = 3; step < 120; ++step) {
-            ctx.step = step;
+            Access::set_counters(ctx, step, 0);
             policy.after_step(ctx);
         }
         CHECK(l.rank() == 2);
@@ -407,14 +417,13 @@ TEST_CASE(
 
 TEST_CASE("InRank stage 1 counted in epochs ends at the end of that epoch", "[policy][inrank]") {
     Fixture f({24, 24, 3});
-    auto ctx = f.context();
+    auto& ctx = f.ctx();
     InRank<double> policy({.buffer = 3, .stage1_epochs = 2});
     policy.on_train_begin(ctx);
-    ctx.step = 10;
+    Access::set_counters(ctx, 10, 0);
     policy.on_epoch_end(ctx);
     CHECK(policy.stage() == 1);
-    ctx.epoch = 1;
-    ctx.step = 20;
+    Access::set_counters(ctx, 20, 1);
     policy.after_step(ctx);
     CHECK(policy.stage() == 1);  // steps do not end an epoch-counted stage 1
     policy.on_epoch_end(ctx);
@@ -427,31 +436,21 @@ TEST_CASE("InRank stage 1 counted in epochs ends at the end of that epoch", "[po
 
 TEST_CASE("InRank in a training loop: loss falls, ranks grow then are fixed", "[policy][inrank]") {
     Fixture f({16, 32, 4});
-    auto ctx = f.context();
-    InRank<double> policy({.buffer = 3, .threshold = 0.95, .warmup = 5, .gap = 5, .stage1_steps = 30});
-    policy.on_train_begin(ctx);
+    auto& policy = f.run->add<InRank<double>>(
+        {.buffer = 3, .threshold = 0.95, .warmup = 5, .gap = 5, .stage1_steps = 30});
     const MatrixD x = gaussian(32, 16, 90);
     std::vector<std::int32_t> y;
     for (Index i = 0; i < 32; ++i) y.push_back(static_cast<std::int32_t>(i % 4));
-    Graph<double> g;
     double first = 0.0, last = 0.0;
     for (std::int64_t step = 0; step < 40; ++step) {
-        ctx.step = step;
-        policy.before_forward(ctx);
-        g.clear();
-        auto loss = cross_entropy(g, f.model.forward(g, g.input(x)), y);
-        (step == 0 ? first : last) = loss.value()(0, 0);
-        f.opt->zero_grad();
-        g.backward(loss);
-        policy.after_backward(ctx);
-        f.opt->step();
-        ctx.step = step + 1;
-        policy.after_step(ctx);
+        const StepResult r = f.run->step(
+            [&](Graph<double>& g) { return cross_entropy(g, f.model.forward(g, g.input(x)), y); });
+        (step == 0 ? first : last) = r.loss;
     }
     CHECK(last < first);
     CHECK(policy.stage() == 2);
     Index previous = 0;
-    for (const auto& e : f.log.events()) {
+    for (const auto& e : f.log().events()) {
         if (e.event == "grow") {
             CHECK(e.new_rank > e.old_rank);
             CHECK(e.new_rank - e.old_rank <= 2);
@@ -483,13 +482,13 @@ TEST_CASE("InRank rejects bad options with messages naming the option", "[policy
 
     // Per layer: an 8-wide layer has capacity 4, too small for rank 2 + buffer 2 + 1.
     Fixture f({8, 8, 3});
-    auto ctx = f.context();
+    auto& ctx = f.ctx();
     InRank<double> policy;
     CHECK_THROWS_WITH(policy.on_train_begin(ctx),
                       Contains("InRank") && Contains("layer 'layers.0'") &&
                           Contains("initial_rank 2 + buffer 2 + 1 = 5 > capacity 4"));
     CHECK(std::string(f.model.layers()[0].kind()) == "dense");  // nothing converted
-    CHECK(f.log.empty());
+    CHECK(f.log().empty());
     InRank<double> too_big({.capacity = 9});
     CHECK_THROWS_WITH(too_big.on_train_begin(ctx),
                       Contains("capacity must be in [1, min(out, in) = 8], got 9"));

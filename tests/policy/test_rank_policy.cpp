@@ -2,19 +2,24 @@
 // the rank log, and the order in which a PolicyList calls its policies.
 #include <catch2/catch.hpp>
 
+#include <lowrank/autograd/ops_loss.hpp>
 #include <lowrank/models/mlp.hpp>
 #include <lowrank/optim/adam.hpp>
 #include <lowrank/policy/rank_policy.hpp>
+#include <lowrank/train/run.hpp>
 
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 // A namespace of its own: the module's files may be compiled as one unity translation unit.
 namespace test_rank_policy {
 
 using namespace lowrank;
+using Access = lowrank::detail::TrainingContextAccess;
 
 namespace {
 
@@ -120,8 +125,7 @@ TEST_CASE("Optimizer::remove_parameters and add_to_group reject what they cannot
 TEST_CASE("RankLog records step, epoch and statistic and writes JSON lines atomically", "[policy]") {
     Fixture f;
     auto ctx = f.context();
-    ctx.step = 12;
-    ctx.epoch = 1;
+    Access::set_counters(ctx, 12, 1);
     ctx.record("inrank", "layers.0", "grow", 2, 5, "explained_ratio", 0.93);
     ctx.record("inrank", "layers.1", "init", 0, 2);
     REQUIRE(f.log.size() == 2);
@@ -147,19 +151,23 @@ TEST_CASE("RankLog records step, epoch and statistic and writes JSON lines atomi
 
 TEST_CASE("PolicyList calls its policies in order at every hook, and rewarm restarts the warm-up", "[policy]") {
     Fixture f;
-    auto ctx = f.context();
     std::vector<std::string> trace;
     PolicyList<double> list;
     list.add<Tracer>("a", trace);
     list.add<Tracer>("b", trace);
-    list.on_train_begin(ctx);
-    list.before_forward(ctx);
-    list.after_backward(ctx);
-    list.after_step(ctx);
-    list.on_epoch_end(ctx);
+    {
+        // One step and one epoch of a run that holds the list.
+        TrainingRun<double> run(f.model, *f.opt);
+        run.add(std::move(list));
+        const MatrixD x = MatrixD::Ones(2, 6);
+        const std::vector<std::int32_t> y{0, 2};
+        run.step([&](Graph<double>& g) { return cross_entropy(g, f.model.forward(g, g.input(x)), y); });
+        run.end_epoch();
+    }
     CHECK(trace == std::vector<std::string>{"a:begin", "b:begin", "a:forward", "b:forward", "a:backward",
                                             "b:backward", "a:step", "b:step", "a:epoch", "b:epoch"});
-    ctx.step = 40;
+    auto ctx = f.context();
+    Access::set_counters(ctx, 40, 0);
     ctx.rewarm(4);
     CHECK(f.schedule.factor(39) == 1.0);
     CHECK(f.schedule.factor(40) == 0.25);

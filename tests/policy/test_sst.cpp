@@ -11,6 +11,9 @@
 #include <lowrank/optim/adam.hpp>
 #include <lowrank/optim/sgd.hpp>
 #include <lowrank/policy/sst.hpp>
+#include <lowrank/train/run.hpp>
+
+#include "policy_test_support.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -24,17 +27,18 @@ namespace test_sst {
 
 using namespace lowrank;
 using lowrank::test::gaussian;
+using lowrank::test::Probe;
+using Access = lowrank::detail::TrainingContextAccess;
 
 namespace {
 
-// An Mlp with AdamW (decay on weights, none on biases) and everything a policy needs.
+// An Mlp with AdamW (decay on weights, none on biases) and the TrainingRun that steps it
+// (constant schedule, no clipping).
 struct Fixture {
     Rng rng;
     Mlp<double> model;
     std::unique_ptr<Optimizer<double>> opt;
-    LrSchedule schedule;
-    RankLog log;
-    std::unique_ptr<TrainingContext<double>> ctx;
+    std::unique_ptr<TrainingRun<double>> run;
 
     explicit Fixture(std::vector<Index> sizes, std::uint64_t seed = 3, double lr = 1e-2)
         : rng(seed), model(MlpOptions{.sizes = std::move(sizes)}, rng) {
@@ -42,28 +46,22 @@ struct Fixture {
         for (auto* p : model.parameters()) (p->name().ends_with(".bias") ? biases : weights).push_back(p);
         opt = std::make_unique<AdamW<double>>(weights, AdamOptions{.lr = lr, .weight_decay = 0.01});
         opt->add_group(biases, GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
-        ctx = std::make_unique<TrainingContext<double>>(model.layer_slots(), *opt, schedule, log);
+        run = std::make_unique<TrainingRun<double>>(model, *opt);
     }
+
+    TrainingContext<double>& ctx() { return run->context(); }
+    const LrSchedule& schedule() const { return run->schedule(); }
+    const RankLog& log() const { return run->rank_log(); }
 
     MatrixD output(const MatrixD& x) {
         Graph<double> g;
         return model.forward(g, g.input(x)).value();
     }
 
-    // One step of the loop in rank_policy.hpp; returns the loss before the step.
-    double step(RankPolicy<double>& policy, const MatrixD& x, const std::vector<std::int32_t>& y) {
-        policy.before_forward(*ctx);
-        Graph<double> g;
-        const auto loss = cross_entropy(g, model.forward(g, g.input(x)), y);
-        const double value = loss.item();
-        opt->zero_grad();
-        g.backward(loss);
-        policy.after_backward(*ctx);
-        schedule.apply(*opt, ctx->step);
-        opt->step();
-        ++ctx->step;
-        policy.after_step(*ctx);
-        return value;
+    // One training step of the run; returns the loss before the step.
+    double step(const MatrixD& x, const std::vector<std::int32_t>& y) {
+        return run->step([&](Graph<double>& g) { return cross_entropy(g, model.forward(g, g.input(x)), y); })
+            .loss;
     }
 };
 
@@ -161,8 +159,8 @@ TEST_CASE("Sst converts the selected layers without changing the network", "[pol
     Fixture f({6, 10, 8, 3});
     const MatrixD x = gaussian(5, 6, 1);
     const MatrixD before = f.output(x);
-    Sst<double> sst({.rank = 3});
-    sst.on_train_begin(*f.ctx);
+    auto& sst = f.run->add<Sst<double>>({.rank = 3});
+    f.run->begin();
     CHECK((f.output(x) - before).norm() < 1e-12);
     REQUIRE(sst.num_layers() == 2);
     CHECK(std::string(f.model.layers()[0].kind()) == "spectral");
@@ -176,8 +174,8 @@ TEST_CASE("Sst converts the selected layers without changing the network", "[pol
     // The new parameters are in the optimizer, the bias still in its no-decay group.
     CHECK(f.opt->group_of(sst.layer(0).sigma) == 0);
     CHECK(f.opt->group_of(sst.layer(0).bias) == 1);
-    REQUIRE(f.log.size() == 2);
-    const auto& e = f.log.events()[0];
+    REQUIRE(f.log().size() == 2);
+    const auto& e = f.log().events()[0];
     CHECK(e.policy == "sst");
     CHECK(e.event == "init");
     CHECK(e.layer == "layers.0");
@@ -189,11 +187,11 @@ TEST_CASE("Sst converts the selected layers without changing the network", "[pol
 TEST_CASE("Sst puts U, V and sigma in the group it is given, the bias in its own", "[policy][sst]") {
     Fixture f({6, 10, 3});
     f.opt->add_group({}, GroupOptions{.lr = 1e-3, .name = "spectral"});
-    CHECK_THROWS_WITH(Sst<double>({.rank = 2, .group = 3}).on_train_begin(*f.ctx),
+    CHECK_THROWS_WITH(Sst<double>({.rank = 2, .group = 3}).on_train_begin(f.ctx()),
                       Catch::Contains("group must be < 3") && Catch::Contains("got 3"));
     CHECK(std::string(f.model.layers()[0].kind()) == "dense");
     Sst<double> sst({.rank = 2, .group = 2});
-    sst.on_train_begin(*f.ctx);
+    sst.on_train_begin(f.ctx());
     auto& l = sst.layer(0);
     CHECK(f.opt->group_of(l.U_active) == 2);
     CHECK(f.opt->group_of(l.V_active) == 2);
@@ -213,30 +211,32 @@ TEST_CASE("Sst rejects bad options with messages that name them", "[policy][sst]
     // r > d for the second hidden layer (4 x 10): an error, and no layer was converted.
     Fixture f({6, 10, 4, 3});
     Sst<double> sst({.rank = 5});
-    CHECK_THROWS_WITH(sst.on_train_begin(*f.ctx), Catch::Contains("rank (r) must be <= min(out, in) = 4") &&
+    CHECK_THROWS_WITH(sst.on_train_begin(f.ctx()), Catch::Contains("rank (r) must be <= min(out, in) = 4") &&
                                                       Catch::Contains("'layers.1'") && Catch::Contains("got 5"));
     CHECK(std::string(f.model.layers()[0].kind()) == "dense");
-    CHECK(f.log.empty());
+    CHECK(f.log().empty());
 }
 
 TEST_CASE("Sst at an iteration start resets only the swapped columns and moves sigma's state with it", "[policy][sst]") {
     Fixture f({10, 12, 3});
     const MatrixD x = gaussian(16, 10, 2);
     const auto y = teacher_labels(x, 3, 3);
-    Sst<double> sst({.rank = 5, .iteration_steps = 3, .round_iterations = 100, .rewarm_steps = 2, .seed = 9});
-    sst.on_train_begin(*f.ctx);
+    auto& sst = f.run->add<Sst<double>>(
+        {.rank = 5, .iteration_steps = 3, .round_iterations = 100, .rewarm_steps = 2, .seed = 9});
+    f.run->begin();
     auto& l = sst.layer(0);
-    for (int i = 0; i < 3; ++i) f.step(sst, x, y);  // state exists; the next step starts an iteration
+    for (int i = 0; i < 3; ++i) f.step(x, y);  // state exists; the next step starts an iteration
 
     int kept = 0, reset = 0;
     for (int iteration = 0; iteration < 4; ++iteration) {
-        REQUIRE(f.ctx->step % 3 == 0);
+        REQUIRE(f.ctx().step() % 3 == 0);
         const MatrixD u = l.U_active.value, s = l.sigma.value;
         const auto su = *f.opt->state_of(l.U_active);
         const auto sv = *f.opt->state_of(l.V_active);
         const auto ss = *f.opt->state_of(l.sigma);
         const MatrixD out = f.output(x);
-        sst.before_forward(*f.ctx);
+        // The sampling alone (the run's next step calls it again: a no-op within a step).
+        sst.before_forward(f.ctx());
         CHECK((f.output(x) - out).norm() < 1e-12);  // sampling is a relabelling only
         const auto* nu = f.opt->state_of(l.U_active);
         const auto* nv = f.opt->state_of(l.V_active);
@@ -267,14 +267,14 @@ TEST_CASE("Sst at an iteration start resets only the swapped columns and moves s
             CHECK(ns->exp_avg_sq(0, k) == ss.exp_avg_sq(0, from));
         }
         // The LR re-warms from this step on.
-        CHECK(f.schedule.factor(f.ctx->step) == Approx(0.5));
+        CHECK(f.schedule().factor(f.ctx().step()) == Approx(0.5));
         // The optimizer accepts the new layout.
-        for (int i = 0; i < 3; ++i) CHECK_NOTHROW(f.step(sst, x, y));
+        for (int i = 0; i < 3; ++i) CHECK_NOTHROW(f.step(x, y));
     }
     CHECK(kept > 0);
     CHECK(reset > 0);
-    CHECK(count_events(f.log, "sample") == 5);
-    for (const auto& e : f.log.events())
+    CHECK(count_events(f.log(), "sample") == 5);
+    for (const auto& e : f.log().events())
         if (e.event == "sample") {
             CHECK(e.statistic == "sigma_mass_active");
             CHECK(e.value > 0.0);
@@ -284,25 +284,21 @@ TEST_CASE("Sst at an iteration start resets only the swapped columns and moves s
 
 TEST_CASE("A column swap without carry_state makes the optimizer refuse to step", "[policy][sst][errors]") {
     Fixture f({6, 6, 2});
-    Sst<double> sst({.rank = 2, .iteration_steps = 5, .rewarm_steps = 5});
-    sst.on_train_begin(*f.ctx);
+    auto& sst = f.run->add<Sst<double>>({.rank = 2, .iteration_steps = 5, .rewarm_steps = 5});
     const MatrixD x = gaussian(4, 6, 4);
     const auto y = teacher_labels(x, 2, 5);
-    f.step(sst, x, y);
+    f.step(x, y);
     auto& l = sst.layer(0);
     const Index a = l.active_rank();
     REQUIRE(!l.activate({a, a + 1}).empty());  // behind the policy's back
-    Graph<double> g;
-    f.opt->zero_grad();
-    g.backward(cross_entropy(g, f.model.forward(g, g.input(x)), y));
-    CHECK_THROWS_WITH(f.opt->step(), Catch::Contains("U_active") && Catch::Contains("without carry_state"));
+    // Step 1 starts no iteration, so nothing carries the state: the optimizer step throws.
+    CHECK_THROWS_WITH(f.step(x, y), Catch::Contains("U_active") && Catch::Contains("without carry_state"));
 }
 
 TEST_CASE("Sst after a step: sigma is never negative and the active vectors have unit length", "[policy][sst]") {
     Fixture f({8, 8, 2});
     Sst<double> sst({.rank = 3, .iteration_steps = 10, .rewarm_steps = 0});
-    sst.on_train_begin(*f.ctx);
-    sst.before_forward(*f.ctx);
+    sst.on_train_begin(f.ctx());
     auto& l = sst.layer(0);
     // A plain SGD step with a gradient that drives sigma below zero and U/V off the sphere.
     Sgd<double> sgd({&l.U_active, &l.V_active, &l.sigma}, SgdOptions{.lr = 1.0});
@@ -312,8 +308,9 @@ TEST_CASE("Sst after a step: sigma is never negative and the active vectors have
     sgd.step();
     REQUIRE(l.sigma.value.minCoeff() < 0.0);
     REQUIRE(std::abs(l.U_active.value.col(0).norm() - 1.0) > 1e-3);
-    ++f.ctx->step;
-    sst.after_step(*f.ctx);
+    // after_step after optimizer step 1 (no round ends there), called alone.
+    Access::set_counters(f.ctx(), 1, 0);
+    sst.after_step(f.ctx());
     CHECK(l.sigma.value.minCoeff() == 0.0);
     for (Index j = 0; j < 3; ++j) {
         CHECK(l.U_active.value.col(j).norm() == Approx(1.0).epsilon(1e-12));
@@ -326,28 +323,29 @@ TEST_CASE("Sst re-SVD at a round end keeps the function, restores orthonormality
     const MatrixD x = gaussian(12, 9, 8);
     const auto y = teacher_labels(x, 3, 9);
     // d = 7, r = 3: T2 = 3 iterations of 2 steps, so the round ends after step 6.
-    Sst<double> sst({.rank = 3, .iteration_steps = 2, .rewarm_steps = 1, .seed = 1});
-    sst.on_train_begin(*f.ctx);
+    // The probe's after_step runs between the sixth optimizer step and Sst's after_step, so
+    // the function can be compared right before and after the re-SVD.
+    auto& probe = f.run->add<Probe>();
+    auto& sst = f.run->add<Sst<double>>({.rank = 3, .iteration_steps = 2, .rewarm_steps = 1, .seed = 1});
+    f.run->begin();
     REQUIRE(sst.round_iterations(0) == 3);
     auto& l = sst.layer(0);
-    for (int i = 0; i < 5; ++i) f.step(sst, x, y);
-    CHECK(count_events(f.log, "resvd") == 0);
+    for (int i = 0; i < 5; ++i) f.step(x, y);
+    CHECK(count_events(f.log(), "resvd") == 0);
 
-    // The sixth step by hand, so the function can be compared right before and after the re-SVD.
-    sst.before_forward(*f.ctx);
-    {
-        Graph<double> g;
-        f.opt->zero_grad();
-        g.backward(cross_entropy(g, f.model.forward(g, g.input(x)), y));
-        f.opt->step();
-    }
-    ++f.ctx->step;
-    l.clamp_sigma();          // what after_step does anyway; idempotent
-    l.renormalize_active();
-    const MatrixD out = f.output(x);
-    const double drift = Sst<double>::orthogonality_error(l);
+    MatrixD out;
+    double drift = 0.0;
+    probe.hooks.after_step = [&](TrainingContext<double>& ctx) {
+        REQUIRE(ctx.step() == 6);
+        l.clamp_sigma();  // what after_step does anyway; idempotent
+        l.renormalize_active();
+        out = f.output(x);
+        drift = Sst<double>::orthogonality_error(l);
+    };
+    f.step(x, y);
+    probe.hooks.after_step = {};
+    REQUIRE(out.size() > 0);
     REQUIRE(drift > 1e-6);  // the round moved the factors off orthonormal
-    sst.after_step(*f.ctx);
 
     CHECK((f.output(x) - out).norm() < 1e-10);
     CHECK(Sst<double>::orthogonality_error(l) < 1e-10);
@@ -360,14 +358,14 @@ TEST_CASE("Sst re-SVD at a round end keeps the function, restores orthonormality
         CHECK(s->exp_avg_sq.norm() == 0.0);
     }
     CHECK(f.opt->state_of(l.bias)->step == 6);  // the bias is not touched
-    REQUIRE(count_events(f.log, "resvd") == 1);
-    const auto& e = f.log.events().back();
+    REQUIRE(count_events(f.log(), "resvd") == 1);
+    const auto& e = f.log().events().back();
     CHECK(e.event == "resvd");
     CHECK(e.step == 6);
     CHECK(e.statistic == "orthogonality_error");
     CHECK(e.value == Approx(drift));
     // Training goes on: the next iteration samples and steps.
-    CHECK_NOTHROW(f.step(sst, x, y));
+    CHECK_NOTHROW(f.step(x, y));
 }
 
 TEST_CASE("Sst's enhanced_gradient option reaches the layer: U/V gradients without the sigma_i factor", "[policy][sst]") {
@@ -375,9 +373,9 @@ TEST_CASE("Sst's enhanced_gradient option reaches the layer: U/V gradients witho
     const auto y = teacher_labels(x, 2, 11);
     auto gradients = [&](bool enhanced) {
         Fixture f({7, 5, 2}, 12);
-        Sst<double> sst({.rank = 2, .enhanced_gradient = enhanced, .seed = 13});
-        sst.on_train_begin(*f.ctx);
-        sst.before_forward(*f.ctx);
+        auto& sst = f.run->add<Sst<double>>({.rank = 2, .enhanced_gradient = enhanced, .seed = 13});
+        f.run->begin();
+        sst.before_forward(f.ctx());  // the draw of step 0, alone
         auto& l = sst.layer(0);
         CHECK(l.options().enhanced_gradient == enhanced);
         Graph<double> g;
@@ -405,19 +403,18 @@ TEST_CASE("Sst trains a small MLP in double: the loss goes down", "[policy][sst]
     Fixture f({10, 16, 16, 3}, 21, 2e-2);
     const MatrixD x = gaussian(64, 10, 22);
     const auto y = teacher_labels(x, 3, 23);
-    Sst<double> sst({.rank = 4, .iteration_steps = 5, .rewarm_steps = 2, .seed = 24});
-    sst.on_train_begin(*f.ctx);
+    auto& sst = f.run->add<Sst<double>>({.rank = 4, .iteration_steps = 5, .rewarm_steps = 2, .seed = 24});
     std::vector<double> losses;
     for (int i = 0; i < 80; ++i) {
-        losses.push_back(f.step(sst, x, y));
+        losses.push_back(f.step(x, y));
         for (std::size_t k = 0; k < sst.num_layers(); ++k) REQUIRE(sst.layer(k).sigma.value.minCoeff() >= 0.0);
     }
     INFO("first loss " << losses.front() << ", last " << losses.back());
     CHECK(losses.back() < 0.5 * losses.front());
     CHECK(std::isfinite(losses.back()));
     // 16 iterations; T2 = ceil(10 / 4) = 3 for layer 0 and ceil(16 / 4) = 4 for layer 1.
-    CHECK(count_events(f.log, "sample") == 2 * 16);
-    CHECK(count_events(f.log, "resvd") == 5 + 4);
+    CHECK(count_events(f.log(), "sample") == 2 * 16);
+    CHECK(count_events(f.log(), "resvd") == 5 + 4);
 }
 
 }  // namespace test_sst
