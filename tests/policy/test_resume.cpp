@@ -1,8 +1,8 @@
-// Resuming: for every policy, a run whose policy state (through JSON text), parameters
-// (by name) and optimizer state (by name) are copied after K steps into a freshly built
-// model, optimizer and policy, restored after on_train_begin, continues bit for bit as the
-// uninterrupted run: the same parameters, the same later rank-log events and the same
-// policy state. And restore refuses states it cannot take, with messages that say why.
+// Resuming: for every policy, a TrainingRun saved to a file after K steps (run.save) and
+// resumed from it (run.resume) in a freshly built model, optimizer and run continues bit
+// for bit as the uninterrupted run: the same parameters, the same rank log (the saved
+// events and the later ones) and the same policy state. And restore refuses states it
+// cannot take, with messages that say why.
 #include <catch2/catch.hpp>
 
 #include <lowrank/autograd/autograd.hpp>
@@ -10,17 +10,23 @@
 #include <lowrank/models/mlp.hpp>
 #include <lowrank/optim/adam.hpp>
 #include <lowrank/policy/policies.hpp>
+#include <lowrank/train/run.hpp>
 
 #include <nlohmann/json.hpp>
 
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <system_error>
+#include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 // A namespace of its own: the module's files may be compiled as one unity translation unit.
 namespace test_resume {
@@ -30,10 +36,12 @@ using Json = nlohmann::json;
 
 namespace {
 
-// How to build one run: the MLP, the lr, the policies (the same constructor arguments in
-// the original and the resumed run) and what the original run does to its model right
-// after on_train_begin (part of its history, which the resumed run gets by the copy).
+// How to build one run: a name for its checkpoint files, the MLP, the lr, the epoch length,
+// the policies (the same in the original and the resumed run) and what the original run
+// does to its model right after on_train_begin (part of its history, which the resumed run
+// gets from the checkpoint).
 struct Setup {
+    std::string name;
     std::vector<Index> sizes = {6, 10, 10, 3};
     double lr = 1e-2;
     std::int64_t steps_per_epoch = 1000;
@@ -41,62 +49,52 @@ struct Setup {
     std::function<void(Mlp<double>&)> prepare = {};
 };
 
-// A model, AdamW (weights decayed in group 0, biases in group 1), a warm-up + cosine
-// schedule, a rank log, the policies, and the training loop of rank_policy.hpp with
-// epochs of `steps_per_epoch` steps. Step s trains on a batch drawn from seed 1000 + s, so
-// two runs at the same step see the same data.
+// A model, AdamW (weights decayed in group 0, biases in group 1) and a TrainingRun with a
+// warm-up + cosine schedule, epochs of `steps_per_epoch` steps and the policies, begun
+// (on_train_begin has run). Step s trains on a batch drawn from seed 1000 + s, so two runs
+// at the same step see the same data.
 struct Run {
     Rng rng{7};
     Mlp<double> model;
     std::unique_ptr<AdamW<double>> opt;
-    LrSchedule schedule{ScheduleOptions{
-        .kind = ScheduleKind::warmup_cosine, .warmup_steps = 3, .total_steps = 80, .min_factor = 0.1}};
-    RankLog log;
-    std::unique_ptr<TrainingContext<double>> ctx;
-    PolicyList<double> policies;
-    std::int64_t steps_per_epoch;
-    Graph<double> g;
+    std::unique_ptr<TrainingRun<double>> training;
 
-    explicit Run(const Setup& setup)
-        : model(MlpOptions{.sizes = setup.sizes}, rng), steps_per_epoch(setup.steps_per_epoch) {
+    explicit Run(const Setup& setup) : model(MlpOptions{.sizes = setup.sizes}, rng) {
         ParameterList<double> weights, biases;
         for (auto* p : model.parameters()) (p->name().ends_with(".bias") ? biases : weights).push_back(p);
         opt = std::make_unique<AdamW<double>>(weights, AdamOptions{.lr = setup.lr, .weight_decay = 0.1});
         opt->add_group(biases, GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
-        ctx = std::make_unique<TrainingContext<double>>(model.layer_slots(), *opt, schedule, log);
-        ctx->steps_per_epoch = steps_per_epoch;
-        setup.policies(policies);
-        policies.on_train_begin(*ctx);
+        training = std::make_unique<TrainingRun<double>>(
+            model, *opt,
+            RunOptions{.schedule = LrSchedule(ScheduleOptions{.kind = ScheduleKind::warmup_cosine,
+                                                              .warmup_steps = 3,
+                                                              .total_steps = 80,
+                                                              .min_factor = 0.1}),
+                       .steps_per_epoch = setup.steps_per_epoch});
+        PolicyList<double> list;
+        setup.policies(list);
+        training->add(std::move(list));
+        training->begin();
     }
 
     void step() {
         const Index in = model.layers().front().in_features(), out = model.layers().back().out_features();
-        Rng data(1000 + static_cast<std::uint64_t>(ctx->step));
+        Rng data(1000 + static_cast<std::uint64_t>(training->global_step()));
         MatrixD x(12, in);
         init::normal<double>(x, data);
         std::vector<std::int32_t> y;
         for (Index i = 0; i < x.rows(); ++i)
             y.push_back(static_cast<std::int32_t>(data.below(static_cast<std::uint64_t>(out))));
-
-        policies.before_forward(*ctx);
-        g.clear();
-        const auto loss = cross_entropy(g, model.forward(g, g.input(x)), y);
-        opt->zero_grad();
-        g.backward(loss);
-        policies.after_backward(*ctx);
-        schedule.apply(*opt, ctx->step);
-        opt->step();
-        ++ctx->step;
-        policies.after_step(*ctx);
-        if (ctx->step % steps_per_epoch == 0) {
-            policies.on_epoch_end(*ctx);
-            ++ctx->epoch;
-        }
+        training->step([&](Graph<double>& g) { return cross_entropy(g, model.forward(g, g.input(x)), y); });
     }
 
     void steps(std::int64_t n) {
         for (std::int64_t i = 0; i < n; ++i) step();
     }
+
+    PolicyList<double>& policies() { return training->policies(); }
+    TrainingContext<double>& ctx() { return training->context(); }
+    const RankLog& log() const { return training->rank_log(); }
 
     std::map<std::string, Parameter<double>*> by_name() {
         std::map<std::string, Parameter<double>*> out;
@@ -105,13 +103,34 @@ struct Run {
     }
 
     std::vector<RankEvent> events_from(std::size_t first) const {
-        return {log.events().begin() + static_cast<std::ptrdiff_t>(first), log.events().end()};
+        return {log().events().begin() + static_cast<std::ptrdiff_t>(first), log().events().end()};
     }
     bool has_event(const std::string& kind) const {
-        for (const auto& e : log.events())
+        for (const auto& e : log().events())
             if (e.event == kind) return true;
         return false;
     }
+};
+
+// A checkpoint file in the temp folder's lowrank-test-resume/, removed when the test is
+// done. The process id keeps concurrent test processes apart.
+class TempCheckpoint {
+public:
+    explicit TempCheckpoint(const std::string& name) {
+        const auto dir = std::filesystem::temp_directory_path() / "lowrank-test-resume";
+        std::filesystem::create_directories(dir);
+        path_ = (dir / (name + "-" + std::to_string(::getpid()) + ".safetensors")).string();
+    }
+    ~TempCheckpoint() {
+        std::error_code ec;
+        std::filesystem::remove(path_, ec);
+    }
+    TempCheckpoint(const TempCheckpoint&) = delete;
+    TempCheckpoint& operator=(const TempCheckpoint&) = delete;
+    const std::string& path() const { return path_; }
+
+private:
+    std::string path_;
 };
 
 // Every parameter's name, shape, active columns, trainable flag and optimizer group, and
@@ -130,32 +149,15 @@ Json structure_of(Run& run) {
     return {{"parameters", params}, {"groups", groups}};
 }
 
-// What the trainer does on --resume, with the checkpoint's contents taken from `saved`:
-// a fresh run (model, optimizer, policies, on_train_begin), the policies' state through
-// dump() and parse(), then the parameter values and the optimizer state by name, the
-// schedule's re-warm-up, the step and the epoch. The rank log is the trainer's (it restores
-// the saved one); here the resumed run's starts empty.
-std::unique_ptr<Run> resume(Run& saved, const Setup& setup, bool restore_policies = true) {
-    const std::string text = saved.policies.state().dump();
+// What a trainer does on --resume: `saved` writes its run to the file, a fresh run (model,
+// optimizer, policies, on_train_begin) resumes from it. `before_resume` sees the fresh run
+// before that (a control test takes a policy's fresh generator from it).
+std::unique_ptr<Run> save_and_resume(Run& saved, const Setup& setup, const TempCheckpoint& file,
+                                     const std::function<void(Run&)>& before_resume = {}) {
+    saved.training->save(file.path());
     auto run = std::make_unique<Run>(setup);
-    if (restore_policies) run->policies.restore(*run->ctx, Json::parse(text));
-    run->log.clear();
-
-    auto from = saved.by_name();
-    auto to = run->by_name();
-    REQUIRE(to.size() == from.size());
-    for (auto& [name, p] : to) {
-        INFO("parameter " << name);
-        REQUIRE(from.count(name) == 1);
-        const Parameter<double>& src = *from.at(name);
-        REQUIRE(p->rows() == src.rows());
-        REQUIRE(p->cols() == src.cols());
-        p->value = src.value;
-        if (const auto* s = saved.opt->state_of(src)) run->opt->set_state(*p, *s);
-    }
-    run->schedule.set_rewarm_state(saved.schedule.rewarm_state());
-    run->ctx->step = saved.ctx->step;
-    run->ctx->epoch = saved.ctx->epoch;
+    if (before_resume) before_resume(*run);
+    run->training->resume(file.path());
     return run;
 }
 
@@ -186,22 +188,30 @@ struct Outcome {
     std::vector<RankEvent> later;  // the original run's events after the save
 };
 
-// Trains K steps, saves, resumes, trains both N more steps, and checks that the resumed
-// run is the original one: the structure right after the restore, every parameter bit for
-// bit, the later rank-log events and the final policy state.
+// Trains K steps, saves to a file, resumes from it, trains both N more steps, and checks
+// that the resumed run is the original one: the structure and the counters right after the
+// resume, every parameter bit for bit, the whole rank log (the restored events and the
+// later ones) and the final policy state.
 Outcome check_resume(const Setup& setup, std::int64_t k, std::int64_t n) {
     Outcome o;
     o.original = std::make_unique<Run>(setup);
     if (setup.prepare) setup.prepare(o.original->model);
     o.original->steps(k);
-    o.resumed = resume(*o.original, setup);
+    const TempCheckpoint file(setup.name + "-after" + std::to_string(k));
+    o.resumed = save_and_resume(*o.original, setup, file);
     CHECK(structure_of(*o.resumed) == structure_of(*o.original));
-    const std::size_t mark = o.original->log.size();
+    CHECK(o.resumed->training->global_step() == k);
+    CHECK(o.resumed->training->epoch() == o.original->training->epoch());
+    CHECK(o.resumed->training->steps_in_epoch() == o.original->training->steps_in_epoch());
+    CHECK(o.resumed->training->schedule().rewarm_state() == o.original->training->schedule().rewarm_state());
+    const std::size_t mark = o.original->log().size();
+    check_same_events(o.resumed->log().events(), o.original->log().events());
 
     o.original->steps(n);
     o.resumed->steps(n);
     auto a = o.original->by_name();
     auto b = o.resumed->by_name();
+    REQUIRE(b.size() == a.size());
     for (auto& [name, p] : a) {
         INFO("parameter " << name);
         REQUIRE(b.count(name) == 1);
@@ -211,8 +221,9 @@ Outcome check_resume(const Setup& setup, std::int64_t k, std::int64_t n) {
     }
     CHECK(structure_of(*o.resumed) == structure_of(*o.original));
     o.later = o.original->events_from(mark);
-    check_same_events(o.later, o.resumed->log.events());
-    CHECK(o.resumed->policies.state().dump() == o.original->policies.state().dump());
+    check_same_events(o.resumed->events_from(mark), o.later);
+    check_same_events(o.resumed->log().events(), o.original->log().events());
+    CHECK(o.resumed->policies().state().dump() == o.original->policies().state().dump());
     return o;
 }
 
@@ -234,18 +245,21 @@ MatrixD stable_rank_one(Index m, Index n, std::uint64_t seed) {
 }
 
 Setup lora_setup() {
-    return {
-        .policies = [](PolicyList<double>& l) { l.add<Lora<double>>(LoraOptions{.rank = 3, .seed = 11}); }};
+    return {.name = "lora", .policies = [](PolicyList<double>& l) {
+                l.add<Lora<double>>(LoraOptions{.rank = 3, .seed = 11});
+            }};
 }
 
 Setup relora_setup() {
-    return {.policies = [](PolicyList<double>& l) {
-        l.add<ReLora<double>>(ReLoraOptions{.rank = 3, .seed = 12, .period = 4, .rewarm_steps = 2});
-    }};
+    return {.name = "relora", .policies = [](PolicyList<double>& l) {
+                l.add<ReLora<double>>(ReLoraOptions{.rank = 3, .seed = 12, .period = 4, .rewarm_steps = 2});
+            }};
 }
 
 Setup inrank_setup(bool keep_base = false) {
-    return {.sizes = {16, 24, 24, 4}, .policies = [keep_base](PolicyList<double>& l) {
+    return {.name = keep_base ? "inrank-base" : "inrank",
+            .sizes = {16, 24, 24, 4},
+            .policies = [keep_base](PolicyList<double>& l) {
                 l.add<InRank<double>>(InRankOptions{.initial_rank = 1,
                                                     .buffer = 3,
                                                     .warmup = 1,
@@ -257,7 +271,8 @@ Setup inrank_setup(bool keep_base = false) {
 }
 
 Setup cuttlefish_setup(std::int64_t track_every_steps) {
-    return {.sizes = {16, 16, 16, 4},
+    return {.name = "cuttlefish-every" + std::to_string(track_every_steps),
+            .sizes = {16, 16, 16, 4},
             .lr = 1e-3,
             .steps_per_epoch = 3,
             .policies =
@@ -274,14 +289,16 @@ Setup cuttlefish_setup(std::int64_t track_every_steps) {
 }
 
 Setup sst_setup() {
-    return {.sizes = {8, 12, 12, 3}, .policies = [](PolicyList<double>& l) {
+    return {.name = "sst", .sizes = {8, 12, 12, 3}, .policies = [](PolicyList<double>& l) {
                 l.add<Sst<double>>(SstOptions{
                     .rank = 2, .iteration_steps = 3, .round_iterations = 2, .rewarm_steps = 1, .seed = 14});
             }};
 }
 
 Setup deep_lora_setup(double gamma = 0.01) {
-    return {.sizes = {8, 12, 12, 3}, .policies = [gamma](PolicyList<double>& l) {
+    return {.name = gamma > 0.0 ? "deeplora" : "deeplora-gamma0",
+            .sizes = {8, 12, 12, 3},
+            .policies = [gamma](PolicyList<double>& l) {
                 l.add<DeepLora<double>>(DeepLoraOptions{.rank = 2, .gamma = gamma, .seed = 15});
             }};
 }
@@ -296,25 +313,34 @@ public:
 
 TEST_CASE("Lora resumes exactly", "[policy][resume][lora]") {
     const Outcome o = check_resume(lora_setup(), 3, 4);
-    CHECK(o.original->policies.state()[0]["state"]["layers"].size() == 2);
+    CHECK(o.original->policies().state()[0]["state"]["layers"].size() == 2);
 }
 
 TEST_CASE("ReLora resumes exactly after a restart: counters and the V generator",
           "[policy][resume][relora]") {
     const Outcome o = check_resume(relora_setup(), 6, 7);
-    auto& policy = dynamic_cast<ReLora<double>&>(o.resumed->policies[0]);
+    auto& policy = dynamic_cast<ReLora<double>&>(o.resumed->policies()[0]);
     CHECK(policy.restarts() == 3);              // at 4 (before the save), 8 and 12
     CHECK(count(o.later, "restart") == 2 * 2);  // two layers, two restarts after the save
-    CHECK(o.resumed->schedule.rewarm_state().at_step == 12);
+    CHECK(o.resumed->training->schedule().rewarm_state().at_step == 12);
 }
 
 TEST_CASE("A resumed ReLora without its restored generator diverges at the next restart",
           "[policy][resume][relora]") {
     // The control: the comparison of check_resume is sharp enough to see a missed state.
+    // The resumed run gets everything back but the generator, which is left as the fresh
+    // policy's on_train_begin left it.
     const Setup setup = relora_setup();
     Run original(setup);
     original.steps(6);
-    auto resumed = resume(original, setup, /*restore_policies=*/false);
+    const TempCheckpoint file("relora-control");
+    Rng::State fresh;
+    auto resumed = save_and_resume(original, setup, file, [&](Run& r) {
+        fresh = dynamic_cast<ReLora<double>&>(r.policies()[0]).rng().state();
+    });
+    auto& policy = dynamic_cast<ReLora<double>&>(resumed->policies()[0]);
+    REQUIRE(policy.rng().state() != fresh);  // the resume did restore it
+    policy.rng().set_state(fresh);
     original.steps(4);
     resumed->steps(4);
     CHECK(resumed->model.layers()[0].get<LowRankLinear<double>>().V.value !=
@@ -329,7 +355,7 @@ TEST_CASE("InRank resumes exactly in stage 1 after a grow, through the next chec
         probe.steps(5);
         REQUIRE(probe.has_event("grow"));  // the save comes after a grow
         const Outcome o = check_resume(inrank_setup(keep_base), 5, 8);
-        auto& policy = dynamic_cast<InRank<double>&>(o.resumed->policies[0]);
+        auto& policy = dynamic_cast<InRank<double>&>(o.resumed->policies()[0]);
         CHECK(policy.stage() == 2);
         CHECK(count(o.later, "truncate") == 2);
         CHECK(policy.checks() == 4);  // after steps 3, 5 (before the save), 7 and 9; none in stage 2
@@ -340,7 +366,7 @@ TEST_CASE("InRank resumes exactly in stage 2, at the truncated shapes", "[policy
     for (const bool keep_base : {false, true}) {
         INFO("keep_base = " << keep_base);
         const Outcome o = check_resume(inrank_setup(keep_base), 11, 5);
-        auto& policy = dynamic_cast<InRank<double>&>(o.resumed->policies[0]);
+        auto& policy = dynamic_cast<InRank<double>&>(o.resumed->policies()[0]);
         CHECK(policy.stage() == 2);
         const auto& l = o.resumed->model.layers()[0].get<IncrementalRankLinear<double>>();
         CHECK(l.U.cols() == policy.layers()[0].rank);  // the capacity was freed
@@ -358,7 +384,7 @@ TEST_CASE("Cuttlefish resumes exactly before and after its switch, tracking by s
     for (const Case c : {Case{2, 3, 6, 6}, Case{2, 7, 6, 6}, Case{0, 4, 8, 9}, Case{0, 10, 4, 9}}) {
         INFO("track_every_steps = " << c.every << ", saved after " << c.k << " steps");
         const Outcome o = check_resume(cuttlefish_setup(c.every), c.k, c.n);
-        auto& policy = dynamic_cast<Cuttlefish<double>&>(o.resumed->policies[0]);
+        auto& policy = dynamic_cast<Cuttlefish<double>&>(o.resumed->policies()[0]);
         REQUIRE(policy.switched());
         CHECK(policy.switch_step() == c.switch_step);
         CHECK(count(o.later, "switch") == (c.k < c.switch_step ? 2u : 0u));
@@ -384,16 +410,24 @@ TEST_CASE("Sst resumes exactly mid-iteration after a re-SVD and at an iteration 
         const Outcome o = check_resume(sst_setup(), k, 8);
         CHECK(count(o.later, "sample") >= 2 * 2);
         CHECK(count(o.later, "resvd") == 2);  // at 12 (and 18 is beyond)
-        auto& policy = dynamic_cast<Sst<double>&>(o.resumed->policies[0]);
+        auto& policy = dynamic_cast<Sst<double>&>(o.resumed->policies()[0]);
         CHECK(policy.sampled(0).size() == 2);
     }
 }
 
 TEST_CASE("A resumed Sst without its restored generator draws other vectors", "[policy][resume][sst]") {
+    // The control, as for ReLora: everything restored but the generator.
     const Setup setup = sst_setup();
     Run original(setup);
     original.steps(7);
-    auto resumed = resume(original, setup, /*restore_policies=*/false);
+    const TempCheckpoint file("sst-control");
+    Rng::State fresh;
+    auto resumed = save_and_resume(original, setup, file, [&](Run& r) {
+        fresh = dynamic_cast<Sst<double>&>(r.policies()[0]).rng().state();
+    });
+    auto& policy = dynamic_cast<Sst<double>&>(resumed->policies()[0]);
+    REQUIRE(policy.rng().state() != fresh);  // the resume did restore it
+    policy.rng().set_state(fresh);
     original.steps(3);
     resumed->steps(3);
     CHECK(resumed->model.layers()[1].get<SpectralLinear<double>>().U_active.value !=
@@ -404,7 +438,7 @@ TEST_CASE("DeepLora resumes exactly after its compression, and before it", "[pol
     for (const double gamma : {0.01, 0.0}) {
         INFO("gamma = " << gamma);
         const Outcome o = check_resume(deep_lora_setup(gamma), 3, 4);
-        auto& policy = dynamic_cast<DeepLora<double>&>(o.resumed->policies[0]);
+        auto& policy = dynamic_cast<DeepLora<double>&>(o.resumed->policies()[0]);
         CHECK(policy.compressed());
         CHECK(policy.ranks() == std::vector<Index>{4, 4});
         CHECK(policy.layers()[0].output_side);  // layers.0 is 12 x 8
@@ -413,13 +447,13 @@ TEST_CASE("DeepLora resumes exactly after its compression, and before it", "[pol
     // Saved at step 0: the resumed run compresses at its first step, from the same gradient.
     const Outcome o = check_resume(deep_lora_setup(), 0, 3);
     CHECK(count(o.later, "compress") == 2);
-    CHECK(dynamic_cast<DeepLora<double>&>(o.resumed->policies[0]).compressed());
+    CHECK(dynamic_cast<DeepLora<double>&>(o.resumed->policies()[0]).compressed());
 }
 
 TEST_CASE("Policy states are JSON that round-trips through text, RNG words exactly", "[policy][resume]") {
     Run run(relora_setup());
     run.steps(5);
-    const Json state = run.policies.state();
+    const Json state = run.policies().state();
     REQUIRE(state.is_array());
     REQUIRE(state.size() == 1);
     CHECK(state[0]["policy"] == "relora");
@@ -430,7 +464,7 @@ TEST_CASE("Policy states are JSON that round-trips through text, RNG words exact
     CHECK(s["last_restart"] == 4);
     const Json& words = s["rng"]["s"];
     REQUIRE(words.size() == 4);
-    auto& policy = dynamic_cast<ReLora<double>&>(run.policies[0]);
+    auto& policy = dynamic_cast<ReLora<double>&>(run.policies()[0]);
     for (std::size_t i = 0; i < 4; ++i) {
         const std::string w = words[i].get<std::string>();
         CHECK(w.size() == 18);
@@ -448,14 +482,14 @@ TEST_CASE("restore refuses a state of another policy, other layers, missing or w
           "[policy][resume][errors]") {
     Run sst_run(sst_setup());
     sst_run.steps(2);
-    const Json sst_state = sst_run.policies.state();
+    const Json sst_state = sst_run.policies().state();
 
     SECTION("another policy, through the list and directly") {
         Run lora(lora_setup());
-        CHECK_THROWS_WITH(lora.policies.restore(*lora.ctx, sst_state),
+        CHECK_THROWS_WITH(lora.policies().restore(lora.ctx(), sst_state),
                           Catch::Contains("PolicyList: restore") &&
                               Catch::Contains("expected policy 'lora'") && Catch::Contains("got 'sst'"));
-        CHECK_THROWS_WITH(lora.policies[0].restore(*lora.ctx, sst_state[0]["state"]),
+        CHECK_THROWS_WITH(lora.policies()[0].restore(lora.ctx(), sst_state[0]["state"]),
                           Catch::Contains("lora: restore") && Catch::Contains("saved by policy 'sst'") &&
                               Catch::Contains("expected 'lora'"));
     }
@@ -463,16 +497,16 @@ TEST_CASE("restore refuses a state of another policy, other layers, missing or w
         Run fresh(sst_setup());
         Json two = sst_state;
         two.push_back(sst_state[0]);
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, two),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), two),
                           Catch::Contains("expected 1 policy state(s) (sst)") && Catch::Contains("got 2"));
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, Json::object()),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), Json::object()),
                           Catch::Contains("expected an array"));
     }
     SECTION("another layer name") {
         Run fresh(sst_setup());
         Json bad = sst_state;
         bad[0]["state"]["layers"][1]["name"] = "layers.7";
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, bad),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), bad),
                           Catch::Contains("sst: restore") && Catch::Contains("layers[1].name") &&
                               Catch::Contains("expected layer 'layers.1'") &&
                               Catch::Contains("got 'layers.7'"));
@@ -488,7 +522,7 @@ TEST_CASE("restore refuses a state of another policy, other layers, missing or w
                                           .seed = 14});
         };
         Run fresh(one);
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, sst_state),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), sst_state),
                           Catch::Contains("the state has 2 layer(s) (layers.0, layers.1)") &&
                               Catch::Contains("manages 1 (layers.0)"));
     }
@@ -496,46 +530,46 @@ TEST_CASE("restore refuses a state of another policy, other layers, missing or w
         Run fresh(sst_setup());
         Json bad = sst_state;
         bad[0]["state"].erase("rng");
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, bad),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), bad),
                           Catch::Contains("sst: restore: missing key 'rng'"));
         bad = sst_state;
         bad[0]["state"]["layers"][0].erase("round_iterations");
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, bad),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), bad),
                           Catch::Contains("missing key 'layers[0].round_iterations'"));
     }
     SECTION("a wrong type or value") {
         Run fresh(sst_setup());
         Json bad = sst_state;
         bad[0]["state"]["rng"]["s"][2] = -5;
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, bad),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), bad),
                           Catch::Contains("key 'rng.s[2]'") && Catch::Contains("expected a 64-bit word") &&
                               Catch::Contains("got -5"));
         bad = sst_state;
         bad[0]["state"]["version"] = 2;
         CHECK_THROWS_WITH(
-            fresh.policies.restore(*fresh.ctx, bad),
+            fresh.policies().restore(fresh.ctx(), bad),
             Catch::Contains("sst: restore: key 'version': expected 1") && Catch::Contains("got 2"));
         bad = sst_state;
         bad[0]["state"]["layers"][0]["round_iterations"] = 5;
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, bad),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), bad),
                           Catch::Contains("expected round_iterations (T2) = 2") && Catch::Contains("got 5"));
         bad = sst_state;
         bad[0]["state"]["layers"][0]["sampled"] = Json::array({0, 0});
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, bad),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), bad),
                           Catch::Contains("distinct sampled positions"));
     }
     SECTION("a saved structure that does not fit") {
         Run fresh(sst_setup());
         Json bad = sst_state;
         bad[0]["state"]["layers"][0]["structure"]["parameters"][0]["cols"] = 3;
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, bad),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), bad),
                           Catch::Contains("layer 'layers.0': parameter 0") &&
                               Catch::Contains("\"name\":\"layers.0.U_active\"") &&
                               Catch::Contains("(saved)") && Catch::Contains("after restoring"));
     }
     SECTION("before on_train_begin") {
         Sst<double> unstarted(SstOptions{.rank = 2});
-        CHECK_THROWS_WITH(unstarted.restore(*sst_run.ctx, sst_state[0]["state"]),
+        CHECK_THROWS_WITH(unstarted.restore(sst_run.ctx(), sst_state[0]["state"]),
                           Catch::Contains("before on_train_begin"));
     }
 }
@@ -550,7 +584,7 @@ TEST_CASE("restore refuses states whose shapes other options would not give", "[
                 InRankOptions{.initial_rank = 1, .buffer = 2, .warmup = 1, .gap = 2, .stage1_steps = 9});
         };
         Run fresh(other);
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, saved.policies.state()),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), saved.policies().state()),
                           Catch::Contains("inrank: restore: 'layers[0]'") &&
                               Catch::Contains("expected buffer 2") && Catch::Contains("got buffer 3"));
     }
@@ -561,7 +595,7 @@ TEST_CASE("restore refuses states whose shapes other options would not give", "[
             l.add<Lora<double>>(LoraOptions{.rank = 2, .seed = 11});
         };
         Run fresh(other);
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, saved.policies.state()),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), saved.policies().state()),
                           Catch::Contains("lora: restore: layer 'layers.0': parameter 0") &&
                               Catch::Contains("\"cols\":3") && Catch::Contains("\"cols\":2"));
     }
@@ -573,15 +607,15 @@ TEST_CASE("restore refuses states whose shapes other options would not give", "[
             l.add<DeepLora<double>>(DeepLoraOptions{.rank = 2, .compress = false, .seed = 15});
         };
         Run fresh(other);
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, saved.policies.state()),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), saved.policies().state()),
                           Catch::Contains("deeplora: restore") && Catch::Contains("compress is off"));
     }
     SECTION("Cuttlefish with a history of another layer's width") {
         Run saved(cuttlefish_setup(2));
-        Json state = saved.policies.state();
+        Json state = saved.policies().state();
         state[0]["state"]["layers"][1]["d"] = 12;
         Run fresh(cuttlefish_setup(2));
-        CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, state),
+        CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), state),
                           Catch::Contains("cuttlefish: restore: 'layers[1]'") &&
                               Catch::Contains("expected d = min(out, in) = 16, got 12"));
     }
@@ -591,13 +625,13 @@ TEST_CASE("A policy without state()/restore() saves {} and refuses any other sta
     Setup setup = lora_setup();
     setup.policies = [](PolicyList<double>& l) { l.add<Stateless>(); };
     Run run(setup);
-    const Json state = run.policies.state();
+    const Json state = run.policies().state();
     CHECK(state == Json::array({Json{{"policy", "stateless"}, {"state", Json::object()}}}));
     Run fresh(setup);
-    CHECK_NOTHROW(fresh.policies.restore(*fresh.ctx, Json::parse(state.dump())));
+    CHECK_NOTHROW(fresh.policies().restore(fresh.ctx(), Json::parse(state.dump())));
     Json bad = state;
     bad[0]["state"]["counter"] = 3;
-    CHECK_THROWS_WITH(fresh.policies.restore(*fresh.ctx, bad),
+    CHECK_THROWS_WITH(fresh.policies().restore(fresh.ctx(), bad),
                       Catch::Contains("stateless: restore: this policy keeps no resumable state") &&
                           Catch::Contains("counter"));
 }
