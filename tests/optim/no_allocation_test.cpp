@@ -1,17 +1,26 @@
-// After its first step an optimizer allocates nothing: the steady-state step is the hot
-// loop of training, and fresh memory is expensive on these machines (DATA.md).
+// After its first step an optimizer allocates nothing, and neither does a whole training
+// step of a TrainingRun (tape, policies, clipping, schedule, optimizer) once its shapes
+// are settled: the steady-state step is the hot loop of training, and fresh memory is
+// expensive on these machines (DATA.md).
 //
 // malloc is replaced here (glibc allows it; the real allocator stays reachable as
 // __libc_malloc), which counts Eigen's allocations as well as operator new's. It is left
 // out under sanitizers, which own malloc themselves.
+#include <lowrank/autograd/autograd.hpp>
+#include <lowrank/core/init.hpp>
+#include <lowrank/models/mlp.hpp>
 #include <lowrank/optim/optim.hpp>
+#include <lowrank/policy/lora.hpp>
+#include <lowrank/train/run.hpp>
 
 #include "optim_test_support.hpp"
 
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 // A namespace of its own: the module's files may be compiled as one unity translation unit.
 namespace test_no_allocation {
@@ -88,6 +97,55 @@ std::unique_ptr<Optimizer<float>> make_optimizer(const std::string& kind, Parame
     return std::make_unique<AdamW<float>>(std::move(params), AdamOptions{.weight_decay = 0.01});
 }
 
+struct Batch {
+    MatrixF x;
+    std::vector<std::int32_t> y;
+};
+
+// 32 Gaussian rows of 16 features and labels in [0, 4), from its own seed.
+Batch make_batch(std::uint64_t seed) {
+    Rng rng(seed);
+    Batch b{MatrixF(32, 16), {}};
+    init::normal<float>(b.x, rng);
+    for (Index i = 0; i < b.x.rows(); ++i) b.y.push_back(static_cast<std::int32_t>(rng.below(4)));
+    return b;
+}
+
+// A 16-32-32-4 MLP in float with AdamW (weights decayed, biases not) in a TrainingRun with
+// a warm-up + cosine schedule and a clipping norm every gradient exceeds, `add(run)` adding
+// its policies. Runs three steps (the tape's nodes, the optimizer's state, the policies'
+// first decisions) and returns the allocations of the next eight, on batches made before:
+// steps 3 to 10, across the warm-up's end and into the cosine.
+template <class AddPolicies>
+long steady_state_run_allocations(AddPolicies&& add) {
+    Rng rng(3);
+    Mlp<float> model(MlpOptions{.sizes = {16, 32, 32, 4}}, rng);
+    ParameterList<float> weights, biases;
+    for (auto* p : model.parameters()) (p->name().ends_with(".bias") ? biases : weights).push_back(p);
+    AdamW<float> opt(weights, AdamOptions{.lr = 1e-3, .weight_decay = 0.01});
+    opt.add_group(biases, GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
+    TrainingRun<float> run(model, opt,
+                           {.schedule = LrSchedule(ScheduleOptions{
+                                .kind = ScheduleKind::warmup_cosine, .warmup_steps = 5, .total_steps = 20}),
+                            .clip_grad_norm = 1e-3});
+    add(run);
+    std::vector<Batch> data;
+    for (std::uint64_t i = 0; i < 4; ++i) data.push_back(make_batch(100 + i));
+    std::size_t next = 0;
+    const auto step = [&] {
+        const Batch& b = data[next++ % data.size()];
+        return run.step([&](Graph<float>& g) { return cross_entropy(g, model.forward(g, g.input(b.x)), b.y); });
+    };
+    for (int i = 0; i < 3; ++i) step();
+    int clipped = 0;
+    const long n = allocations_in([&] {
+        for (int i = 0; i < 8; ++i) clipped += step().clipped ? 1 : 0;
+    });
+    CHECK(clipped == 8);  // the clipping path ran at every counted step
+    CHECK(run.global_step() == 11);
+    return n;
+}
+
 }  // namespace
 
 TEST_CASE("the allocation counter sees Eigen's and the standard library's allocations",
@@ -122,6 +180,15 @@ TEST_CASE("a steady-state step allocates nothing", "[optim][alloc]") {
         }
     });
     CHECK(n == 0);
+}
+
+TEST_CASE("a steady-state TrainingRun step of a dense MLP allocates nothing", "[optim][alloc][train]") {
+    CHECK(steady_state_run_allocations([](TrainingRun<float>&) {}) == 0);
+}
+
+TEST_CASE("a steady-state TrainingRun step with LoRA on the hidden layers allocates nothing",
+          "[optim][alloc][train]") {
+    CHECK(steady_state_run_allocations([](TrainingRun<float>& run) { run.add<Lora<float>>({.rank = 4}); }) == 0);
 }
 
 #else
