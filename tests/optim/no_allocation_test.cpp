@@ -134,7 +134,8 @@ long steady_state_run_allocations(AddPolicies&& add) {
     std::size_t next = 0;
     const auto step = [&] {
         const Batch& b = data[next++ % data.size()];
-        return run.step([&](Graph<float>& g) { return cross_entropy(g, model.forward(g, g.input(b.x)), b.y); });
+        return run.step(
+            [&](Graph<float>& g) { return cross_entropy(g, model.forward(g, g.input(b.x)), b.y); });
     };
     for (int i = 0; i < 3; ++i) step();
     int clipped = 0;
@@ -188,7 +189,8 @@ TEST_CASE("a steady-state TrainingRun step of a dense MLP allocates nothing", "[
 
 TEST_CASE("a steady-state TrainingRun step with LoRA on the hidden layers allocates nothing",
           "[optim][alloc][train]") {
-    CHECK(steady_state_run_allocations([](TrainingRun<float>& run) { run.add<Lora<float>>({.rank = 4}); }) == 0);
+    const auto lora = [](TrainingRun<float>& run) { run.add<Lora<float>>({.rank = 4}); };
+    CHECK(steady_state_run_allocations(lora) == 0);
 }
 
 #else
