@@ -10,9 +10,11 @@
 //
 // Errors are FormatErrors "<context>: key '<key>': expected <what>, got <excerpt>" or
 // "<context>: missing key '<key>' (expected <what>)", where <key> is the path of the value
-// inside the document ("rng.s[2]") and <excerpt> the value found, shortened.
+// inside the document ("rng.s[2]") and <excerpt> the value found, shortened
+// (json_value_excerpt: safe on a value of any size or depth).
 
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/json_read.hpp>
 #include <lowrank/core/rng.hpp>
 
 #include <nlohmann/json.hpp>
@@ -28,13 +30,6 @@ namespace lowrank {
 
 namespace detail {
 
-/// A JSON value for an error message: its dump, cut to at most `max` characters.
-inline std::string json_excerpt(const nlohmann::json& v, std::size_t max = 120) {
-    std::string s = v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-    if (s.size() > max) s = s.substr(0, max - 3) + "...";
-    return s;
-}
-
 /// `key` inside `path` ("rng" + "s[2]" -> "rng.s[2]"); an index ("[2]") attaches directly.
 inline std::string json_key_path(std::string_view path, std::string_view key) {
     if (path.empty()) return std::string(key);
@@ -45,8 +40,10 @@ inline std::string json_key_path(std::string_view path, std::string_view key) {
 /// Throws the FormatError "<context>: key '<key>': expected <expected>, got <excerpt>".
 [[noreturn]] inline void json_type_error(std::string_view context, std::string_view key,
                                          std::string_view expected, const nlohmann::json& got) {
-    if (key.empty()) throw FormatError(concat(context, ": expected ", expected, ", got ", json_excerpt(got)));
-    throw FormatError(concat(context, ": key '", key, "': expected ", expected, ", got ", json_excerpt(got)));
+    if (key.empty())
+        throw FormatError(concat(context, ": expected ", expected, ", got ", json_value_excerpt(got)));
+    throw FormatError(
+        concat(context, ": key '", key, "': expected ", expected, ", got ", json_value_excerpt(got)));
 }
 
 /// object[key], or the FormatError "<context>: missing key '<path.key>' (expected ...)".

@@ -201,8 +201,8 @@ inline std::map<std::string, Index> read_active_cols_metadata(const SafetensorsR
     if (!doc.is_object()) throw FormatError(concat(where, ": expected a JSON object, got a JSON ", doc.type_name()));
     for (const auto& [name, k] : doc.items()) {
         if (!k.is_number_unsigned())
-            throw FormatError(
-                concat(where, ": tensor '", name, "': expected an integer >= 0, got ", json_excerpt(k)));
+            throw FormatError(concat(where, ": tensor '", name, "': expected an integer >= 0, got ",
+                                     json_value_excerpt(k)));
         out.emplace(name, static_cast<Index>(k.get<std::uint64_t>()));
     }
     return out;
@@ -334,7 +334,7 @@ inline nlohmann::json checkpoint_document(const std::map<std::string, std::strin
             throw FormatError(concat(prefix, ": expected \"", key, "\" (", expected, "), found none"));
         if (!ok(doc.at(key)))
             throw FormatError(concat(prefix, ": expected \"", key, "\" to be ", expected, ", got ",
-                                     json_excerpt(doc.at(key))));
+                                     json_value_excerpt(doc.at(key))));
     };
     need("version", [](const nlohmann::json& j) { return j.is_number_unsigned(); }, "an integer >= 1");
     const auto version = doc.at("version").get<std::uint64_t>();
@@ -481,7 +481,7 @@ std::map<std::string, Index> read_parameter_entries(const nlohmann::json& doc, c
             !entry.contains("active_cols") || !entry.at("active_cols").is_number_unsigned())
             throw FormatError(
                 concat(what, ": expected each \"parameters\" entry to have a name and active_cols >= 0, got ",
-                       json_excerpt(entry)));
+                       json_value_excerpt(entry)));
         active[entry.at("name").get<std::string>()] =
             static_cast<Index>(entry.at("active_cols").get<std::uint64_t>());
     }
@@ -527,14 +527,14 @@ double check_optimizer_kind(const nlohmann::json& o, const Optimizer<T>& opt, co
     const nlohmann::json& type = optimizer_field(o, "type", what);
     if (!type.is_string() || type.get<std::string>() != opt.type_name())
         throw Error(concat(what, ": optimizer type mismatch: the checkpoint was saved with ",
-                           json_excerpt(type), ", the given optimizer is \"", opt.type_name(), "\""));
+                           json_value_excerpt(type), ", the given optimizer is \"", opt.type_name(), "\""));
     const nlohmann::json moments = moment_names_json(opt);
     if (optimizer_field(o, "moments", what) != moments)
         throw FormatError(concat(what, ": expected optimizer moments ", moments.dump(), ", got ",
-                                 json_excerpt(optimizer_field(o, "moments", what))));
+                                 json_value_excerpt(optimizer_field(o, "moments", what))));
     const nlohmann::json& scale = optimizer_field(o, "lr_scale", what);
     if (!scale.is_number() || !(scale.get<double>() >= 0.0))
-        throw FormatError(concat(what, ": expected lr_scale >= 0, got ", json_excerpt(scale)));
+        throw FormatError(concat(what, ": expected lr_scale >= 0, got ", json_value_excerpt(scale)));
     return scale.get<double>();
 }
 
@@ -574,7 +574,7 @@ std::vector<StateRestore<T>> plan_optimizer_states(const SafetensorsReader& read
                                                    const std::string& what) {
     if (!steps.is_object())
         throw FormatError(
-            concat(what, ": expected optimizer steps to be an object, got ", json_excerpt(steps)));
+            concat(what, ": expected optimizer steps to be an object, got ", json_value_excerpt(steps)));
     const std::unordered_set<const Parameter<T>*> listed(params.begin(), params.end());
     std::vector<StateRestore<T>> restores;
     std::set<std::string> optimizer_names;
@@ -587,7 +587,8 @@ std::vector<StateRestore<T>> plan_optimizer_states(const SafetensorsReader& read
         if (const nlohmann::json::const_iterator it = steps.find(p->name()); it != steps.end()) {
             if (!it->is_number_integer() || it->get<std::int64_t>() < 0)
                 throw FormatError(concat(what, ": parameter '", p->name(),
-                                         "': expected an optimizer step >= 0, got ", json_excerpt(*it)));
+                                         "': expected an optimizer step >= 0, got ",
+                                         json_value_excerpt(*it)));
             restore.has_state = true;
             restore.state.step = it->get<std::int64_t>();
             const Index rows = p->rows(), cols = active.at(p->name());
@@ -636,7 +637,7 @@ OptimizerRestore<T> plan_optimizer_restore(const SafetensorsReader& reader, cons
     const nlohmann::json& groups = optimizer_field(o, "groups", what);
     if (!groups.is_array())
         throw FormatError(
-            concat(what, ": expected optimizer groups to be an array, got ", json_excerpt(groups)));
+            concat(what, ": expected optimizer groups to be an array, got ", json_value_excerpt(groups)));
     if (options.check_groups) check_optimizer_groups(groups, opt, what);
     out.states = plan_optimizer_states(reader, optimizer_field(o, "steps", what), params, opt, active, what);
     return out;

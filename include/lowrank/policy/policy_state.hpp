@@ -162,8 +162,8 @@ public:
                            excerpt(got)));
     }
 
-    /// A JSON value for a message, shortened (json_excerpt).
-    static std::string excerpt(const nlohmann::json& v) { return json_excerpt(v); }
+    /// A JSON value for a message, shortened (json_value_excerpt).
+    static std::string excerpt(const nlohmann::json& v) { return json_value_excerpt(v); }
 
 private:
     static bool is_int64(const nlohmann::json& v) {
