@@ -7,7 +7,6 @@
 #include <lowrank/policy/policies.hpp>
 
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -166,46 +165,6 @@ PolicyList<T> make_policies(const MethodConfig& m, Index default_rank, const Lay
         throw Error("unknown method '" + m.method + "'");
     }
     return list;
-}
-
-/// The options of m.method that its command line sets, as JSON: part of a run's identity,
-/// so that a resume with other method options is refused naming the option.
-inline nlohmann::json method_options_json(const MethodConfig& m) {
-    nlohmann::json j = {{"rank", m.rank}};
-    if (m.method == "lora" || m.method == "relora")
-        j["lora_alpha"] = m.lora.alpha ? nlohmann::json(*m.lora.alpha) : nlohmann::json(nullptr);
-    if (m.method == "relora") {
-        j["relora_period"] = m.relora.period;
-        j["relora_rewarm"] = m.relora.rewarm_steps;
-    }
-    if (m.method == "inrank") {
-        j["inrank_threshold"] = m.inrank.threshold;
-        j["inrank_buffer"] = m.inrank.buffer;
-        j["inrank_warmup"] = m.inrank.warmup;
-        j["inrank_gap"] = m.inrank.gap;
-        j["inrank_stage1_steps"] = m.inrank.stage1_steps;
-        j["inrank_stage1_epochs"] = m.inrank.stage1_epochs;
-    }
-    if (m.method == "cuttlefish") {
-        j["cuttlefish_window"] = m.cuttlefish.window;
-        j["cuttlefish_tail"] = m.cuttlefish.tail;
-        j["cuttlefish_threshold"] = m.cuttlefish.threshold;
-        j["cuttlefish_track_steps"] = m.cuttlefish.track_every_steps;
-        j["cuttlefish_frobenius"] = m.cuttlefish.frobenius_decay;
-        j["cuttlefish_min_speedup"] = m.cuttlefish.min_speedup;
-    }
-    if (m.method == "sst") {
-        j["sst_sampling"] = m.sst_sampling;
-        j["sst_iteration_steps"] = m.sst.iteration_steps;
-        j["sst_round_iterations"] = m.sst.round_iterations;
-        j["sst_rewarm"] = m.sst.rewarm_steps;
-    }
-    if (m.method == "deeplora") {
-        j["deeplora_depth"] = m.deeplora.depth;
-        j["deeplora_epsilon"] = m.deeplora.epsilon;
-        j["deeplora_gamma"] = m.deeplora.gamma;
-    }
-    return j;
 }
 
 }  // namespace lowrank::examples

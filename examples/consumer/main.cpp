@@ -79,8 +79,10 @@ int main() {
                                           .total_steps = kEpochs * kStepsPerEpoch}),
          .clip_grad_norm = 1.0,
          .steps_per_epoch = kStepsPerEpoch});
-    run.add<lowrank::InRank<float>>({.warmup = 10, .gap = 10, .two_stage = false, .select = {.pattern = "encoder"}});
-    run.add<lowrank::Cuttlefish<float>>({.select = {.pattern = "mixer"}, .window = 2, .tail = 1, .threshold = 1.0});
+    run.add<lowrank::InRank<float>>(
+        {.warmup = 10, .gap = 10, .two_stage = false, .select = {.pattern = "encoder"}});
+    run.add<lowrank::Cuttlefish<float>>(
+        {.select = {.pattern = "mixer"}, .window = 2, .tail = 1, .threshold = 1.0});
 
     lowrank::Matrix<float> xb(kBatch, kFeatures);
     std::vector<std::int32_t> yb(static_cast<std::size_t>(kBatch));
@@ -96,8 +98,8 @@ int main() {
             epoch_loss += r.loss / kStepsPerEpoch;
             if (r.step == 1) first_loss = r.loss;
         }
-        std::printf("epoch %d  loss %.4f  encoder rank %lld (%s)  mixer rank %lld (%s)\n", epoch + 1, epoch_loss,
-                    static_cast<long long>(net.encoder.rank()), net.encoder.kind(),
+        std::printf("epoch %d  loss %.4f  encoder rank %lld (%s)  mixer rank %lld (%s)\n", epoch + 1,
+                    epoch_loss, static_cast<long long>(net.encoder.rank()), net.encoder.kind(),
                     static_cast<long long>(net.mixer.rank()), net.mixer.kind());
     }
 
@@ -106,18 +108,21 @@ int main() {
         grown += e.policy == "inrank" && e.event == "grow";
         switched += e.policy == "cuttlefish" && e.event == "switch";
     }
-    std::printf("lowrank consumer: loss %.4f -> %.4f; %zu rank events (InRank grew %d time(s), Cuttlefish "
-                "switched %d layer(s)); %lld of %lld parameters trainable\n",
-                first_loss, epoch_loss, run.rank_log().size(), grown, switched,
-                static_cast<long long>(run.parameter_count(true)), static_cast<long long>(run.parameter_count()));
+    std::printf(
+        "lowrank consumer: loss %.4f -> %.4f; %zu rank events (InRank grew %d time(s), Cuttlefish "
+        "switched %d layer(s)); %lld of %lld parameters trainable\n",
+        first_loss, epoch_loss, run.rank_log().size(), grown, switched,
+        static_cast<long long>(run.parameter_count(true)), static_cast<long long>(run.parameter_count()));
     bool ok = true;
     if (!(epoch_loss < 0.5 * first_loss)) {
         std::fprintf(stderr, "lowrank consumer: FAILED, the loss did not halve\n");
         ok = false;
     }
     if (grown == 0 || switched != 1 || !net.mixer.holds<lowrank::LowRankLinear<float>>()) {
-        std::fprintf(stderr, "lowrank consumer: FAILED, the policies did not act (InRank grew %d, Cuttlefish "
-                             "switched %d)\n", grown, switched);
+        std::fprintf(stderr,
+                     "lowrank consumer: FAILED, the policies did not act (InRank grew %d, Cuttlefish "
+                     "switched %d)\n",
+                     grown, switched);
         ok = false;
     }
     return ok ? 0 : 1;

@@ -1,7 +1,7 @@
 // lowrank-gpt2: trains GPT-2 (a named config, dense or with a low-rank method on the
 // projections the config selects) on a token stream made by lowrank-tokenize, with AdamW,
 // a warm-up + cosine schedule and gradient clipping; evaluates validation loss, saves and
-// resumes checkpoints, and samples text.
+// resumes checkpoints, and samples text. The training run (TrainingRun) owns the step.
 //
 // Progress and evaluations go to stderr; stdout ends with one line, a JSON object with the
 // result (text samples, when asked for, come before it). The same seed and thread count
@@ -11,20 +11,9 @@
 // 2 bad command line.
 
 #include <lowrank/lowrank.hpp>
-#include <lowrank/data/bpe.hpp>
-#include <lowrank/data/tokens.hpp>
-#include <lowrank/io/checkpoint.hpp>
-#include <lowrank/models/gpt2.hpp>
-#include <lowrank/models/gpt2_sample.hpp>
-#include <lowrank/models/gpt2_weights.hpp>
-#include <lowrank/optim/optim.hpp>
-#include <lowrank/policy/policies.hpp>
-#include <lowrank/train/metrics_log.hpp>
-#include <lowrank/train/callbacks.hpp>
-#include <lowrank/train/progress.hpp>
-#include <lowrank/train/run.hpp>
 
 #include "common/method_cli.hpp"
+#include "common/run_identity.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -35,7 +24,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
-#include <filesystem>
 #include <iostream>
 #include <new>
 #include <optional>
@@ -45,95 +33,34 @@
 #ifdef LOWRANK_EXAMPLE_OPENBLAS
 // lowrank-gpt2-openblas: Eigen's products go to OpenBLAS, whose threads are its own.
 extern "C" void openblas_set_num_threads(int num_threads);
+constexpr const char* kGemm = "openblas";
+#else
+constexpr const char* kGemm = "eigen";
 #endif
 
 namespace {
 
 struct Config {
     std::string model = "tiny";
-    std::int64_t steps = 300;
-    lowrank::Index batch = 8;
-    lowrank::Index context = 0;  // 0: the config's block size
-    double lr = 1e-3;
-    double min_lr_ratio = 0.1;
-    std::int64_t warmup_steps = 30;
-    double weight_decay = 0.1;
-    double grad_clip = 1.0;
-    std::int64_t eval_every = 100;
-    lowrank::Index eval_windows = 64;
-    int threads = 1;
-    std::uint64_t seed = 0;
-    std::string data = "data/text/corpus";
-    std::string vocab = "data/gpt2";
-    std::string save;
-    std::int64_t save_every = 0;
-    std::string resume;
-    std::int64_t stop_at = 0;  // 0: train to --steps
-    std::string init_from;
-    int sample = 0;
-    std::string prompt = "\n";
+    std::int64_t steps = 300, warmup_steps = 30, eval_every = 100, save_every = 0, stop_at = 0;
+    lowrank::Index batch = 8, context = 0, eval_windows = 64;  // context 0: the config's block size
+    double lr = 1e-3, min_lr_ratio = 0.1, weight_decay = 0.1, grad_clip = 1.0;
+    int threads = 1, sample = 0, top_k = 40;
     double temperature = 0.8;
-    int top_k = 40;
-    std::string log;
-    std::string rank_log;
-    std::string roles;  // empty: the config's low_rank_roles
+    std::uint64_t seed = 0;
+    std::string data = "data/text/corpus", vocab = "data/gpt2", save, resume, init_from, prompt = "\n", log,
+                rank_log;
+    std::vector<std::string> roles;  // empty: the config's low_rank_roles
     bool quiet = false;
     lowrank::examples::MethodConfig method{};
+    nlohmann::json identity;  // the command line's settings that a resume must keep
 };
 
 using Clock = std::chrono::steady_clock;
-using Model = lowrank::Gpt2<float>;
 using Json = nlohmann::json;
 
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-std::vector<std::string> split_commas(const std::string& s) {
-    std::vector<std::string> out;
-    std::size_t start = 0;
-    while (start <= s.size()) {
-        const std::size_t end = std::min(s.find(',', start), s.size());
-        if (end > start) out.push_back(s.substr(start, end - start));
-        start = end + 1;
-    }
-    return out;
-}
-
-// What a checkpoint must agree on for a resume to continue the same run, besides what the
-// run records itself (the schedule, clipping, the evaluation interval as its epoch, the
-// policies, every parameter's name and shape).
-Json run_identity(const Config& cfg, const lowrank::Gpt2Config& mc, const lowrank::TokenWindows& train) {
-    return Json{{"model", mc.name},
-                {"n_layer", mc.n_layer},
-                {"n_head", mc.n_head},
-                {"n_embd", mc.n_embd},
-                {"vocab_size", mc.vocab_size},
-                {"batch", cfg.batch},
-                {"context", cfg.context},
-                {"lr", cfg.lr},
-                {"weight_decay", cfg.weight_decay},
-                {"method", cfg.method.method},
-                {"method_options", lowrank::examples::method_options_json(cfg.method)},
-                {"roles", cfg.roles},
-                {"seed", cfg.seed},
-                {"data", cfg.data},
-                {"train_tokens", train.size()},
-                {"init_from", cfg.init_from},
-                {"threads", cfg.threads},
-#ifdef LOWRANK_EXAMPLE_OPENBLAS
-                {"gemm", "openblas"}};
-#else
-                {"gemm", "eigen"}};
-#endif
-}
-
-// Every id of a token stream inside the vocabulary, checked before the first step.
-void check_token_ids(const lowrank::TokenWindows& stream, const std::string& path, lowrank::Index vocab_size) {
-    const auto tokens = stream.tokens();
-    for (std::size_t i = 0; i < tokens.size(); ++i)
-        if (tokens[i] >= vocab_size)
-            throw lowrank::FormatError("'" + path + "': token id " + std::to_string(tokens[i]) + " at position " +
-                                       std::to_string(i) + " is outside the vocabulary of " +
-                                       std::to_string(vocab_size));
+double seconds_since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
 int train(Config cfg) {
@@ -143,95 +70,82 @@ int train(Config cfg) {
 #ifdef LOWRANK_EXAMPLE_OPENBLAS
     openblas_set_num_threads(cfg.threads);
 #endif
-
-    lowrank::Gpt2Config mc = lowrank::gpt2_config(cfg.model);
+    const lowrank::Gpt2Config mc = lowrank::gpt2_config(cfg.model);
     if (cfg.context == 0) cfg.context = mc.block_size;
-    if (cfg.context > mc.block_size)
-        throw lowrank::Error("--context " + std::to_string(cfg.context) + " exceeds the block size " +
-                             std::to_string(mc.block_size) + " of config '" + mc.name + "'");
-    const std::vector<std::string> roles = cfg.roles.empty() ? mc.low_rank_roles : split_commas(cfg.roles);
+    lowrank::check(cfg.context <= mc.block_size, "--context", cfg.context, " exceeds the block size ",
+                   mc.block_size, " of config '", mc.name, "'");
+    const std::vector<std::string> roles = cfg.roles.empty() ? mc.low_rank_roles : cfg.roles;
 
-    // Everything the run will write is checked before anything is trained.
-    const std::string rank_log_path = cfg.rank_log.empty() && cfg.method.method != "dense"
-                                          ? "lowrank-gpt2-" + cfg.method.method + ".ranks.jsonl"
-                                          : cfg.rank_log;
+    // Everything the run will read or write is checked before anything is trained.
+    const std::string rank_log = cfg.rank_log.empty() && cfg.method.method != "dense"
+                                     ? "lowrank-gpt2-" + cfg.method.method + ".ranks.jsonl"
+                                     : cfg.rank_log;
     if (!cfg.save.empty()) lowrank::check_writable(cfg.save, "--save");
-    if (!rank_log_path.empty()) lowrank::check_writable(rank_log_path, "--rank-log");
-    if (cfg.save.empty() && (cfg.save_every > 0 || cfg.stop_at > 0))
-        throw lowrank::Error(std::string(cfg.save_every > 0 ? "--save-every" : "--stop-at") +
-                             " needs --save (where the checkpoints go)");
+    if (!rank_log.empty()) lowrank::check_writable(rank_log, "--rank-log");
+    lowrank::check(!cfg.save.empty() || (cfg.save_every == 0 && cfg.stop_at == 0), "--save-every / --stop-at",
+                   "they need --save (where the checkpoints go)");
     std::optional<lowrank::MetricsLog> log;
     if (!cfg.log.empty())
         log.emplace(cfg.log, cfg.resume.empty() ? lowrank::MetricsLog::Mode::truncate
                                                 : lowrank::MetricsLog::Mode::append);
-
-    // Data: the token streams made by lowrank-tokenize (scripts/prepare_text.sh).
     lowrank::Rng rng(cfg.seed);
     lowrank::TokenWindows train(lowrank::read_tokens(cfg.data + ".train.bin"),
                                 {.batch = cfg.batch, .context = cfg.context, .seed = rng.next_u64()});
     lowrank::TokenWindows val(lowrank::read_tokens(cfg.data + ".val.bin"),
-                              {.batch = cfg.batch, .context = cfg.context, .seed = 0});
-    check_token_ids(train, cfg.data + ".train.bin", mc.vocab_size);
-    check_token_ids(val, cfg.data + ".val.bin", mc.vocab_size);
+                              {.batch = cfg.batch, .context = cfg.context});
+    lowrank::check_token_ids(train.tokens(), mc.vocab_size, cfg.data + ".train.bin");
+    lowrank::check_token_ids(val.tokens(), mc.vocab_size, cfg.data + ".val.bin");
 
-    // The model, optionally from pretrained weights, then the optimizer: AdamW with weight
-    // decay on matrices, not on biases and LayerNorm gains (rows == 1).
-    Model model(mc, rng);
+    // The model (optionally from pretrained weights); AdamW with weight decay on matrices,
+    // not on biases and LayerNorm gains (rows == 1).
+    lowrank::Gpt2<float> model(mc, rng);
     if (!cfg.init_from.empty()) lowrank::load_gpt2_weights(model, cfg.init_from);
     lowrank::ParameterList<float> decay, no_decay;
     for (auto* p : model.parameters()) (p->rows() == 1 ? no_decay : decay).push_back(p);
-    lowrank::AdamW<float> opt(decay, lowrank::AdamOptions{.lr = cfg.lr, .beta2 = 0.95,
-                                                          .weight_decay = cfg.weight_decay});
-    opt.add_group(no_decay, lowrank::GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
-    const std::int64_t warmup = std::min<std::int64_t>(cfg.warmup_steps, std::max<std::int64_t>(0, cfg.steps - 1));
-    const lowrank::LrSchedule schedule(lowrank::ScheduleOptions{.kind = lowrank::ScheduleKind::warmup_cosine,
-                                                                .warmup_steps = warmup,
-                                                                .total_steps = cfg.steps,
-                                                                .min_factor = cfg.min_lr_ratio});
+    lowrank::AdamW<float> opt(decay, {.lr = cfg.lr, .beta2 = 0.95, .weight_decay = cfg.weight_decay});
+    opt.add_group(no_decay, {.weight_decay = 0.0, .name = "no_decay"});
 
     // The run, and the method's policies on the selected projections. An "epoch" of the
     // policies (Cuttlefish's tracking, InRank's stage 1) is one evaluation interval.
-    const std::uint64_t policy_seed = rng.next_u64();
-    const std::uint64_t graph_seed = rng.next_u64();
-    lowrank::TrainingRun<float> run(model, opt,
-                                    {.schedule = schedule,
-                                     .clip_grad_norm = cfg.grad_clip,
-                                     .steps_per_epoch = cfg.eval_every,
-                                     .total_steps = cfg.steps,
-                                     .seed = graph_seed,
-                                     .identity = run_identity(cfg, mc, train)});
-    run.add(lowrank::examples::make_policies<float>(cfg.method, mc.n_embd / 4, lowrank::LayerSelector{.roles = roles},
-                                                     policy_seed));
+    const std::uint64_t policy_seed = rng.next_u64(), graph_seed = rng.next_u64();
+    cfg.identity["train_tokens"] = train.size();
+    lowrank::TrainingRun<float> run(
+        model, opt,
+        {.schedule =
+             lowrank::LrSchedule({.kind = lowrank::ScheduleKind::warmup_cosine,
+                                  .warmup_steps = std::min<std::int64_t>(cfg.warmup_steps, cfg.steps - 1),
+                                  .total_steps = cfg.steps,
+                                  .min_factor = cfg.min_lr_ratio}),
+         .clip_grad_norm = cfg.grad_clip,
+         .steps_per_epoch = cfg.eval_every,
+         .total_steps = cfg.steps,
+         .seed = graph_seed,
+         .identity = cfg.identity});
+    run.add(
+        lowrank::examples::make_policies<float>(cfg.method, mc.n_embd / 4, {.roles = roles}, policy_seed));
     run.track_rng("train", train.rng());
-    run.begin();
-
-    // The running mean of the training loss since the last evaluation: saved too, so that a
-    // resumed run reports the same numbers as an uninterrupted one.
+    // The training loss since the last evaluation is saved too: a resumed run reports the
+    // same numbers as an uninterrupted one.
     double interval_loss = 0.0;
     std::int64_t interval_steps = 0;
     if (!cfg.resume.empty()) {
-        const Json extra = run.resume(cfg.resume);
-        interval_loss = extra.at("interval_loss").get<double>();
-        interval_steps = extra.at("interval_steps").get<std::int64_t>();
+        const Json mine = run.resume(cfg.resume);
+        interval_loss = mine.at("interval_loss").get<double>();
+        interval_steps = mine.at("interval_steps").get<std::int64_t>();
     }
-    const auto save = [&] {
-        run.save(cfg.save, Json{{"interval_loss", interval_loss}, {"interval_steps", interval_steps}});
-    };
-
-    const lowrank::Index params = run.parameter_count();
-    const lowrank::Index trainable = run.parameter_count(true);
+    run.begin();
+    const lowrank::Index params = run.parameter_count(), trainable = run.parameter_count(true);
     if (!cfg.quiet)
-        std::fprintf(stderr,
-                     "lowrank-gpt2: config %s (%lld layers, %lld heads, width %lld, context %lld), method %s on "
-                     "%s, %lld parameters (%lld trainable); %lld train / %lld val tokens; batch %lld; "
-                     "%d thread(s)%s\n",
-                     mc.name.c_str(), static_cast<long long>(mc.n_layer), static_cast<long long>(mc.n_head),
-                     static_cast<long long>(mc.n_embd), static_cast<long long>(cfg.context),
-                     cfg.method.method.c_str(), cfg.roles.empty() ? "the config's roles" : cfg.roles.c_str(),
-                     static_cast<long long>(params), static_cast<long long>(trainable),
-                     static_cast<long long>(train.size()), static_cast<long long>(val.size()),
-                     static_cast<long long>(cfg.batch), cfg.threads,
-                     run.global_step() > 0 ? (", resuming at step " + std::to_string(run.global_step())).c_str() : "");
+        std::fprintf(
+            stderr,
+            "lowrank-gpt2: config %s (%lld layers, %lld heads, width %lld, context %lld), method %s, %lld "
+            "parameters (%lld trainable); %lld train / %lld val tokens; batch %lld; %d thread(s)%s\n",
+            mc.name.c_str(), static_cast<long long>(mc.n_layer), static_cast<long long>(mc.n_head),
+            static_cast<long long>(mc.n_embd), static_cast<long long>(cfg.context), cfg.method.method.c_str(),
+            static_cast<long long>(params), static_cast<long long>(trainable),
+            static_cast<long long>(train.size()), static_cast<long long>(val.size()),
+            static_cast<long long>(cfg.batch), cfg.threads,
+            run.global_step() > 0 ? (", resuming at step " + std::to_string(run.global_step())).c_str() : "");
 
     // Mean loss over --eval-windows windows spread over the whole validation stream.
     const auto evaluate = [&] {
@@ -239,65 +153,64 @@ int train(Config cfg) {
             double sum = 0.0;
             val.for_each_spread_batch(cfg.eval_windows, [&](auto x, auto y, lowrank::Index rows) {
                 g.clear();
-                sum += static_cast<double>(model.loss(g, x, y, rows, cfg.context).item()) * static_cast<double>(rows);
+                sum += static_cast<double>(model.loss(g, x, y, rows, cfg.context).item()) *
+                       static_cast<double>(rows);
             });
             return sum / static_cast<double>(cfg.eval_windows);
         });
     };
-
     const lowrank::Index tokens_per_step = cfg.batch * cfg.context;
-    auto& progress = run.attach<lowrank::ProgressCallback<float>>(
-        lowrank::ProgressCallback<float>::Options{.bar = {.enabled = !cfg.quiet}, .samples_per_step = tokens_per_step});
-    double train_seconds = 0.0, eval_seconds = 0.0, lr_now = 0.0, val_loss = std::nan("");
-    double last_train_loss = std::nan("");
+    auto& progress = run.attach<lowrank::ProgressCallback<float>>(lowrank::ProgressCallback<float>::Options{
+        .bar = {.enabled = !cfg.quiet}, .samples_per_step = tokens_per_step});
+    double train_seconds = 0.0, eval_seconds = 0.0, val_loss = std::nan(""), train_loss = std::nan("");
     const std::int64_t first_step = run.global_step();
+    std::int64_t interval_first = first_step;  // for tokens/s: the steps timed in this process
     auto interval_start = Clock::now();
-    std::int64_t interval_first_step = first_step;  // for tokens/s: steps timed in this process
     std::vector<std::int32_t> x, y;
     const std::int64_t last_step = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
     while (run.global_step() < last_step) {
         train.next(x, y);
-        const lowrank::StepResult r =
+        const auto r =
             run.step([&](lowrank::Graph<float>& g) { return model.loss(g, x, y, cfg.batch, cfg.context); });
-        lr_now = r.lr;
         interval_loss += r.loss;
         ++interval_steps;
-        const std::int64_t step = r.step;
-
-        // At a multiple of --eval-every the run has just ended the policies' epoch.
-        if (step % cfg.eval_every == 0 || step == cfg.steps) {
+        if (r.step % cfg.eval_every == 0 ||
+            r.step == cfg.steps) {  // the run has just ended the policies' epoch
             const double seconds = seconds_since(interval_start);
             train_seconds += seconds;
-            last_train_loss = interval_loss / static_cast<double>(interval_steps);
+            train_loss = interval_loss / static_cast<double>(interval_steps);
             const auto eval_start = Clock::now();
             val_loss = evaluate();
             eval_seconds += seconds_since(eval_start);
-            const double tps = static_cast<double>((step - interval_first_step) * tokens_per_step) / seconds;
+            const double tps = static_cast<double>((r.step - interval_first) * tokens_per_step) / seconds;
             progress.bar().clear();
             if (!cfg.quiet)
-                std::fprintf(stderr, "step %6lld/%lld  train_loss %.4f  val_loss %.4f  val_ppl %.1f  lr %.2e  %.0f tokens/s\n",
-                             static_cast<long long>(step), static_cast<long long>(cfg.steps), last_train_loss, val_loss,
-                             std::exp(val_loss), lr_now, tps);
-            if (log) {
-                std::vector<lowrank::Index> ranks;
-                for (const auto& s : model.layer_slots()) ranks.push_back(s.layer->rank());
+                std::fprintf(
+                    stderr,
+                    "step %6lld/%lld  train_loss %.4f  val_loss %.4f  val_ppl %.1f  lr %.2e  %.0f tokens/s\n",
+                    static_cast<long long>(r.step), static_cast<long long>(cfg.steps), train_loss, val_loss,
+                    std::exp(val_loss), r.lr, tps);
+            std::vector<lowrank::Index> ranks;
+            for (const auto& s : model.layer_slots()) ranks.push_back(s.layer->rank());
+            if (log)
                 log->write(lowrank::JsonLine()
-                               .field("step", step)
-                               .field("train_loss", last_train_loss)
+                               .field("step", r.step)
+                               .field("train_loss", train_loss)
                                .field("val_loss", val_loss)
                                .field("val_ppl", std::exp(val_loss))
-                               .field("lr", lr_now)
+                               .field("lr", r.lr)
                                .field("tokens_per_second", tps)
                                .field("ranks", ranks)
                                .field("trainable_params", run.parameter_count(true)));
-            }
-            if (!rank_log_path.empty()) run.rank_log().write_jsonl(rank_log_path);
+            if (!rank_log.empty()) run.rank_log().write_jsonl(rank_log);
             interval_loss = 0.0;
             interval_steps = 0;
             interval_start = Clock::now();
-            interval_first_step = step;
+            interval_first = r.step;
         }
-        if (!cfg.save.empty() && ((cfg.save_every > 0 && step % cfg.save_every == 0) || step == last_step)) save();
+        if (!cfg.save.empty() &&
+            ((cfg.save_every > 0 && r.step % cfg.save_every == 0) || r.step == last_step))
+            run.save(cfg.save, Json{{"interval_loss", interval_loss}, {"interval_steps", interval_steps}});
     }
     run.finish();
     if (run.global_step() == first_step) val_loss = evaluate();  // nothing left to train
@@ -307,43 +220,42 @@ int train(Config cfg) {
         std::vector<std::int32_t> prompt = tok.encode(cfg.prompt);
         if (prompt.empty()) prompt.push_back(tok.eot());
         lowrank::Rng sample_rng(cfg.seed + 1);
-        const auto ids = lowrank::gpt2_sample(model, std::move(prompt), cfg.sample,
-                                              {.temperature = cfg.temperature, .top_k = cfg.top_k}, sample_rng);
-        std::cout << tok.decode(ids) << "\n";
+        std::cout << tok.decode(lowrank::gpt2_sample(model, std::move(prompt), cfg.sample,
+                                                     {.temperature = cfg.temperature, .top_k = cfg.top_k},
+                                                     sample_rng))
+                  << "\n";
     }
 
-    nlohmann::ordered_json result;
-    result["method"] = cfg.method.method;
-    result["config"] = mc.name;
-    result["val_loss"] = val_loss;
-    result["val_ppl"] = std::exp(val_loss);
-    result["train_loss"] = last_train_loss;
-    const double trained_tokens = static_cast<double>((run.global_step() - first_step) * tokens_per_step);
-    result["tokens_per_second"] = train_seconds > 0 ? trained_tokens / train_seconds : 0.0;
-    result["params"] = run.parameter_count();
-    result["params_at_start"] = params;
-    result["trainable_params"] = run.parameter_count(true);
-    nlohmann::ordered_json ranks = nlohmann::ordered_json::object();
+    nlohmann::ordered_json final_ranks = nlohmann::ordered_json::object();
     for (const auto& s : model.layer_slots())
-        if (std::find(roles.begin(), roles.end(), s.role) != roles.end()) ranks[s.layer->name()] = s.layer->rank();
-    result["final_ranks"] = ranks;
-    result["rank_log"] = rank_log_path.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(rank_log_path);
-    result["rank_events"] = run.rank_log().size();
-    result["steps"] = run.global_step();
-    result["batch"] = cfg.batch;
-    result["context"] = cfg.context;
-    result["tokens"] = static_cast<double>(run.global_step() * tokens_per_step);
-    result["lr"] = cfg.lr;
-    result["seed"] = cfg.seed;
-    result["threads"] = cfg.threads;
-#ifdef LOWRANK_EXAMPLE_OPENBLAS
-    result["gemm"] = "openblas";
-#else
-    result["gemm"] = "eigen";
-#endif
-    result["train_seconds"] = train_seconds;
-    result["eval_seconds"] = eval_seconds;
-    result["wall_seconds"] = seconds_since(wall_start);
+        if (std::find(roles.begin(), roles.end(), s.role) != roles.end())
+            final_ranks[s.layer->name()] = s.layer->rank();
+    const double steps_here = static_cast<double>(run.global_step() - first_step);
+    const nlohmann::ordered_json result{
+        {"method", cfg.method.method},
+        {"config", mc.name},
+        {"val_loss", val_loss},
+        {"val_ppl", std::exp(val_loss)},
+        {"train_loss", train_loss},
+        {"tokens_per_second",
+         train_seconds > 0 ? steps_here * static_cast<double>(tokens_per_step) / train_seconds : 0.0},
+        {"params", run.parameter_count()},
+        {"params_at_start", params},
+        {"trainable_params", run.parameter_count(true)},
+        {"final_ranks", final_ranks},
+        {"rank_log", rank_log.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(rank_log)},
+        {"rank_events", run.rank_log().size()},
+        {"steps", run.global_step()},
+        {"batch", cfg.batch},
+        {"context", cfg.context},
+        {"tokens", static_cast<double>(run.global_step() * tokens_per_step)},
+        {"lr", cfg.lr},
+        {"seed", cfg.seed},
+        {"threads", cfg.threads},
+        {"gemm", kGemm},
+        {"train_seconds", train_seconds},
+        {"eval_seconds", eval_seconds},
+        {"wall_seconds", seconds_since(wall_start)}};
     std::cout << result.dump() << std::endl;
     return 0;
 }
@@ -352,16 +264,22 @@ int train(Config cfg) {
 
 int main(int argc, char** argv) {
     Config cfg;
-    CLI::App app{"Train GPT-2 (dense or low-rank) on a token stream with AdamW, warm-up + cosine decay and\n"
-                 "gradient clipping. Progress goes to stderr; the last line of stdout is a JSON object.",
-                 "lowrank-gpt2"};
-    app.add_option("--config", cfg.model, "Model config: tiny, mini, gpt2, gpt2-medium")->capture_default_str();
-    app.add_option("--steps", cfg.steps, "Optimizer steps in total")->check(CLI::PositiveNumber)->capture_default_str();
+    CLI::App app{
+        "Train GPT-2 (dense or low-rank) on a token stream with AdamW, warm-up + cosine decay and\n"
+        "gradient clipping. Progress goes to stderr; the last line of stdout is a JSON object.",
+        "lowrank-gpt2"};
+    using lowrank::Index;
+    const auto nonneg = CLI::NonNegativeNumber;
+    app.add_option("--config", cfg.model, "Model config: tiny, mini, gpt2, gpt2-medium")
+        ->capture_default_str();
+    app.add_option("--steps", cfg.steps, "Optimizer steps in total")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
     app.add_option("--batch", cfg.batch, "Sequences per step (B)")
-        ->check(CLI::Range(lowrank::Index{1}, lowrank::Index{1} << 16))
+        ->check(CLI::Range(Index{1}, Index{1} << 16))
         ->capture_default_str();
     app.add_option("--context", cfg.context, "Tokens per sequence (T); 0: the config's block size")
-        ->check(CLI::NonNegativeNumber)
+        ->check(nonneg)
         ->capture_default_str();
     app.add_option("--lr", cfg.lr, "Peak learning rate (AdamW, betas 0.9 / 0.95)")
         ->check(CLI::PositiveNumber)
@@ -370,60 +288,71 @@ int main(int argc, char** argv) {
         ->check(CLI::Range(0.0, 1.0))
         ->capture_default_str();
     app.add_option("--warmup-steps", cfg.warmup_steps, "Steps of linear warm-up")
-        ->check(CLI::NonNegativeNumber)
+        ->check(nonneg)
         ->capture_default_str();
     app.add_option("--weight-decay", cfg.weight_decay, "AdamW decoupled weight decay (matrices only)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(nonneg)
         ->capture_default_str();
     app.add_option("--grad-clip", cfg.grad_clip, "Clip the global gradient norm to this (0: off)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(nonneg)
         ->capture_default_str();
     app.add_option("--eval-every", cfg.eval_every, "Steps between validation evaluations")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
-    app.add_option("--eval-windows", cfg.eval_windows, "Validation windows of T tokens per evaluation, spread evenly over the validation stream")
+    app.add_option("--eval-windows", cfg.eval_windows,
+                   "Validation windows of T tokens per evaluation, spread evenly over the validation stream")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
-    app.add_option("--threads", cfg.threads, "Threads for GEMM and kernels")->check(CLI::Range(1, 1024))->capture_default_str();
-    app.add_option("--seed", cfg.seed, "Seed of the initialisation, the batches and dropout")->capture_default_str();
+    app.add_option("--threads", cfg.threads, "Threads for GEMM and kernels")
+        ->check(CLI::Range(1, 1024))
+        ->capture_default_str();
+    app.add_option("--seed", cfg.seed, "Seed of the initialisation, the batches and dropout")
+        ->capture_default_str();
     app.add_option("--data", cfg.data, "Token streams PREFIX.train.bin and PREFIX.val.bin (lowrank-tokenize)")
         ->capture_default_str();
-    app.add_option("--vocab", cfg.vocab, "Directory with encoder.json and vocab.bpe (for --sample)")->capture_default_str();
-    app.add_option("--save", cfg.save, "Write a checkpoint (safetensors) here at the end and every --save-every steps");
-    app.add_option("--save-every", cfg.save_every, "Steps between checkpoints (0: only at the end)")
-        ->check(CLI::NonNegativeNumber)
+    app.add_option("--vocab", cfg.vocab, "Directory with encoder.json and vocab.bpe (for --sample)")
         ->capture_default_str();
-    app.add_option("--resume", cfg.resume, "Continue the run saved in this checkpoint, exactly");
+    app.add_option("--save", cfg.save,
+                   "Write a checkpoint (safetensors) here at the end and every --save-every steps");
+    app.add_option("--save-every", cfg.save_every, "Steps between checkpoints (0: only at the end)")
+        ->check(nonneg)
+        ->capture_default_str();
+    app.add_option("--resume", cfg.resume,
+                   "Continue the run saved in this checkpoint, exactly (every other setting must match it)");
     app.add_option("--stop-at", cfg.stop_at,
                    "Stop (and --save) after this step, as if interrupted; --resume continues the same run")
-        ->check(CLI::NonNegativeNumber);
-    app.add_option("--init-from", cfg.init_from,
-                   "Start from these weights (safetensors; ours, or GPT-2's published names and Conv1D layout)");
+        ->check(nonneg);
+    app.add_option(
+        "--init-from", cfg.init_from,
+        "Start from these weights (safetensors; ours, or GPT-2's published names and Conv1D layout)");
     app.add_option("--sample", cfg.sample, "Generate this many tokens after training")
-        ->check(CLI::NonNegativeNumber)
+        ->check(nonneg)
         ->capture_default_str();
     app.add_option("--prompt", cfg.prompt, "Text the sample continues");
-    app.add_option("--temperature", cfg.temperature, "Sampling temperature")->check(CLI::PositiveNumber)->capture_default_str();
+    app.add_option("--temperature", cfg.temperature, "Sampling temperature")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
     app.add_option("--top-k", cfg.top_k, "Sample among the k most likely tokens (0: all)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(nonneg)
         ->capture_default_str();
     app.add_option("--roles", cfg.roles,
-                   "Projections the method applies to, comma-separated from attn_qkv, attn_proj, mlp_fc, mlp_proj "
-                   "(default: the config's, mlp_fc,mlp_proj)");
+                   "Projections the method applies to, comma-separated from attn_qkv, attn_proj, mlp_fc, "
+                   "mlp_proj (default: the config's, mlp_fc,mlp_proj)")
+        ->delimiter(',');
     app.add_option("--log", cfg.log, "Write one JSON line per evaluation to this file");
     app.add_option("--rank-log", cfg.rank_log,
                    "Write the rank policy's decisions here (default lowrank-gpt2-<method>.ranks.jsonl)");
     app.add_flag("--quiet,-q", cfg.quiet, "No progress bar or evaluation lines on stderr");
     lowrank::examples::add_method_options(app, cfg.method, "n_embd / 4");
     app.get_option("--inrank-stage1-steps")
-        ->description("inrank: optimizer steps of rank growth before the cut to fixed rank (default: "
-                      "--inrank-warmup + 4 x --inrank-gap, unless --inrank-stage1-epochs is given)")
+        ->description(
+            "inrank: optimizer steps of rank growth before the cut to fixed rank (default: "
+            "--inrank-warmup + 4 x --inrank-gap, unless --inrank-stage1-epochs is given)")
         ->default_str("");
-
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
-        const int code = app.exit(e);
+        const int code = app.exit(e);  // prints help to stdout, or the error to stderr
         return code == 0 ? 0 : 2;
     }
     // A language model has no epochs: unless told otherwise, InRank's stage 1 (rank growth)
@@ -431,6 +360,11 @@ int main(int argc, char** argv) {
     // (One "epoch" here is one evaluation interval, which can end before the first check.)
     if (app.count("--inrank-stage1-steps") == 0 && app.count("--inrank-stage1-epochs") == 0)
         cfg.method.inrank.stage1_steps = cfg.method.inrank.warmup + 4 * cfg.method.inrank.gap;
+    // Every setting but where output goes and what is printed must match on --resume.
+    cfg.identity = lowrank::examples::options_identity(
+        app, {"--vocab", "--save", "--save-every", "--resume", "--stop-at", "--sample", "--prompt",
+              "--temperature", "--top-k", "--log", "--rank-log", "--quiet", "--eval-windows"});
+    cfg.identity["gemm"] = kGemm;
     try {
         return train(cfg);
     } catch (const std::bad_alloc&) {

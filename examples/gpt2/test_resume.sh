@@ -42,7 +42,7 @@ refused() {  # refused KEY ARGS...: the resume fails and its message names KEY
         echo "a resume with $key changed was accepted" >&2
         exit 1
     fi
-    if ! grep -q "'$key'" refused.err; then
+    if ! grep -q -- "'$key'" refused.err; then
         echo "the refused resume does not name '$key':" >&2
         cat refused.err >&2
         exit 1
@@ -58,7 +58,8 @@ changed() {
         prev="$arg"
     done
 }
-changed --method sst && refused method "${out[@]}"
-refused clip_grad_norm "${common[@]}" --grad-clip 0.5
-changed --steps 9 && refused schedule.total_steps "${out[@]}"
-changed --eval-every 3 && refused steps_per_epoch "${out[@]}"
+changed --method sst && refused --method "${out[@]}"
+refused --grad-clip "${common[@]}" --grad-clip 0.5
+changed --steps 9 && refused --steps "${out[@]}"
+changed --eval-every 3 && refused --eval-every "${out[@]}"
+changed --inrank-gap 3 && refused --inrank-gap "${out[@]}"

@@ -17,10 +17,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <fstream>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <memory>
 #include <string>
@@ -62,7 +62,8 @@ public:
 
 private:
     void put(const char* hook, TrainingContext<double>& c) {
-        trace_->push_back(std::string(hook) + "@" + std::to_string(c.step()) + "/" + std::to_string(c.epoch()));
+        trace_->push_back(std::string(hook) + "@" + std::to_string(c.step()) + "/" +
+                          std::to_string(c.epoch()));
     }
     std::vector<std::string>* trace_;
 };
@@ -70,11 +71,10 @@ private:
 struct Setup {
     std::vector<Index> sizes = {6, 10, 10, 3};
     double lr = 1e-2;
-    RunOptions options{.schedule = LrSchedule(ScheduleOptions{.kind = ScheduleKind::warmup_cosine,
-                                                              .warmup_steps = 3,
-                                                              .total_steps = 40,
-                                                              .min_factor = 0.1}),
-                       .clip_grad_norm = 0.5};
+    RunOptions options{
+        .schedule = LrSchedule(ScheduleOptions{
+            .kind = ScheduleKind::warmup_cosine, .warmup_steps = 3, .total_steps = 40, .min_factor = 0.1}),
+        .clip_grad_norm = 0.5};
     std::function<void(TrainingRun<double>&)> policies = [](TrainingRun<double>&) {};
 };
 
@@ -97,7 +97,8 @@ struct Harness {
     StepResult step() {
         const Batch b = batch_for(run->global_step(), model.layers().front().in_features(),
                                   model.layers().back().out_features());
-        return run->step([&](Graph<double>& g) { return cross_entropy(g, model.forward(g, g.input(b.x)), b.y); });
+        return run->step(
+            [&](Graph<double>& g) { return cross_entropy(g, model.forward(g, g.input(b.x)), b.y); });
     }
     void steps(std::int64_t n) {
         for (std::int64_t i = 0; i < n; ++i) step();
@@ -119,7 +120,8 @@ bool bitwise_equal(const std::vector<MatrixD>& a, const std::vector<MatrixD>& b)
     if (a.size() != b.size()) return false;
     for (std::size_t i = 0; i < a.size(); ++i)
         if (a[i].rows() != b[i].rows() || a[i].cols() != b[i].cols() ||
-            std::memcmp(a[i].data(), b[i].data(), sizeof(double) * static_cast<std::size_t>(a[i].size())) != 0)
+            std::memcmp(a[i].data(), b[i].data(), sizeof(double) * static_cast<std::size_t>(a[i].size())) !=
+                0)
             return false;
     return true;
 }
@@ -150,7 +152,8 @@ TEST_CASE("run: a step calls the hooks in their order and the counters move betw
     h.run->end_epoch();  // right after the boundary: nothing more happens
     CHECK(h.run->epoch() == 1);
     h.step();
-    CHECK_THROWS_WITH(h.run->end_epoch(), Contains("ends its epochs itself") && Contains("epoch 1 has run 1"));
+    CHECK_THROWS_WITH(h.run->end_epoch(),
+                      Contains("ends its epochs itself") && Contains("epoch 1 has run 1"));
 }
 
 TEST_CASE("run: without steps_per_epoch the caller ends epochs", "[train][run]") {
@@ -165,7 +168,8 @@ TEST_CASE("run: without steps_per_epoch the caller ends epochs", "[train][run]")
     CHECK(h.run->epoch() == 1);
 }
 
-TEST_CASE("run: the same trajectory as the loop written out by hand (clip, schedule, AdamW)", "[train][run]") {
+TEST_CASE("run: the same trajectory as the loop written out by hand (clip, schedule, AdamW)",
+          "[train][run]") {
     Setup s;
     Harness h(s);
     StepResult last;
@@ -238,7 +242,8 @@ TEST_CASE("run: two policies on one layer is an error naming both and the layer"
         r.add<Sst<double>>({.rank = 2, .select = {.pattern = "layers\\.1"}});
     };
     Harness h(s);
-    CHECK_THROWS_WITH(h.run->begin(), Contains("sst") && Contains("'layers.1'") && Contains("'lora' (policy 1") &&
+    CHECK_THROWS_WITH(h.run->begin(), Contains("sst") && Contains("'layers.1'") &&
+                                          Contains("'lora' (policy 1") &&
                                           Contains("two policies cannot act on one layer"));
 }
 
@@ -285,7 +290,9 @@ TEST_CASE("run: save and resume continue bit for bit, for a policy that swaps la
 TEST_CASE("run: resume refuses another run, naming the key and both values", "[train][run]") {
     Setup s;
     s.options.identity = {{"method", "lora"}};
-    s.policies = [](TrainingRun<double>& r) { r.add<Lora<double>>({.rank = 2, .select = {.roles = {"hidden"}}}); };
+    s.policies = [](TrainingRun<double>& r) {
+        r.add<Lora<double>>({.rank = 2, .select = {.roles = {"hidden"}}});
+    };
     Harness a(s);
     a.steps(3);
     const auto path = temp_path("lora.safetensors");
@@ -319,9 +326,13 @@ TEST_CASE("run: resume refuses another run, naming the key and both values", "[t
     }
     SECTION("the rank") {
         Setup t = s;
-        t.policies = [](TrainingRun<double>& r) { r.add<Lora<double>>({.rank = 3, .select = {.roles = {"hidden"}}}); };
+        t.policies = [](TrainingRun<double>& r) {
+            r.add<Lora<double>>({.rank = 3, .select = {.roles = {"hidden"}}});
+        };
         Harness b(t);
-        CHECK_THROWS_WITH(b.run->resume(path.string()), Contains("'parameters.layers.0.U': the checkpoint has [10,2,true], this run has [10,3,true]"));
+        CHECK_THROWS_WITH(
+            b.run->resume(path.string()),
+            Contains("'parameters.layers.0.U': the checkpoint has [10,2,true], this run has [10,3,true]"));
     }
     SECTION("a checkpoint past the run's end") {
         Setup shorter = s;
@@ -351,16 +362,19 @@ TEST_CASE("run: callbacks: every n steps, metrics, checkpoints keeping the last 
     MetricsLog log(metrics_path);
     h.run->attach<MetricsEvery<double>>(log, 4);
     int calls = 0;
-    h.run->attach<EarlyStopping<double>>(1, [&](TrainingRun<double>&) { return ++calls < 3 ? 1.0 / calls : 5.0; }, 2);
+    h.run->attach<EarlyStopping<double>>(
+        1, [&](TrainingRun<double>&) { return ++calls < 3 ? 1.0 / calls : 5.0; }, 2);
     while (!h.run->should_stop()) h.step();
     CHECK(h.run->global_step() == 4);  // improved at 1, 2; worse at 3, 4: stop
     CHECK_THROWS_WITH(h.step(), Contains("asked to stop") && Contains("early stopping"));
     h.run->finish();
     CHECK(seen == std::vector<std::int64_t>{3});
     std::vector<std::string> names;
-    for (const auto& e : std::filesystem::directory_iterator(dir)) names.push_back(e.path().filename().string());
+    for (const auto& e : std::filesystem::directory_iterator(dir))
+        names.push_back(e.path().filename().string());
     std::sort(names.begin(), names.end());
-    CHECK(names == std::vector<std::string>{"checkpoint-step00000002.safetensors", "checkpoint-step00000004.safetensors"});
+    CHECK(names == std::vector<std::string>{"checkpoint-step00000002.safetensors",
+                                            "checkpoint-step00000004.safetensors"});
     CHECK(ckpt.latest().filename() == "checkpoint-step00000004.safetensors");
     log.close();
     std::ifstream in(metrics_path);
@@ -384,7 +398,9 @@ TEST_CASE("module: a user's model registers its slots by name and takes two poli
         AnyLinear<double>& fc2;
         AnyLinear<double>& head;
         explicit Net(Rng& rng)
-            : fc1(linear("fc1", 6, 12, rng)), fc2(linear("fc2", 12, 12, rng)), head(linear("head", 12, 3, rng)) {}
+            : fc1(linear("fc1", 6, 12, rng)),
+              fc2(linear("fc2", 12, 12, rng)),
+              head(linear("head", 12, 3, rng)) {}
         Var<double> forward(Graph<double>& g, const Var<double>& x) {
             return head.forward(g, relu(g, fc2.forward(g, relu(g, fc1.forward(g, x)))));
         }
@@ -395,7 +411,8 @@ TEST_CASE("module: a user's model registers its slots by name and takes two poli
     AdamW<double> opt(net.parameters(), AdamOptions{.lr = 1e-2});
     TrainingRun<double> run(net, opt, {.steps_per_epoch = 2});
     run.add<Lora<double>>({.rank = 2, .select = {.pattern = "fc1"}});
-    run.add<Cuttlefish<double>>({.select = {.pattern = "fc2"}, .window = 2, .tail = 1, .threshold = 1e9, .min_speedup = 1e-6});
+    run.add<Cuttlefish<double>>(
+        {.select = {.pattern = "fc2"}, .window = 2, .tail = 1, .threshold = 1e9, .min_speedup = 1e-6});
     run.begin();
     CHECK(net.fc1.kind() == std::string("low_rank"));
     for (int i = 0; i < 12; ++i) {
@@ -426,7 +443,8 @@ TEST_CASE("run: the README's program trains and its policy switches the hidden l
         for (Index i = 0; i < 32; ++i) {
             y[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(data_rng.below(10));
             for (Index j = 0; j < 784; ++j)
-                x(i, j) = static_cast<float>(data_rng.normal() + (j % 10 == y[static_cast<std::size_t>(i)] ? 2.0 : 0.0));
+                x(i, j) = static_cast<float>(data_rng.normal() +
+                                             (j % 10 == y[static_cast<std::size_t>(i)] ? 2.0 : 0.0));
         }
         batches.emplace_back(std::move(x), std::move(y));
     }
@@ -437,10 +455,13 @@ TEST_CASE("run: the README's program trains and its policy switches the hidden l
     lowrank::Mlp<float> model({.sizes = {784, 256, 256, 10}}, rng);
     lowrank::AdamW<float> opt(model.parameters(), {.lr = 1e-3, .weight_decay = 0.01});
     lowrank::TrainingRun<float> run(model, opt, {.clip_grad_norm = 1.0, .steps_per_epoch = steps_per_epoch});
-    run.add<lowrank::Cuttlefish<float>>({.select = {.roles = {"hidden"}}});  // dense, then LowRankLinear at the stable rank
+    run.add<lowrank::Cuttlefish<float>>(
+        {.select = {.roles = {"hidden"}}});  // dense, then LowRankLinear at the stable rank
     for (int epoch = 0; epoch < 10; ++epoch)
         for (auto& [x, y] : batches)
-            run.step([&](lowrank::Graph<float>& g) { return lowrank::cross_entropy(g, model.forward(g, g.input(x)), y); });
+            run.step([&](lowrank::Graph<float>& g) {
+                return lowrank::cross_entropy(g, model.forward(g, g.input(x)), y);
+            });
     run.save(path.string());
 
     CHECK(model.layers()[0].kind() == std::string("low_rank"));

@@ -22,6 +22,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <utility>
 #include <vector>
@@ -81,6 +82,15 @@ inline std::vector<std::uint16_t> read_tokens(const std::filesystem::path& path)
     if constexpr (std::endian::native == std::endian::big)
         for (auto& id : ids) id = static_cast<std::uint16_t>((id >> 8) | (id << 8));
     return ids;
+}
+
+/// Throws FormatError unless every id is below vocab_size, naming `file` and the position
+/// of the first that is not: checked before training, not at the first batch that holds it.
+inline void check_token_ids(std::span<const std::uint16_t> ids, Index vocab_size, std::string_view file) {
+    for (std::size_t i = 0; i < ids.size(); ++i)
+        if (ids[i] >= vocab_size)
+            throw FormatError(detail::concat("'", file, "': token id ", ids[i], " at position ", i,
+                                             " is outside the vocabulary of ", vocab_size));
 }
 
 struct TokenWindowOptions {

@@ -31,8 +31,8 @@ std::vector<std::int32_t> gpt2_sample(Gpt2<T>& model, std::vector<std::int32_t> 
     constexpr std::string_view what = "gpt2_sample";
     check(!prompt.empty(), what, "expected a prompt of at least one token");
     check(n >= 0, what, "expected n >= 0 tokens, got ", n);
-    check(options.temperature > 0.0 && std::isfinite(options.temperature), what, "expected temperature > 0, got ",
-          options.temperature);
+    check(options.temperature > 0.0 && std::isfinite(options.temperature), what,
+          "expected temperature > 0, got ", options.temperature);
     check(options.top_k >= 0, what, "expected top_k >= 0, got ", options.top_k);
     std::vector<std::int32_t> ids = std::move(prompt);
     const std::size_t prompt_len = ids.size();
@@ -50,8 +50,9 @@ std::vector<std::int32_t> gpt2_sample(Gpt2<T>& model, std::vector<std::int32_t> 
         const auto row = logits.value().row(static_cast<Index>(len) - 1);
         top.clear();
         for (Index v = 0; v < row.size(); ++v) top.emplace_back(row(v), static_cast<std::int32_t>(v));
-        const std::size_t k = options.top_k > 0 ? std::min<std::size_t>(static_cast<std::size_t>(options.top_k), top.size())
-                                                : top.size();
+        const std::size_t k = options.top_k > 0
+                                  ? std::min<std::size_t>(static_cast<std::size_t>(options.top_k), top.size())
+                                  : top.size();
         std::partial_sort(top.begin(), top.begin() + static_cast<std::ptrdiff_t>(k), top.end(),
                           [](const auto& a, const auto& b) { return a.first > b.first; });
         double total = 0.0;

@@ -55,7 +55,8 @@ public:
     virtual ~Module() = default;
 
     /// A dense (out x in) linear layer named prefix + name, in a slot a policy may swap.
-    AnyLinear<T>& linear(const std::string& name, Index in, Index out, Rng& rng, const SlotOptions& options = {}) {
+    AnyLinear<T>& linear(const std::string& name, Index in, Index out, Rng& rng,
+                         const SlotOptions& options = {}) {
         return register_linear(Linear<T>(full_name(name), in, out, rng, LinearOptions{.bias = options.bias}),
                                options.role);
     }
@@ -81,8 +82,7 @@ public:
 
     /// A child module: its parameters and slots follow in registration order. Give the
     /// child a prefix of its own (Module(prefix)) so its names stay unique.
-    template <class Child>
-        requires std::derived_from<Child, Module<T>>
+    template <std::derived_from<Module<T>> Child>
     Child& register_module(std::unique_ptr<Child> child) {
         check(child != nullptr, "Module::register_module", "the child module is null");
         Child& ref = *child;
@@ -136,12 +136,10 @@ private:
         for (auto* p : parameters()) {
             // A layer "fc1" owns "fc1.weight": a name may not be another's prefix either.
             const bool clash = p->name() == name || p->name().starts_with(name + ".");
-            check(!clash, where, "the name '", name, "' is taken (by parameter '",
-                  p->name(), "')");
+            check(!clash, where, "the name '", name, "' is taken (by parameter '", p->name(), "')");
         }
         for (auto& s : layer_slots())
-            check(s.layer->name() != name, where, "the name '", name,
-                  "' is taken (by a linear layer)");
+            check(s.layer->name() != name, where, "the name '", name, "' is taken (by a linear layer)");
     }
 
     std::string prefix_;

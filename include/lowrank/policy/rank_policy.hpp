@@ -82,9 +82,8 @@ struct TrainingContextAccess {
     /// The policy whose hook runs now (index in its PolicyList), for the claims that
     /// select() records; npos when no list is calling.
     template <class T>
-    static void set_acting_policy(TrainingContext<T>& c, std::size_t index, std::string_view name) {
+    static void set_acting_policy(TrainingContext<T>& c, std::size_t index) {
         c.acting_index_ = index;
-        c.acting_name_ = name;
     }
 };
 }  // namespace detail
@@ -214,7 +213,6 @@ private:
     std::int64_t step_ = 0;
     std::int64_t epoch_ = 0;
     std::size_t acting_index_ = npos;
-    std::string acting_name_;
     std::vector<Claim> claims_;
 };
 
@@ -326,10 +324,10 @@ private:
     void each(TrainingContext<T>& c, F&& f) {
         struct Done {
             TrainingContext<T>& c;
-            ~Done() { detail::TrainingContextAccess::set_acting_policy(c, TrainingContext<T>::npos, {}); }
+            ~Done() { detail::TrainingContextAccess::set_acting_policy(c, TrainingContext<T>::npos); }
         } done{c};
         for (std::size_t i = 0; i < policies_.size(); ++i) {
-            detail::TrainingContextAccess::set_acting_policy(c, i, policies_[i]->name());
+            detail::TrainingContextAccess::set_acting_policy(c, i);
             f(*policies_[i]);
         }
     }

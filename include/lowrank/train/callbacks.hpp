@@ -160,7 +160,8 @@ public:
         std::error_code ec;
         std::filesystem::create_directories(options_.dir, ec);
         if (ec)
-            throw Error(detail::concat(what, ": cannot create the folder '", options_.dir.string(), "': ", ec.message()));
+            throw Error(detail::concat(what, ": cannot create the folder '", options_.dir.string(),
+                                       "': ", ec.message()));
         check_writable(path_for(0), what);
     }
 
@@ -185,7 +186,8 @@ public:
 
 private:
     void save(TrainingRun<T>& run) {
-        run.save(path_for(run.global_step()).string(), options_.extra ? options_.extra() : nlohmann::json::object());
+        run.save(path_for(run.global_step()).string(),
+                 options_.extra ? options_.extra() : nlohmann::json::object());
         last_saved_step_ = run.global_step();
         if (options_.keep_last <= 0) return;
         auto all = existing();
@@ -202,7 +204,8 @@ private:
         const std::string head = options_.prefix + "-step";
         for (const auto& e : std::filesystem::directory_iterator(options_.dir, ec)) {
             const std::string name = e.path().filename().string();
-            if (name.size() == head.size() + 8 + 12 && name.starts_with(head) && name.ends_with(".safetensors") &&
+            if (name.size() == head.size() + 8 + 12 && name.starts_with(head) &&
+                name.ends_with(".safetensors") &&
                 std::all_of(name.begin() + static_cast<std::ptrdiff_t>(head.size()),
                             name.begin() + static_cast<std::ptrdiff_t>(head.size() + 8),
                             [](char c) { return c >= '0' && c <= '9'; }))
@@ -243,8 +246,8 @@ public:
             return;
         }
         if (++bad_ >= patience_)
-            run.request_stop(detail::concat("early stopping: no improvement over ", best_, " (step ", best_step_,
-                                            ") in ", bad_, " evaluations"));
+            run.request_stop(detail::concat("early stopping: no improvement over ", best_, " (step ",
+                                            best_step_, ") in ", bad_, " evaluations"));
     }
 
     double best() const { return best_; }

@@ -120,11 +120,10 @@ namespace detail {
 
 /// The first place two identity documents differ, as "key: the checkpoint has X, this run
 /// has Y"; empty if they agree. Keys listed in `allowed` (or below one) are skipped.
-inline std::string identity_difference(const nlohmann::json& saved, const nlohmann::json& now, const std::string& path,
-                                       const std::vector<std::string>& allowed) {
+inline std::string identity_difference(const nlohmann::json& saved, const nlohmann::json& now,
+                                       const std::string& path, const std::vector<std::string>& allowed) {
     for (const auto& a : allowed)
-        if (!path.empty() && (path == a || path.starts_with(a + ".") || path.starts_with(a + "[")))
-            return {};
+        if (!path.empty() && (path == a || path.starts_with(a + ".") || path.starts_with(a + "["))) return {};
     const auto excerpt = [](const nlohmann::json* v) {
         if (v == nullptr) return std::string("nothing");
         std::string s = v->dump();
@@ -158,8 +157,8 @@ inline std::string identity_difference(const nlohmann::json& saved, const nlohma
     };
     if (saved.is_array() && now.is_array() && !(flat(saved) && flat(now))) {
         if (saved.size() != now.size())
-            return concat("'", path, "': the checkpoint has ", saved.size(), " entries, this run has ", now.size(),
-                          " (checkpoint ", excerpt(&saved), ", this run ", excerpt(&now), ")");
+            return concat("'", path, "': the checkpoint has ", saved.size(), " entries, this run has ",
+                          now.size(), " (checkpoint ", excerpt(&saved), ", this run ", excerpt(&now), ")");
         for (std::size_t i = 0; i < saved.size(); ++i) {
             std::string d = identity_difference(saved[i], now[i], concat(path, "[", i, "]"), allowed);
             if (!d.empty()) return d;
@@ -200,8 +199,7 @@ public:
     /// Version of the "run" document a checkpoint holds; resume refuses any other.
     static constexpr int kStateVersion = 1;
 
-    template <class Model>
-        requires TrainableModel<Model, T>
+    template <TrainableModel<T> Model>
     TrainingRun(Model& model, Optimizer<T>& optimizer, RunOptions options = {})
         : read_parameters_([&model] { return ParameterList<T>(model.parameters()); }),
           optimizer_(&optimizer),
@@ -261,7 +259,8 @@ public:
     void track_rng(const std::string& name, Rng& rng) {
         check(!name.empty(), "TrainingRun::track_rng", "expected a name, got an empty one");
         for (const auto& r : rngs_)
-            check(r.name != name, "TrainingRun::track_rng", "a generator named '", name, "' is tracked already");
+            check(r.name != name, "TrainingRun::track_rng", "a generator named '", name,
+                  "' is tracked already");
         rngs_.push_back({name, &rng});
     }
 
@@ -296,8 +295,8 @@ public:
         refresh_if_changed();
         graph_.clear();
         const Var<T> loss = loss_fn(graph_);
-        check(loss.rows() == 1 && loss.cols() == 1, "TrainingRun::step", "expected the loss to be a (1 x 1) scalar, got ",
-              shape_string(loss.rows(), loss.cols()));
+        check(loss.rows() == 1 && loss.cols() == 1, "TrainingRun::step",
+              "expected the loss to be a (1 x 1) scalar, got ", shape_string(loss.rows(), loss.cols()));
         r.loss = static_cast<double>(loss.item());
         if (!std::isfinite(r.loss)) return non_finite(r, start, "loss");
 
@@ -307,7 +306,8 @@ public:
         refresh_if_changed();
         r.grad_norm = grad_global_norm(params_);
         if (!std::isfinite(r.grad_norm)) return non_finite(r, start, "gradient");
-        if (options_.clip_grad_norm > 0.0) r.clipped = detail::scale_grad_to_norm(params_, r.grad_norm, options_.clip_grad_norm);
+        if (options_.clip_grad_norm > 0.0)
+            r.clipped = detail::scale_grad_to_norm(params_, r.grad_norm, options_.clip_grad_norm);
 
         r.lr_scale = schedule_.apply(*optimizer_, ctx_.step());
         r.lr = optimizer_->base_lr() * r.lr_scale;
@@ -331,9 +331,10 @@ public:
         check_usable();
         if (options_.steps_per_epoch > 0) {
             if (steps_in_epoch_ == 0 && ctx_.step() > 0) return;  // ended by the last step
-            throw Error(detail::concat("TrainingRun::end_epoch: the run ends its epochs itself (steps_per_epoch = ",
-                                       options_.steps_per_epoch, "), and epoch ", ctx_.epoch(), " has run ",
-                                       steps_in_epoch_, " of its steps"));
+            throw Error(
+                detail::concat("TrainingRun::end_epoch: the run ends its epochs itself (steps_per_epoch = ",
+                               options_.steps_per_epoch, "), and epoch ", ctx_.epoch(), " has run ",
+                               steps_in_epoch_, " of its steps"));
         }
         close_epoch();
     }
@@ -384,7 +385,9 @@ public:
         return params_;
     }
     /// Scalars in the model now (trainable_only: those the optimizer updates).
-    Index parameter_count(bool trainable_only = false) { return count_parameters(parameters(), trainable_only); }
+    Index parameter_count(bool trainable_only = false) {
+        return count_parameters(parameters(), trainable_only);
+    }
 
     /// What must agree for a resume: the caller's identity and what the run derives (the
     /// optimizer type, the policies, the schedule, clipping, the plan, every parameter's
@@ -403,8 +406,8 @@ public:
     void save(const std::string& path, const nlohmann::json& extra = nlohmann::json::object()) {
         begin();
         check_usable();
-        check(extra.is_object() || extra.is_null(), "TrainingRun::save", "expected extra to be a JSON object, got a JSON ",
-              extra.type_name());
+        check(extra.is_object() || extra.is_null(), "TrainingRun::save",
+              "expected extra to be a JSON object, got a JSON ", extra.type_name());
         nlohmann::json run;
         run["version"] = kStateVersion;
         run["identity"] = identity_;
@@ -412,7 +415,8 @@ public:
         run["epoch"] = ctx_.epoch();
         run["steps_in_epoch"] = steps_in_epoch_;
         run["skipped_steps"] = skipped_;
-        run["rewarm"] = {{"at_step", schedule_.rewarm_state().at_step}, {"length", schedule_.rewarm_state().length}};
+        run["rewarm"] = {{"at_step", schedule_.rewarm_state().at_step},
+                         {"length", schedule_.rewarm_state().length}};
         run["graph_rng"] = rng_state_to_json(graph_.rng().state());
         nlohmann::json rngs = nlohmann::json::object();
         for (const auto& r : rngs_) rngs[r.name] = rng_state_to_json(r.rng->state());
@@ -439,25 +443,30 @@ public:
             const nlohmann::json extra = read_checkpoint_extra(path);
             const detail::PolicyStateReader doc(what, extra);
             if (!doc.has("run"))
-                throw Error(detail::concat(what, ": the checkpoint holds no training run (it was not written by "
-                                                 "TrainingRun::save); load its weights with load_checkpoint"));
+                throw Error(detail::concat(what,
+                                           ": the checkpoint holds no training run (it was not written by "
+                                           "TrainingRun::save); load its weights with load_checkpoint"));
             const detail::PolicyStateReader run = doc.object("run");
             const std::int64_t version = run.integer("version");
-            check(version == kStateVersion, what, "expected run state version ", kStateVersion, ", got ", version);
-            const std::string diff = detail::identity_difference(run.at("identity", "an object"), identity_, "",
-                                                                 options.allow_changed);
+            check(version == kStateVersion, what, "expected run state version ", kStateVersion, ", got ",
+                  version);
+            const std::string diff = detail::identity_difference(run.at("identity", "an object"), identity_,
+                                                                 "", options.allow_changed);
             if (!diff.empty())
                 throw Error(detail::concat(what, ": the checkpoint was written by a different run: ", diff));
             const std::int64_t step = run.integer("step", 0, std::numeric_limits<std::int64_t>::max());
             if (ctx_.total_steps() > 0 && step > ctx_.total_steps())
-                throw Error(detail::concat(what, ": the checkpoint is at step ", step, ", past this run's total_steps ",
-                                           ctx_.total_steps()));
+                throw Error(detail::concat(what, ": the checkpoint is at step ", step,
+                                           ", past this run's total_steps ", ctx_.total_steps()));
             const std::int64_t epoch = run.integer("epoch", 0, std::numeric_limits<std::int64_t>::max());
-            const std::int64_t in_epoch = run.integer("steps_in_epoch", 0, std::numeric_limits<std::int64_t>::max());
-            const std::int64_t skipped = run.integer("skipped_steps", 0, std::numeric_limits<std::int64_t>::max());
+            const std::int64_t in_epoch =
+                run.integer("steps_in_epoch", 0, std::numeric_limits<std::int64_t>::max());
+            const std::int64_t skipped =
+                run.integer("skipped_steps", 0, std::numeric_limits<std::int64_t>::max());
             const detail::PolicyStateReader rewarm = run.object("rewarm");
-            const LrSchedule::Rewarm rw{rewarm.integer("at_step", 0, std::numeric_limits<std::int64_t>::max()),
-                                        rewarm.integer("length", 0, std::numeric_limits<std::int64_t>::max())};
+            const LrSchedule::Rewarm rw{
+                rewarm.integer("at_step", 0, std::numeric_limits<std::int64_t>::max()),
+                rewarm.integer("length", 0, std::numeric_limits<std::int64_t>::max())};
             const Rng::State graph_rng = run.rng("graph_rng");
             const detail::PolicyStateReader rngs = run.object("rngs");
             std::vector<Rng::State> rng_states;
@@ -505,8 +514,9 @@ private:
     };
 
     static const std::set<std::string>& derived_identity_keys() {
-        static const std::set<std::string> keys{"optimizer",     "policies",        "schedule",    "clip_grad_norm",
-                                                "non_finite",    "steps_per_epoch", "total_steps", "parameters"};
+        static const std::set<std::string> keys{"optimizer",      "policies",   "schedule",
+                                                "clip_grad_norm", "non_finite", "steps_per_epoch",
+                                                "total_steps",    "parameters"};
         return keys;
     }
 
@@ -565,18 +575,20 @@ private:
     }
 
     StepResult non_finite(StepResult& r, Clock::time_point start, std::string_view which) {
-        const std::string where = detail::concat("TrainingRun: non-finite ", which, " (",
-                                                 which == "loss" ? r.loss : r.grad_norm, ") at step ", ctx_.step(),
-                                                 " (epoch ", ctx_.epoch(), ")");
+        const std::string where =
+            detail::concat("TrainingRun: non-finite ", which, " (", which == "loss" ? r.loss : r.grad_norm,
+                           ") at step ", ctx_.step(), " (epoch ", ctx_.epoch(), ")");
         if (options_.on_non_finite == NonFinite::stop) {
             for (const Parameter<T>* p : params_)
                 if (!p->value.allFinite())
                     throw Error(detail::concat(where, ": parameter '", p->name(), "' has non-finite values"));
             for (const Parameter<T>* p : params_)
                 if (detail::has_gradient(*p) && !p->grad.allFinite())
-                    throw Error(detail::concat(where, ": parameter '", p->name(), "' has a non-finite gradient"));
-            throw Error(detail::concat(where, ": every parameter is finite, so the inputs or the step size are the "
-                                              "cause (try a smaller lr, or NonFinite::skip)"));
+                    throw Error(
+                        detail::concat(where, ": parameter '", p->name(), "' has a non-finite gradient"));
+            throw Error(detail::concat(where,
+                                       ": every parameter is finite, so the inputs or the step size are the "
+                                       "cause (try a smaller lr, or NonFinite::skip)"));
         }
         optimizer_->zero_grad();
         ++skipped_;

@@ -1,0 +1,39 @@
+#pragma once
+// A trainer's run identity from its command line: every option with its value (given, or
+// the default), except those that cannot change the trajectory (where output goes, how
+// much is printed). TrainingRun::resume refuses a checkpoint whose identity differs and
+// names the option, so a new option is covered the day it is added.
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cstdlib>
+#include <set>
+#include <string>
+
+namespace lowrank::examples {
+
+/// {"--option": value, ...} for every option of `app` not in `ignore` (and not --help). A
+/// value that reads as a number is stored as one, so "1e-3" and "0.001" agree.
+inline nlohmann::json options_identity(const CLI::App& app, const std::set<std::string>& ignore) {
+    nlohmann::json out = nlohmann::json::object();
+    for (const CLI::Option* o : app.get_options()) {
+        const std::string name = o->get_name();
+        if (name == "--help" || ignore.count(name)) continue;
+        std::string value;
+        if (o->count() > 0) {
+            for (const auto& r : o->results()) value += (value.empty() ? "" : ",") + r;
+        } else {
+            value = o->get_default_str();
+        }
+        char* end = nullptr;
+        const double number = std::strtod(value.c_str(), &end);
+        if (!value.empty() && end == value.c_str() + value.size())
+            out[name] = number;
+        else
+            out[name] = value;
+    }
+    return out;
+}
+
+}  // namespace lowrank::examples
