@@ -7,15 +7,18 @@
 #   bash scripts/setup.sh --no-data  packages and the GPT-2 vocabulary only (enough for the tests)
 #   bash scripts/setup.sh --bench    also PyTorch (Debian's python3-torch), for the comparisons
 #                                    of scripts/bench.sh and bench/pytorch_gpt2.py
+#   bash scripts/setup.sh --fuzz     also clang 14 and its libFuzzer runtime, for scripts/fuzz.sh
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 want_data=1
 want_bench=0
+want_fuzz=0
 for arg in "$@"; do
     case "$arg" in
         --no-data) want_data=0 ;;
         --bench) want_bench=1 ;;
+        --fuzz) want_fuzz=1 ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "setup: unknown option '$arg' (try --help)" >&2; exit 2 ;;
     esac
@@ -36,6 +39,7 @@ packages=(
     gnuplot-nox python3                    # plots, helper scripts
 )
 ((want_bench)) && packages+=(python3-torch python3-numpy)  # for /usr/bin/python3
+((want_fuzz)) && packages+=(clang-14 libclang-rt-14-dev)      # clang++-14 -fsanitize=fuzzer
 missing=()
 for p in "${packages[@]}"; do
     status="$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)"

@@ -124,17 +124,21 @@ inline std::vector<std::uint8_t> read_file_bytes(const std::string& path, std::s
         throw FormatError(concat(what, ": '", path, "': expected a file, got a directory"));
     std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
     if (!f) throw FormatError(concat(what, ": '", path, "': cannot open it for reading: ", std::strerror(errno)));
+    // Grown as read (the size from a stat is only a hint) so a file that changes under us
+    // cannot make the buffer and its size disagree; one byte more than the hint sees the
+    // end of the file in the first read.
     std::vector<std::uint8_t> bytes;
     const auto size_hint = std::filesystem::file_size(path, ec);
-    if (!ec) bytes.reserve(static_cast<std::size_t>(size_hint));
-    // Grown as read (not sized from a stat) so a file that changes under us cannot
-    // make the buffer and its size disagree.
-    std::vector<std::uint8_t> chunk(std::size_t{1} << 20);
+    std::size_t want = ec ? std::size_t{1} << 20 : static_cast<std::size_t>(size_hint) + 1;
+    std::size_t have = 0;
     for (;;) {
-        const std::size_t got = std::fread(chunk.data(), 1, chunk.size(), f.get());
-        bytes.insert(bytes.end(), chunk.begin(), chunk.begin() + static_cast<std::ptrdiff_t>(got));
-        if (got < chunk.size()) break;
+        bytes.resize(have + want);
+        const std::size_t got = std::fread(bytes.data() + have, 1, want, f.get());
+        have += got;
+        if (got < want) break;
+        want = std::size_t{1} << 20;
     }
+    bytes.resize(have);
     if (std::ferror(f.get()))
         throw FormatError(concat(what, ": '", path, "': read error: ", std::strerror(errno)));
     return bytes;
