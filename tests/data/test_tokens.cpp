@@ -112,6 +112,22 @@ TEST_CASE("read_tokens rejects a missing file and an odd number of bytes", "[dat
     CHECK_THROWS_WITH(lowrank::read_tokens(dir.path()), Contains("not a regular file"));
 }
 
+TEST_CASE("read_tokens reads any even-sized file as its little-endian uint16 ids, and an empty one as none",
+          "[data][tokens]") {
+    TempDir dir;
+    std::vector<unsigned char> bytes(2 * 1000);
+    for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<unsigned char>(i * 131 + 7);
+    write_bytes(dir / "any.bin", bytes);
+    const Tokens ids = lowrank::read_tokens(dir / "any.bin");
+    REQUIRE(ids.size() == 1000);
+    for (std::size_t k = 0; k < ids.size(); ++k) {
+        INFO(k);
+        CHECK(ids[k] == (bytes[2 * k] | (bytes[2 * k + 1] << 8)));
+    }
+    write_bytes(dir / "empty.bin", {});
+    CHECK(lowrank::read_tokens(dir / "empty.bin").empty());
+}
+
 TEST_CASE("TokenWindows::next gives real slices of the stream with targets shifted by one",
           "[data][tokens]") {
     const std::size_t n = 1000;
