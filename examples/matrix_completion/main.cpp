@@ -1,5 +1,5 @@
 // lowrank-matrix-completion: the deep matrix completion test bed of Deep LoRA (arXiv
-// 2406.04112, METHODS.md "Deep LoRA") at CPU scale.
+// 2406.04112, docs/examples/matrix_completion.md, docs/methods/deep_lora.md) at CPU scale.
 //
 // Target: Phi = the best rank-r approximation of a d x d Gaussian matrix with entries
 // N(0, 1/d) (so its singular values are O(1) whatever d). A random fraction of the entries
