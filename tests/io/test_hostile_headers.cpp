@@ -143,6 +143,20 @@ TEST_CASE("a checkpoint whose extra is nested 100,000 deep is refused by read_ch
     CHECK(other.fc.weight.value == before);
 }
 
+TEST_CASE("a header longer than 100 MB is refused by its length, as the reference library does",
+          "[io][safetensors][hostile]") {
+    TempDir dir;
+    const std::string path = dir / "huge.safetensors";
+    constexpr std::uint64_t n = 100'000'001;
+    {
+        std::ofstream f(path, std::ios::binary | std::ios::trunc);
+        for (int i = 0; i < 8; ++i) f.put(static_cast<char>(n >> (8 * i)));
+    }
+    fs::resize_file(path, 8 + n);  // sparse: the length is honest about the file's size
+    CHECK_THAT(format_error([&] { SafetensorsReader r(path); }),
+               Contains(path) && Contains("header length 100000001 is too large") && Contains("at most 100000000"));
+}
+
 TEST_CASE("a safetensors header of 80,000 entries is read correctly", "[io][safetensors][hostile]") {
     TempDir dir;
     const std::string path = dir / "many.safetensors";

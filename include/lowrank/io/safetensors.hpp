@@ -162,11 +162,13 @@ inline nlohmann::json parse_safetensors_header(const std::uint8_t* bytes, std::u
     if (n > file_size - 8)
         throw FormatError(concat(where, ": header length ", n, " is beyond the file: at most ", file_size - 8,
                                  " bytes follow the 8-byte length (file size ", file_size, ")"));
-    if (n + 8 > available)
-        throw FormatError(concat(where, ": could read only ", available, " of the ", n + 8, " header bytes"));
+    // Before the bytes are looked at: a caller may pass only the length and refuse to read
+    // a header this large.
     if (n > kSafetensorsMaxHeaderBytes)
         throw FormatError(concat(where, ": header length ", n, " is too large: expected at most ",
                                  kSafetensorsMaxHeaderBytes, " bytes (the reference library's limit)"));
+    if (n + 8 > available)
+        throw FormatError(concat(where, ": could read only ", available, " of the ", n + 8, " header bytes"));
     header_end = 8 + n;
     const std::string_view text(reinterpret_cast<const char*>(bytes + 8), static_cast<std::size_t>(n));
     nlohmann::json header = parse_json_bounded(
