@@ -42,6 +42,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -233,6 +234,12 @@ public:
         check_can_add("add");
         return policies_.template add<Policy>(std::move(options));
     }
+    /// Adds a policy built from any constructor arguments (a policy without an Options type).
+    template <class Policy, class... Args>
+    Policy& emplace(Args&&... args) {
+        check_can_add("emplace");
+        return policies_.template add<Policy>(std::forward<Args>(args)...);
+    }
     /// Adds every policy of a list (e.g. one built from a command line).
     void add(PolicyList<T> list) {
         check_can_add("add");
@@ -295,8 +302,9 @@ public:
         refresh_if_changed();
         graph_.clear();
         const Var<T> loss = loss_fn(graph_);
-        check(loss.rows() == 1 && loss.cols() == 1, "TrainingRun::step",
-              "expected the loss to be a (1 x 1) scalar, got ", shape_string(loss.rows(), loss.cols()));
+        if (loss.rows() != 1 || loss.cols() != 1)  // the message is built only when it is needed
+            throw Error(detail::concat("TrainingRun::step: expected the loss to be a (1 x 1) scalar, got ",
+                                       shape_string(loss.rows(), loss.cols())));
         r.loss = static_cast<double>(loss.item());
         if (!std::isfinite(r.loss)) return non_finite(r, start, "loss");
 
@@ -403,7 +411,8 @@ public:
     /// optimizer state, the policies' state, the schedule's re-warm-up, the rank log, the
     /// counters, the tape's and every tracked generator, the identity, and the caller's
     /// `extra` (a JSON object, handed back by resume()).
-    void save(const std::string& path, const nlohmann::json& extra = nlohmann::json::object()) {
+    void save(const std::filesystem::path& file, const nlohmann::json& extra = nlohmann::json::object()) {
+        const std::string path = file.string();
         begin();
         check_usable();
         check(extra.is_object() || extra.is_null(), "TrainingRun::save",
@@ -434,7 +443,8 @@ public:
     /// saved structure), then weights and optimizer state by name, then the schedule, the
     /// counters, the generators and the rank log. Returns the `extra` given to save().
     /// After a failed resume the run is unusable: build a new one.
-    nlohmann::json resume(const std::string& path, const ResumeOptions& options = {}) {
+    nlohmann::json resume(const std::filesystem::path& file, const ResumeOptions& options = {}) {
+        const std::string path = file.string();
         const std::string what = detail::concat("TrainingRun::resume: '", path, "'");
         check(!stepped_ && !resumed_, what, "resume a run before its first step, and only once");
         begin();
