@@ -84,10 +84,7 @@ int train(Config cfg) {
     if (!rank_log.empty()) lowrank::check_writable(rank_log, "--rank-log");
     lowrank::check(!cfg.save.empty() || (cfg.save_every == 0 && cfg.stop_at == 0), "--save-every / --stop-at",
                    "they need --save (where the checkpoints go)");
-    std::optional<lowrank::MetricsLog> log;
-    if (!cfg.log.empty())
-        log.emplace(cfg.log, cfg.resume.empty() ? lowrank::MetricsLog::Mode::truncate
-                                                : lowrank::MetricsLog::Mode::append);
+    if (!cfg.log.empty()) lowrank::check_writable(cfg.log, "--log");
     lowrank::Rng rng(cfg.seed);
     lowrank::TokenWindows train(lowrank::read_tokens(cfg.data + ".train.bin"),
                                 {.batch = cfg.batch, .context = cfg.context, .seed = rng.next_u64()});
@@ -130,10 +127,36 @@ int train(Config cfg) {
     std::int64_t interval_steps = 0;
     if (!cfg.resume.empty()) {
         const Json mine = run.resume(cfg.resume);
-        interval_loss = mine.at("interval_loss").get<double>();
-        interval_steps = mine.at("interval_steps").get<std::int64_t>();
+        const auto number = [&](const char* key) {
+            const auto it = mine.find(key);
+            lowrank::check(it != mine.end() && it->is_number(), "--resume '" + cfg.resume + "'",
+                           "key 'user.", key, "': expected a number (the trainer's interval statistics)");
+            return it->get<double>();
+        };
+        interval_loss = number("interval_loss");
+        interval_steps = static_cast<std::int64_t>(number("interval_steps"));
+    }
+    // The metrics log: on a resume, its lines past the checkpoint's step (written before a
+    // crash) go, so each evaluation appears once.
+    std::optional<lowrank::MetricsLog> log;
+    if (!cfg.log.empty()) {
+        if (!cfg.resume.empty()) lowrank::MetricsLog::truncate_after_step(cfg.log, run.global_step());
+        log.emplace(cfg.log, cfg.resume.empty() ? lowrank::MetricsLog::Mode::truncate
+                                                : lowrank::MetricsLog::Mode::append);
     }
     run.begin();
+    // A method that discards the layers' weights (InRank's efficient form, Deep LoRA without
+    // a base) says so in the rank log; loaded weights would otherwise be lost without a word.
+    if (!cfg.init_from.empty()) {
+        std::string discarded;
+        for (const auto& e : run.rank_log().events())
+            if (e.event == "discard") discarded += (discarded.empty() ? "" : ", ") + e.layer;
+        if (!discarded.empty())
+            std::fprintf(stderr,
+                         "lowrank-gpt2: warning: --method %s discards the --init-from weights of %s and trains "
+                         "them from scratch (docs/methods/)\n",
+                         cfg.method.method.c_str(), discarded.c_str());
+    }
     const lowrank::Index params = run.parameter_count(), trainable = run.parameter_count(true);
     if (!cfg.quiet)
         std::fprintf(
@@ -301,7 +324,7 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--eval-windows", cfg.eval_windows,
                    "Validation windows of T tokens per evaluation, spread evenly over the validation stream")
-        ->check(CLI::PositiveNumber)
+        ->check(CLI::Range(Index{1}, Index{1} << 20))
         ->capture_default_str();
     app.add_option("--threads", cfg.threads, "Threads for GEMM and kernels")
         ->check(CLI::Range(1, 1024))
@@ -346,8 +369,8 @@ int main(int argc, char** argv) {
     lowrank::examples::add_method_options(app, cfg.method, "n_embd / 4");
     app.get_option("--inrank-stage1-steps")
         ->description(
-            "inrank: optimizer steps of rank growth before the cut to fixed rank (default: "
-            "--inrank-warmup + 4 x --inrank-gap, unless --inrank-stage1-epochs is given)")
+            "inrank: optimizer steps of rank growth before the cut to fixed rank (default: through the "
+            "fourth rank check, unless --inrank-stage1-epochs is given)")
         ->default_str("");
     try {
         app.parse(argc, argv);
@@ -359,7 +382,8 @@ int main(int argc, char** argv) {
     // lasts through its warm-up and four rank checks, then the cut to fixed rank follows.
     // (One "epoch" here is one evaluation interval, which can end before the first check.)
     if (app.count("--inrank-stage1-steps") == 0 && app.count("--inrank-stage1-epochs") == 0)
-        cfg.method.inrank.stage1_steps = cfg.method.inrank.warmup + 4 * cfg.method.inrank.gap;
+        cfg.method.inrank.stage1_steps =
+            lowrank::inrank_steps_for_checks(lowrank::examples::inrank_options(cfg.method), 4);
     // Every setting but where output goes and what is printed must match on --resume.
     cfg.identity = lowrank::examples::options_identity(
         app, {"--vocab", "--save", "--save-every", "--resume", "--stop-at", "--sample", "--prompt",

@@ -9,6 +9,9 @@
 #include <string>
 #include <vector>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 // A namespace of its own: the module's files may be compiled as one unity translation unit.
 namespace test_atomic_file {
 
@@ -80,6 +83,31 @@ TEST_CASE("write_file_atomically names the writer and the path when it cannot wr
                       Contains("Writer::save") && Contains(path.string()) &&
                           Contains("cannot create the temporary file"));
     CHECK_FALSE(fs::exists(path));
+    fs::remove_all(dir);
+}
+
+TEST_CASE("write_file_atomically removes the temporary files of a killed writer, not a live one's",
+          "[core][io]") {
+    const fs::path dir = fresh_dir("stale");
+    const fs::path path = dir / "ckpt.safetensors";
+    // A process that has exited: its pid is free (until the system reuses it).
+    const pid_t child = ::fork();
+    if (child == 0) ::_exit(0);
+    REQUIRE(child > 0);
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    const auto touch = [](const fs::path& p) { std::ofstream(p) << "partial"; };
+    const std::string dead = "ckpt.safetensors.tmp-" + std::to_string(child) + "-3";
+    const std::string alive = "ckpt.safetensors.tmp-" + std::to_string(::getppid()) + "-0";
+    const std::string other = "other.bin.tmp-" + std::to_string(child) + "-0";
+    touch(dir / dead);
+    touch(dir / alive);
+    touch(dir / other);
+    lowrank::write_file_atomically(path, "test", [](const auto& put) { put("ok", 2); });
+    CHECK_FALSE(fs::exists(dir / dead));
+    CHECK(fs::exists(dir / alive));  // its writer may still be writing
+    CHECK(fs::exists(dir / other));  // another target's
+    CHECK(read_all(path) == "ok");
     fs::remove_all(dir);
 }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -156,6 +157,29 @@ TEST_CASE("MetricsLog writes one flushed JSON object per line", "[train][metrics
 TEST_CASE("MetricsLog names the file it cannot open", "[train][metrics_log][errors]") {
     const fs::path bad = fs::temp_directory_path() / "lowrank-no-such-dir-xyz" / "m.jsonl";
     CHECK_THROWS_WITH(lowrank::MetricsLog(bad), Catch::Matchers::Contains(bad.string()));
+}
+
+TEST_CASE("MetricsLog::truncate_after_step keeps the lines up to a step and drops a torn one",
+          "[train][metrics_log]") {
+    const fs::path path = temp_file("truncate");
+    {
+        std::ofstream out(path);
+        out << "{\"step\":2,\"loss\":1.5}\n{\"step\":4,\"loss\":1.2}\n{\"note\":\"no step\"}\n"
+               "{\"step\":6,\"loss\":1.1}\n{\"step\":8,\"lo";
+    }
+    lowrank::MetricsLog::truncate_after_step(path, 4);
+    std::ifstream in(path);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    CHECK(text == "{\"step\":2,\"loss\":1.5}\n{\"step\":4,\"loss\":1.2}\n{\"note\":\"no step\"}\n");
+    {
+        std::ofstream out(path);
+        out << "{\"step\":2}\nnot json\n";
+    }
+    CHECK_THROWS_WITH(lowrank::MetricsLog::truncate_after_step(path, 4),
+                      Catch::Matchers::Contains(path.string()) && Catch::Matchers::Contains("line 2"));
+    fs::remove(path);
+    CHECK_NOTHROW(lowrank::MetricsLog::truncate_after_step(path, 4));  // a missing log stays missing
+    CHECK_FALSE(fs::exists(path));
 }
 
 }  // namespace test_metrics_log

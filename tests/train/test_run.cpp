@@ -471,4 +471,10 @@ TEST_CASE("run: the README's program trains and its policy switches the hidden l
     CHECK(std::filesystem::exists(path));
 }
 
+TEST_CASE("run: a non-finite weight before the first step is refused naming it", "[train][run]") {
+    Harness h(Setup{});
+    h.model.parameters()[1]->value(0, 0) = std::numeric_limits<double>::infinity();
+    CHECK_THROWS_WITH(h.run->begin(), Contains("parameter 'layers.0.bias' has non-finite values before the first step"));
+}
+
 }  // namespace test_run

@@ -11,7 +11,11 @@
 // Strings are escaped per RFC 8259, and bytes that are not valid UTF-8 become U+FFFD, so
 // every line is valid JSON whatever the input.
 
+#include <lowrank/core/atomic_file.hpp>
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/json_read.hpp>
+
+#include <nlohmann/json.hpp>
 
 #include <cerrno>
 #include <charconv>
@@ -217,6 +221,41 @@ public:
     }
 
     const std::string& path() const { return path_; }
+
+    /// Rewrites the log at `path` (atomically) with only its lines whose "step" is at most
+    /// `step`, dropping a torn last line: what a resumed run does before it appends, so
+    /// every step's line appears once however often the run was killed and resumed. A
+    /// missing file stays missing; a line that is not a JSON object is an error naming it.
+    static void truncate_after_step(const std::filesystem::path& path, std::int64_t step) {
+        std::error_code ec;
+        if (!std::filesystem::exists(path, ec)) return;
+        const std::string where = detail::concat("MetricsLog::truncate_after_step: '", path.string(), "'");
+        std::string text;
+        {
+            std::FILE* f = std::fopen(path.c_str(), "rb");
+            if (f == nullptr) throw Error(detail::concat(where, ": cannot open it: ", std::strerror(errno)));
+            char buf[1 << 14];
+            for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, f)) > 0;) text.append(buf, n);
+            const bool failed = std::ferror(f) != 0;
+            std::fclose(f);
+            if (failed) throw Error(detail::concat(where, ": cannot read it"));
+        }
+        std::string kept;
+        std::size_t line_no = 0;
+        for (std::size_t start = 0, end; (end = text.find('\n', start)) != std::string::npos; start = end + 1) {
+            ++line_no;
+            const std::string_view line(text.data() + start, end - start);
+            const nlohmann::json j = detail::parse_json_bounded(
+                line, {.max_bytes = 1 << 20, .max_depth = 16}, detail::concat(where, ": line ", line_no));
+            if (!j.is_object()) throw FormatError(detail::concat(where, ": line ", line_no, ": expected a JSON object"));
+            const auto it = j.find("step");
+            if (it != j.end() && it->is_number_integer() && it->get<std::int64_t>() > step) continue;
+            kept.append(line);
+            kept += '\n';
+        }
+        write_file_atomically(path, "MetricsLog::truncate_after_step",
+                              [&](const auto& put) { put(kept.data(), kept.size()); });
+    }
 
     void close() {
         if (file_ != nullptr) {

@@ -279,6 +279,7 @@ public:
     void begin() {
         if (begun_) return;
         check_usable();
+        check_finite("before the first step (as initialised or loaded)");
         policies_.on_train_begin(ctx_);
         begun_ = true;
         refresh_parameters();
@@ -495,6 +496,7 @@ public:
             policies_.restore(ctx_, run.at("policies", "an array"));
             refresh_parameters();
             const CheckpointInfo info = load_checkpoint(path, params_, optimizer_);
+            check_finite(detail::concat("in the checkpoint '", path, "'"));
             check(info.step == step, what, "the checkpoint's step ", info.step, " and its run's step ", step,
                   " differ");
             schedule_.set_rewarm_state(rw);
@@ -558,6 +560,14 @@ private:
     }
     void check_usable() const {
         check(!broken_, "TrainingRun", "a resume failed on this run; build a new run to train");
+    }
+
+    // Throws naming the first parameter with a NaN or an infinity: a bad initialisation or
+    // file would otherwise surface steps later as a non-finite loss with the wrong cause.
+    void check_finite(std::string_view when) {
+        for (const Parameter<T>* p : params_)
+            if (!p->value.allFinite())
+                throw Error(detail::concat("TrainingRun: parameter '", p->name(), "' has non-finite values ", when));
     }
 
     void refresh_parameters() {
