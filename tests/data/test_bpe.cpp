@@ -2,6 +2,8 @@
 
 #include <lowrank/core/rng.hpp>
 
+#include "../test_support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <atomic>
@@ -48,27 +50,7 @@ const Gpt2Tokenizer& gpt2() {
     return tokenizer;
 }
 
-class TempDir {
-public:
-    TempDir() {
-        static std::atomic<int> counter{0};
-        path_ = fs::temp_directory_path() /
-                ("lowrank-test-bpe-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-        fs::remove_all(path_);
-        fs::create_directories(path_);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path_, ec);
-    }
-    fs::path operator/(const std::string& name) const { return path_ / name; }
-    const fs::path& path() const { return path_; }
-
-private:
-    fs::path path_;
-};
+using lowrank::test::TempDir;
 
 void write_file(const fs::path& path, std::string_view text) {
     std::ofstream f(path, std::ios::binary | std::ios::trunc);

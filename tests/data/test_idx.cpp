@@ -1,5 +1,7 @@
 #include <lowrank/data/idx.hpp>
 
+#include "../test_support.hpp"
+
 #include <catch2/catch.hpp>
 #include <zlib.h>
 
@@ -23,27 +25,7 @@ using Catch::Matchers::Contains;
 namespace {
 
 /// A fresh directory under the system temp dir, removed with its contents at scope end.
-class TempDir {
-public:
-    TempDir() {
-        static std::atomic<int> counter{0};
-        path_ = fs::temp_directory_path() /
-                ("lowrank-test-idx-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-        fs::remove_all(path_);
-        fs::create_directories(path_);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path_, ec);
-    }
-    fs::path operator/(const std::string& name) const { return path_ / name; }
-    const fs::path& path() const { return path_; }
-
-private:
-    fs::path path_;
-};
+using lowrank::test::TempDir;
 
 using Bytes = std::vector<std::uint8_t>;
 

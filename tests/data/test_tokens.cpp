@@ -1,5 +1,7 @@
 #include <lowrank/data/tokens.hpp>
 
+#include "../test_support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <atomic>
@@ -26,27 +28,7 @@ using Tokens = std::vector<std::uint16_t>;
 
 namespace {
 
-class TempDir {
-public:
-    TempDir() {
-        static std::atomic<int> counter{0};
-        path_ = fs::temp_directory_path() /
-                ("lowrank-test-tokens-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-        fs::remove_all(path_);
-        fs::create_directories(path_);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path_, ec);
-    }
-    fs::path operator/(const std::string& name) const { return path_ / name; }
-    const fs::path& path() const { return path_; }
-
-private:
-    fs::path path_;
-};
+using lowrank::test::TempDir;
 
 std::vector<unsigned char> read_bytes(const fs::path& path) {
     std::ifstream f(path, std::ios::binary);

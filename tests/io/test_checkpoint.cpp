@@ -8,6 +8,8 @@
 #include <lowrank/optim/adam.hpp>
 #include <lowrank/optim/sgd.hpp>
 
+#include "../test_support.hpp"
+
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
@@ -32,26 +34,7 @@ namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
 using namespace lowrank;
 
-class TempDir {
-public:
-    TempDir() {
-        static std::atomic<int> counter{0};
-        path_ = fs::temp_directory_path() /
-                ("lowrank-test-checkpoint-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-        fs::remove_all(path_);
-        fs::create_directories(path_);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path_, ec);
-    }
-    std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-
-private:
-    fs::path path_;
-};
+using lowrank::test::TempDir;
 
 template <class T>
 bool same_bits(const Matrix<T>& a, const Matrix<T>& b) {

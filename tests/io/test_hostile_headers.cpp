@@ -8,6 +8,8 @@
 #include <lowrank/nn/linear.hpp>
 #include <lowrank/optim/adam.hpp>
 
+#include "../test_support.hpp"
+
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
@@ -29,26 +31,7 @@ namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
 using namespace lowrank;
 
-class TempDir {
-public:
-    TempDir() {
-        static std::atomic<int> counter{0};
-        path_ = fs::temp_directory_path() /
-                ("lowrank-test-hostile-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-        fs::remove_all(path_);
-        fs::create_directories(path_);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path_, ec);
-    }
-    std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-
-private:
-    fs::path path_;
-};
+using lowrank::test::TempDir;
 
 /// Writes a safetensors file by hand: the 8-byte length, `header` as given, `buffer`.
 void write_safetensors(const std::string& path, const std::string& header, const std::string& buffer = "") {

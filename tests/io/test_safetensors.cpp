@@ -1,6 +1,8 @@
 #include <lowrank/core/rng.hpp>
 #include <lowrank/io/safetensors.hpp>
 
+#include "../test_support.hpp"
+
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
@@ -29,34 +31,7 @@ using lowrank::SafetensorsReader;
 using lowrank::SafetensorsWriter;
 
 /// A fresh directory under the system temp dir, removed with its contents at scope end.
-class TempDir {
-public:
-    TempDir() {
-        static std::atomic<int> counter{0};
-        path_ = fs::temp_directory_path() /
-                ("lowrank-test-safetensors-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-        fs::remove_all(path_);
-        fs::create_directories(path_);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path_, ec);
-    }
-    std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-    const fs::path& path() const { return path_; }
-
-    std::vector<std::string> entries() const {
-        std::vector<std::string> out;
-        for (const auto& e : fs::directory_iterator(path_)) out.push_back(e.path().filename().string());
-        std::sort(out.begin(), out.end());
-        return out;
-    }
-
-private:
-    fs::path path_;
-};
+using lowrank::test::TempDir;
 
 using Bytes = std::vector<std::uint8_t>;
 
