@@ -50,7 +50,8 @@ struct Config {
     std::uint64_t seed = 0;
     std::string data = "data/text/corpus", vocab = "data/gpt2", save, resume, init_from, prompt = "\n", log,
                 rank_log;
-    std::vector<std::string> roles;  // empty: the config's low_rank_roles
+    std::vector<std::string> roles;         // empty: the config's low_rank_roles
+    std::vector<std::string> resume_allow;  // settings a --resume may change on purpose
     bool quiet = false;
     lowrank::examples::MethodConfig method{};
     nlohmann::json identity;  // the command line's settings that a resume must keep
@@ -126,11 +127,19 @@ int train(Config cfg) {
     double interval_loss = 0.0;
     std::int64_t interval_steps = 0;
     if (!cfg.resume.empty()) {
-        const Json mine = run.resume(cfg.resume);
+        // A setting allowed to change also allows what the run derives from it.
+        std::vector<std::string> allow = cfg.resume_allow;
+        for (const auto& o : cfg.resume_allow) {
+            if (o == "--steps") allow.insert(allow.end(), {"total_steps", "schedule"});
+            if (o == "--warmup-steps" || o == "--min-lr-ratio") allow.push_back("schedule");
+            if (o == "--grad-clip") allow.push_back("clip_grad_norm");
+            if (o == "--data") allow.push_back("train_tokens");
+        }
+        const Json mine = run.resume(cfg.resume, {.allow_changed = allow});
         const auto number = [&](const char* key) {
             const auto it = mine.find(key);
-            lowrank::check(it != mine.end() && it->is_number(), "--resume '" + cfg.resume + "'",
-                           "key 'user.", key, "': expected a number (the trainer's interval statistics)");
+            lowrank::check(it != mine.end() && it->is_number(), "--resume '" + cfg.resume + "'", "key 'user.",
+                           key, "': expected a number (the trainer's interval statistics)");
             return it->get<double>();
         };
         interval_loss = number("interval_loss");
@@ -152,10 +161,11 @@ int train(Config cfg) {
         for (const auto& e : run.rank_log().events())
             if (e.event == "discard") discarded += (discarded.empty() ? "" : ", ") + e.layer;
         if (!discarded.empty())
-            std::fprintf(stderr,
-                         "lowrank-gpt2: warning: --method %s discards the --init-from weights of %s and trains "
-                         "them from scratch (docs/methods/)\n",
-                         cfg.method.method.c_str(), discarded.c_str());
+            std::fprintf(
+                stderr,
+                "lowrank-gpt2: warning: --method %s discards the --init-from weights of %s and trains "
+                "them from scratch (docs/methods/)\n",
+                cfg.method.method.c_str(), discarded.c_str());
     }
     const lowrank::Index params = run.parameter_count(), trainable = run.parameter_count(true);
     if (!cfg.quiet)
@@ -340,6 +350,12 @@ int main(int argc, char** argv) {
     app.add_option("--save-every", cfg.save_every, "Steps between checkpoints (0: only at the end)")
         ->check(nonneg)
         ->capture_default_str();
+    app.add_option("--resume-allow", cfg.resume_allow,
+                   "Settings a --resume may change on purpose, comma-separated (--resume-allow=--steps "
+                   "extends a run); the run then differs from the saved one's, by choice")
+        ->delimiter(',')
+        ->check(CLI::IsMember(
+            {"--steps", "--warmup-steps", "--min-lr-ratio", "--grad-clip", "--threads", "--data"}));
     app.add_option("--resume", cfg.resume,
                    "Continue the run saved in this checkpoint, exactly (every other setting must match it)");
     app.add_option("--stop-at", cfg.stop_at,
@@ -386,8 +402,8 @@ int main(int argc, char** argv) {
             lowrank::inrank_steps_for_checks(lowrank::examples::inrank_options(cfg.method), 4);
     // Every setting but where output goes and what is printed must match on --resume.
     cfg.identity = lowrank::examples::options_identity(
-        app, {"--vocab", "--save", "--save-every", "--resume", "--stop-at", "--sample", "--prompt",
-              "--temperature", "--top-k", "--log", "--rank-log", "--quiet", "--eval-windows"});
+        app, {"--vocab", "--save", "--save-every", "--resume", "--resume-allow", "--stop-at", "--sample",
+              "--prompt", "--temperature", "--top-k", "--log", "--rank-log", "--quiet", "--eval-windows"});
     cfg.identity["gemm"] = kGemm;
     try {
         return train(cfg);

@@ -63,3 +63,10 @@ refused --grad-clip "${common[@]}" --grad-clip 0.5
 changed --steps 9 && refused --steps "${out[@]}"
 changed --eval-every 3 && refused --eval-every "${out[@]}"
 changed --inrank-gap 3 && refused --inrank-gap "${out[@]}"
+
+# ... unless the change is asked for: --steps 9 --resume-allow --steps extends the run.
+changed --steps 9
+"$gpt2" "${out[@]}" --log allowed.jsonl --save allowed.safetensors --resume split.safetensors \
+    --resume-allow=--steps > allowed.out || { echo "an allowed --steps change was refused" >&2; exit 1; }
+grep -q '"steps":9' allowed.out || { echo "the extended run did not reach step 9" >&2; exit 1; }
+echo "resume with --steps changed and --resume-allow --steps: extended to step 9"

@@ -104,6 +104,8 @@ int train(const Config& cfg) {
     const lowrank::Index features = data.train.images.cols();
     const lowrank::Index train_n = data.train.size();
     if (train_n == 0) throw lowrank::FormatError("the train split of '" + cfg.data + "' is empty");
+    if (data.test.size() == 0)
+        throw lowrank::FormatError("the test split of '" + cfg.data + "' is empty: there is nothing to report accuracy on");
 
     // The model. Everything random derives from the one seed, in a fixed order.
     lowrank::Rng rng(cfg.seed);

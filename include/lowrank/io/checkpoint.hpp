@@ -308,7 +308,9 @@ inline std::map<std::string, std::string> read_safetensors_metadata_only(const s
     std::size_t got = std::fread(bytes.data(), 1, bytes.size(), f.get());
     if (size >= 8 && got == 8) {
         const std::uint64_t n = load_le<std::uint64_t>(bytes.data());
-        if (n <= size - 8) {
+        // A header over the cap is refused by parse_safetensors_header from its length alone:
+        // its bytes are not read.
+        if (n <= size - 8 && n <= kSafetensorsMaxHeaderBytes) {
             bytes.resize(static_cast<std::size_t>(8 + n));
             got += std::fread(bytes.data() + 8, 1, static_cast<std::size_t>(n), f.get());
         }
