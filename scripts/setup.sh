@@ -30,6 +30,7 @@ say() { printf 'setup: %s\n' "$*"; }
 packages=(
     build-essential cmake ninja-build      # toolchain (CMake >= 3.25 for the presets)
     ccache                                 # faster rebuilds (optional to CMake)
+    pkg-config                             # the installed lowrank.pc is checked with it
     libeigen3-dev zlib1g-dev               # what lowrank::lowrank links
     nlohmann-json3-dev                     # (header-only: safetensors, checkpoints)
     catch2 libbenchmark-dev                # tests, benchmarks

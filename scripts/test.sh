@@ -62,6 +62,17 @@ if [[ "$mode" == release ]]; then
         -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix"
     cmake --build build/consumer -j 2
     ./build/consumer/lowrank-consumer
+
+    section "pkg-config: lowrank.pc from build/install"
+    export PKG_CONFIG_PATH="$prefix/share/pkgconfig"
+    pc_version="$(pkg-config --modversion lowrank)"
+    printf '#include <lowrank/version.hpp>\n#include <cstdio>\nint main() { std::puts(lowrank::version_string()); }\n' \
+        > build/pc_version.cpp
+    # shellcheck disable=SC2046  # the flags are words
+    c++ build/pc_version.cpp -o build/pc_version $(pkg-config --cflags --libs lowrank)
+    [[ "$(./build/pc_version)" == "$pc_version" ]] ||
+        { echo "test: lowrank.pc says $pc_version, the headers say $(./build/pc_version)" >&2; exit 1; }
+    echo "pkg-config: lowrank $pc_version, headers agree"
 fi
 
 end_section

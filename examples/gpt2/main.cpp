@@ -12,6 +12,7 @@
 
 #include <lowrank/lowrank.hpp>
 
+#include "common/cli_checks.hpp"
 #include "common/method_cli.hpp"
 #include "common/run_identity.hpp"
 
@@ -301,12 +302,13 @@ int main(int argc, char** argv) {
         "Train GPT-2 (dense or low-rank) on a token stream with AdamW, warm-up + cosine decay and\n"
         "gradient clipping. Progress goes to stderr; the last line of stdout is a JSON object.",
         "lowrank-gpt2"};
+    app.set_version_flag("--version", std::string("lowrank ") + lowrank::version_string());
     using lowrank::Index;
-    const auto nonneg = CLI::NonNegativeNumber;
+    const auto nonneg = lowrank::examples::non_negative;
     app.add_option("--config", cfg.model, "Model config: tiny, mini, gpt2, gpt2-medium")
         ->capture_default_str();
     app.add_option("--steps", cfg.steps, "Optimizer steps in total")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--batch", cfg.batch, "Sequences per step (B)")
         ->check(CLI::Range(Index{1}, Index{1} << 16))
@@ -315,7 +317,7 @@ int main(int argc, char** argv) {
         ->check(nonneg)
         ->capture_default_str();
     app.add_option("--lr", cfg.lr, "Peak learning rate (AdamW, betas 0.9 / 0.95)")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--min-lr-ratio", cfg.min_lr_ratio, "Final lr of the cosine decay, as a fraction of --lr")
         ->check(CLI::Range(0.0, 1.0))
@@ -330,7 +332,7 @@ int main(int argc, char** argv) {
         ->check(nonneg)
         ->capture_default_str();
     app.add_option("--eval-every", cfg.eval_every, "Steps between validation evaluations")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--eval-windows", cfg.eval_windows,
                    "Validation windows of T tokens per evaluation, spread evenly over the validation stream")
@@ -369,7 +371,7 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--prompt", cfg.prompt, "Text the sample continues");
     app.add_option("--temperature", cfg.temperature, "Sampling temperature")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--top-k", cfg.top_k, "Sample among the k most likely tokens (0: all)")
         ->check(nonneg)

@@ -20,6 +20,7 @@
 #include <lowrank/train/callbacks.hpp>
 #include <lowrank/train/run.hpp>
 
+#include "common/cli_checks.hpp"
 #include "common/method_cli.hpp"
 #include "common/run_identity.hpp"
 
@@ -260,8 +261,9 @@ int main(int argc, char** argv) {
     CLI::App app{"Train a ReLU MLP on Fashion-MNIST (IDX files) with AdamW and a warm-up + cosine schedule.\n"
                  "Progress goes to stderr; the last line of stdout is a JSON object with the result.",
                  "lowrank-mlp"};
+    app.set_version_flag("--version", std::string("lowrank ") + lowrank::version_string());
     app.add_option("--epochs", cfg.epochs, "Passes over the training set")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--hidden", cfg.hidden, "Width of each hidden layer")
         ->check(CLI::Range(lowrank::Index{1}, lowrank::Index{1} << 16))
@@ -272,12 +274,12 @@ int main(int argc, char** argv) {
     app.add_option("--batch", cfg.batch, "Mini-batch size")
         ->check(CLI::Range(lowrank::Index{1}, lowrank::Index{1} << 20))
         ->capture_default_str();
-    app.add_option("--lr", cfg.lr, "Peak learning rate (AdamW)")->check(CLI::PositiveNumber)->capture_default_str();
+    app.add_option("--lr", cfg.lr, "Peak learning rate (AdamW)")->check(lowrank::examples::positive)->capture_default_str();
     app.add_option("--weight-decay", cfg.weight_decay, "AdamW decoupled weight decay (weights only, not biases)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(lowrank::examples::non_negative)
         ->capture_default_str();
     app.add_option("--warmup-steps", cfg.warmup_steps, "Steps of linear warm-up (capped at total steps - 1)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(lowrank::examples::non_negative)
         ->capture_default_str();
     app.add_option("--schedule", cfg.schedule, "LR decay after the warm-up")
         ->check(CLI::IsMember({"cosine", "linear", "constant"}))

@@ -39,3 +39,4 @@
 #include <lowrank/train/metrics_log.hpp>
 #include <lowrank/train/progress.hpp>
 #include <lowrank/train/run.hpp>
+#include <lowrank/version.hpp>
