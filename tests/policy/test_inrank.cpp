@@ -1,6 +1,8 @@
 // InRank: the explained ratio and the rank decision on hand-computed spectra, and the policy
 // on a small MLP: conversion, growth (bounded, capped, monotone), optimizer state of new
-// columns, the step-counted check schedule, the two-stage truncation and bad options.
+// columns, the check schedule in both units (the authors' forward-call cadence), the
+// check telemetry, the two-stage truncation, the fixed-rank control, the guards against a
+// schedule that cannot act, the "discard" record and bad options.
 #include <catch2/catch.hpp>
 
 #include "../test_support.hpp"
@@ -174,7 +176,8 @@ TEST_CASE("InRank rank decision takes the first rank above the threshold within 
                       Catch::Contains("capacity <= the spectrum's length 24"));
 }
 
-TEST_CASE("InRank checks run every gap optimizer steps after the warm-up", "[policy][inrank]") {
+TEST_CASE("InRank checks run every gap optimizer steps after the warm-up (cadence optimizer_steps)",
+          "[policy][inrank]") {
     CHECK_FALSE(inrank_is_check_step(200, 200, 25));
     CHECK(inrank_is_check_step(225, 200, 25));
     CHECK_FALSE(inrank_is_check_step(226, 200, 25));
@@ -209,7 +212,7 @@ TEST_CASE("InRank converts the selected layers, keeps their bias and logs an ini
         CHECK(l.U.value.cwiseAbs().maxCoeff() <= 1.0 / std::sqrt(128.0));
         CHECK(l.V.value.cwiseAbs().maxCoeff() <= 1.0 / 16.0);
         CHECK(l.U.value.cwiseAbs().maxCoeff() > 0.9 / std::sqrt(128.0));
-        REQUIRE(f.log().size() == 1);
+        REQUIRE(f.log().size() == 2);  // init, then discard (the efficient form drops the weight)
         const auto& e = f.log().events()[0];
         CHECK(e.event == "init");
         CHECK(e.policy == "inrank");
@@ -253,7 +256,8 @@ TEST_CASE("InRank rank is monotone, grows at most buffer - 1 per check and stops
           "[policy][inrank]") {
     Fixture f({24, 24, 3});
     auto& ctx = f.ctx();
-    InRank<double> policy({.buffer = 3, .warmup = 0, .gap = 1, .two_stage = false});
+    InRank<double> policy(
+        {.buffer = 3, .warmup = 0, .gap = 1, .cadence = InRankCadence::optimizer_steps, .two_stage = false});
     policy.on_train_begin(ctx);
     auto& l = f.layer(0);
     REQUIRE(l.capacity() == 12);
@@ -281,7 +285,8 @@ TEST_CASE("InRank rank is monotone, grows at most buffer - 1 per check and stops
     // A spectrum that is already explained at the current rank does not grow it.
     Fixture g({24, 24, 3});
     auto& ctx2 = g.ctx();
-    InRank<double> still({.buffer = 3, .warmup = 0, .gap = 1, .two_stage = false});
+    InRank<double> still(
+        {.buffer = 3, .warmup = 0, .gap = 1, .cadence = InRankCadence::optimizer_steps, .two_stage = false});
     still.on_train_begin(ctx2);
     auto& m = g.layer(0);
     m.U.value.setZero();
@@ -297,7 +302,8 @@ TEST_CASE("InRank new columns keep their values and get zero optimizer state, ol
           "[policy][inrank]") {
     Fixture f({24, 24, 3});
     auto& ctx = f.ctx();
-    InRank<double> policy({.buffer = 3, .warmup = 0, .gap = 1, .two_stage = false});
+    InRank<double> policy(
+        {.buffer = 3, .warmup = 0, .gap = 1, .cadence = InRankCadence::optimizer_steps, .two_stage = false});
     policy.on_train_begin(ctx);
     auto& l = f.layer(0);
     make_flat(l);
@@ -331,9 +337,15 @@ TEST_CASE("InRank new columns keep their values and get zero optimizer state, ol
 }
 
 TEST_CASE("InRank check counts optimizer steps, not forward passes or repeated hooks", "[policy][inrank]") {
+    // In forward calls (F = 1) the checks before calls 4, 6 and 8 see the weights after
+    // steps 3, 5 and 7; in optimizer steps they come after steps 5, 7 and 9.
+    const auto cadence = GENERATE(InRankCadence::forward_calls, InRankCadence::optimizer_steps);
+    const bool calls = cadence == InRankCadence::forward_calls;
+    INFO((calls ? "forward_calls" : "optimizer_steps"));
     Fixture f({24, 24, 3});
     auto& ctx = f.ctx();
-    auto& policy = f.run->add<InRank<double>>({.buffer = 3, .warmup = 3, .gap = 2, .two_stage = false});
+    auto& policy = f.run->add<InRank<double>>(
+        {.buffer = 3, .warmup = 3, .gap = 2, .cadence = cadence, .two_stage = false});
     f.run->begin();
     make_flat(f.layer(0));
     // lr 0: the run's steps count, and leave the flat spectrum (which grows at every check) as it is.
@@ -353,9 +365,9 @@ TEST_CASE("InRank check counts optimizer steps, not forward passes or repeated h
     CHECK(policy.checks() == 3);
     const auto grows = f.events("grow");
     REQUIRE(grows.size() == 3);
-    CHECK(grows[0].step == 5);
-    CHECK(grows[1].step == 7);
-    CHECK(grows[2].step == 9);
+    CHECK(grows[0].step == (calls ? 3 : 5));
+    CHECK(grows[1].step == (calls ? 5 : 7));
+    CHECK(grows[2].step == (calls ? 7 : 9));
     CHECK(policy.ranks()[0] == 8);
 }
 
@@ -366,7 +378,15 @@ TEST_CASE(
         INFO("keep_base " << base);
         Fixture f({24, 24, 3});
         auto& ctx = f.ctx();
-        InRank<double> policy({.buffer = 3, .warmup = 100, .gap = 1, .keep_base = base, .stage1_steps = 2});
+        // Threshold 0.01: every check passes at the current rank, so r stays 2 (stage 1 needs a
+        // check before its cut, see the guard tests).
+        InRank<double> policy({.buffer = 3,
+                               .threshold = 0.01,
+                               .warmup = 0,
+                               .gap = 1,
+                               .cadence = InRankCadence::optimizer_steps,
+                               .keep_base = base,
+                               .stage1_steps = 2});
         policy.on_train_begin(ctx);
         auto& l = f.layer(0);
         l.U.value = gaussian(24, 12, 50);  // a generic spectrum (U starts at 0 with a base)
@@ -410,7 +430,8 @@ TEST_CASE(
             policy.after_step(ctx);
         }
         CHECK(l.rank() == 2);
-        CHECK(policy.checks() == 0);
+        CHECK(policy.checks() == 2);  // the checks of steps 1 and 2, none after the cut
+        CHECK(f.events("grow").empty());
         CHECK(f.events("truncate").size() == 1);
     }
 }
@@ -418,9 +439,15 @@ TEST_CASE(
 TEST_CASE("InRank stage 1 counted in epochs ends at the end of that epoch", "[policy][inrank]") {
     Fixture f({24, 24, 3});
     auto& ctx = f.ctx();
-    InRank<double> policy({.buffer = 3, .stage1_epochs = 2});
+    InRank<double> policy({.buffer = 3,
+                           .threshold = 0.01,  // the checks keep r = 2
+                           .warmup = 5,
+                           .gap = 5,
+                           .cadence = InRankCadence::optimizer_steps,
+                           .stage1_epochs = 2});
     policy.on_train_begin(ctx);
     Access::set_counters(ctx, 10, 0);
+    policy.after_step(ctx);  // a check
     policy.on_epoch_end(ctx);
     CHECK(policy.stage() == 1);
     Access::set_counters(ctx, 20, 1);
@@ -471,7 +498,13 @@ TEST_CASE("InRank rejects bad options with messages naming the option", "[policy
     CHECK_THROWS_WITH(InRank<double>({.threshold = 1.0}), Contains("threshold must be in (0, 1), got 1"));
     CHECK_THROWS_WITH(InRank<double>({.threshold = 0.0}), Contains("threshold must be in (0, 1), got 0"));
     CHECK_THROWS_WITH(InRank<double>({.warmup = -1}), Contains("warmup must be >= 0"));
-    CHECK_THROWS_WITH(InRank<double>({.gap = 0}), Contains("gap must be >= 1 optimizer step, got 0"));
+    CHECK_THROWS_WITH(InRank<double>({.gap = 0}), Contains("gap must be >= 1 (forward calls), got 0"));
+    CHECK_THROWS_WITH(InRank<double>({.gap = 0, .cadence = InRankCadence::optimizer_steps}),
+                      Contains("gap must be >= 1 (optimizer steps), got 0"));
+    CHECK_THROWS_WITH(InRank<double>({.forward_calls_per_step = 0}),
+                      Contains("forward_calls_per_step must be >= 1, got 0"));
+    CHECK_THROWS_WITH(InRank<double>({.buffer = 4, .grow = false}),
+                      Contains("grow = false") && Contains("expected buffer 0, got 4"));
     CHECK_THROWS_WITH(InRank<double>({.capacity = -2}), Contains("capacity must be >= 0"));
     CHECK_THROWS_WITH(InRank<double>({.init_scale = 0.0}), Contains("init_scale must be > 0, got 0"));
     CHECK_THROWS_WITH(InRank<double>({.keep_base = true, .init = InRankInit::dense_svd}),
@@ -494,6 +527,236 @@ TEST_CASE("InRank rejects bad options with messages naming the option", "[policy
                       Contains("capacity must be in [1, min(out, in) = 8], got 9"));
     InRank<double> nothing({.select = {.pattern = "encoder.*"}});
     CHECK_THROWS_WITH(nothing.on_train_begin(ctx), Contains("inrank") && Contains("matches no layer"));
+}
+
+TEST_CASE("InRank's forward-call cadence reproduces the authors' check steps", "[policy][inrank]") {
+    // The authors' layer: its counter grows on every forward call, and the check runs in
+    // the call when counter > warmup and counter % gap == 0. With F micro-batches per
+    // optimizer step, call c belongs to step ceil(c / F) and sees the weights after
+    // floor((c - 1) / F) optimizer steps. Their GPT-2 stage 1: F = 8, 130 steps, 200 / 25.
+    const auto authors = [](std::int64_t calls_per_step, std::int64_t steps, std::int64_t warmup,
+                            std::int64_t gap) {
+        std::vector<std::int64_t> seen;  // optimizer steps taken when each check runs
+        for (std::int64_t iter = 1; iter <= steps * calls_per_step; ++iter)
+            if (iter > warmup && iter % gap == 0) seen.push_back((iter - 1) / calls_per_step);
+        return seen;
+    };
+    const auto ours = [](std::int64_t calls_per_step, std::int64_t steps, std::int64_t warmup,
+                         std::int64_t gap) {
+        std::vector<std::int64_t> seen;
+        for (std::int64_t step = 0; step < steps; ++step)
+            for (std::int64_t k = inrank_checks_in_step(step, warmup, gap, calls_per_step); k > 0; --k)
+                seen.push_back(step);
+        return seen;
+    };
+    const auto gpt2 = authors(8, 130, 200, 25);
+    REQUIRE(gpt2.size() == 33);  // calls 225, 250, ..., 1025
+    CHECK(gpt2.front() == 28);
+    CHECK(gpt2[1] == 31);
+    CHECK(gpt2.back() == 128);
+    CHECK(ours(8, 130, 200, 25) == gpt2);
+    // Without accumulation a forward call is a step: the first check sees 224 steps.
+    CHECK(ours(1, 500, 200, 25) == authors(1, 500, 200, 25));
+    CHECK(ours(1, 500, 200, 25).front() == 224);
+    // gap < F: several checks in one step; warmup not a multiple of gap.
+    CHECK(ours(8, 40, 13, 3) == authors(8, 40, 13, 3));
+    CHECK(ours(3, 40, 0, 1) == authors(3, 40, 0, 1));
+
+    // The steps a stage 1 needs for its k-th check.
+    InRankOptions o{.forward_calls_per_step = 8};
+    CHECK(inrank_steps_for_checks(o, 1) == 29);
+    CHECK(inrank_steps_for_checks(o, 33) == 129);
+    CHECK(inrank_steps_for_checks(o, 34) == 132);  // call 1050: past the authors' 130 steps
+    CHECK(inrank_steps_for_checks(InRankOptions{}, 1) == 225);
+    CHECK(inrank_steps_for_checks(InRankOptions{.cadence = InRankCadence::optimizer_steps}, 4) == 300);
+
+    // Through a training run: the "check" events come at the authors' steps.
+    Fixture f({16, 24, 3});
+    auto& policy =
+        f.run->add<InRank<double>>({.buffer = 3, .forward_calls_per_step = 8, .stage1_steps = 130});
+    const MatrixD x = gaussian(8, 16, 71);
+    const std::vector<std::int32_t> y{0, 1, 2, 0, 1, 2, 0, 1};
+    for (int step = 0; step < 131; ++step)
+        f.run->step([&](Graph<double>& g) { return cross_entropy(g, f.model.forward(g, g.input(x)), y); });
+    std::vector<std::int64_t> steps;
+    for (const auto& e : f.events("check")) steps.push_back(e.step);
+    CHECK(steps == gpt2);
+    CHECK(policy.checks() == 33);
+    CHECK(policy.stage() == 2);
+}
+
+TEST_CASE("InRank records every check with its explained ratio, grown or not", "[policy][inrank]") {
+    Fixture f({24, 24, 24, 3});
+    auto& policy = f.run->add<InRank<double>>(
+        {.buffer = 3, .threshold = 0.95, .warmup = 2, .gap = 3, .two_stage = false});
+    const MatrixD x = gaussian(8, 24, 72);
+    const std::vector<std::int32_t> y{0, 1, 2, 0, 1, 2, 0, 1};
+    for (int step = 0; step < 30; ++step)
+        f.run->step([&](Graph<double>& g) { return cross_entropy(g, f.model.forward(g, g.input(x)), y); });
+    REQUIRE(policy.checks() == 10);  // calls 3, 6, ..., 30
+    const auto checks = f.events("check");
+    REQUIRE(checks.size() == 2 * 10);  // one per layer per check
+    std::size_t unchanged = 0;
+    for (std::size_t i = 0; i < checks.size(); ++i) {
+        const auto& e = checks[i];
+        CHECK(e.layer == (i % 2 == 0 ? "layers.0" : "layers.1"));
+        CHECK(e.step == static_cast<std::int64_t>(3 * (i / 2) + 2));
+        CHECK(e.statistic == "explained_ratio");
+        CHECK(std::isfinite(e.value));
+        CHECK(e.new_rank >= e.old_rank);
+        unchanged += e.new_rank == e.old_rank;
+    }
+    // A grow event accompanies exactly the checks that raised the rank.
+    CHECK(f.events("grow").size() == checks.size() - unchanged);
+    CHECK(unchanged > 0);
+    // The last check's ratio is the one the policy holds.
+    CHECK(checks[18].value == policy.layers()[0].explained_ratio);
+    CHECK(checks[19].value == policy.layers()[1].explained_ratio);
+}
+
+TEST_CASE("InRank with grow = false is the fixed-rank control: no buffer, no check, no growth",
+          "[policy][inrank]") {
+    Fixture f({24, 24, 3});
+    auto& policy = f.run->add<InRank<double>>({.initial_rank = 5, .warmup = 0, .gap = 1, .grow = false});
+    f.run->begin();
+    auto& l = f.layer(0);
+    CHECK(l.capacity() == 12);  // the growing run's factors, drawn alike
+    CHECK(l.rank() == 5);       // initial_rank active columns, no buffer
+    CHECK(policy.layers()[0].buffer == 0);
+    make_flat(l);  // a spectrum that would grow at every check
+    const MatrixD x = gaussian(8, 24, 73);
+    const std::vector<std::int32_t> y{0, 1, 2, 0, 1, 2, 0, 1};
+    for (int step = 0; step < 20; ++step)
+        f.run->step([&](Graph<double>& g) { return cross_entropy(g, f.model.forward(g, g.input(x)), y); });
+    CHECK(policy.checks() == 0);
+    CHECK(policy.ranks() == std::vector<Index>{5});
+    CHECK(l.rank() == 5);
+    CHECK(policy.stage() == 1);  // nothing to cut
+    CHECK(f.events("check").empty());
+    CHECK(f.events("grow").empty());
+    CHECK(f.events("truncate").empty());
+    // The same factors as a growing run with the same seed: only the growth differs.
+    Fixture g({24, 24, 3});
+    InRank<double> growing({.initial_rank = 5, .buffer = 3});
+    growing.on_train_begin(g.ctx());
+    Fixture h({24, 24, 3});
+    InRank<double> control({.initial_rank = 5, .grow = false});
+    control.on_train_begin(h.ctx());
+    CHECK(g.layer(0).U.value == h.layer(0).U.value);
+    CHECK(g.layer(0).V.value == h.layer(0).V.value);
+    // The initial rank may use the whole capacity.
+    Fixture k({24, 24, 3});
+    CHECK_NOTHROW(InRank<double>({.initial_rank = 12, .grow = false}).on_train_begin(k.ctx()));
+    Fixture m({24, 24, 3});
+    CHECK_THROWS_WITH(InRank<double>({.initial_rank = 13, .grow = false}).on_train_begin(m.ctx()),
+                      Catch::Contains("grow = false") && Catch::Contains("initial_rank 13 > capacity 12"));
+}
+
+TEST_CASE("InRank refuses a stage 1 that ends before its first rank check", "[policy][inrank][errors]") {
+    using Catch::Contains;
+    const auto run_with = [](std::int64_t steps_per_epoch, InRankOptions o) {
+        auto f = std::make_unique<Fixture>(std::vector<Index>{24, 24, 3});
+        f->run = std::make_unique<TrainingRun<double>>(f->model, *f->opt,
+                                                       RunOptions{.steps_per_epoch = steps_per_epoch});
+        f->run->add<InRank<double>>(std::move(o));
+        return f;
+    };
+    SECTION("lowrank-mlp --method inrank --batch 512: 118 steps an epoch, first check in step 225") {
+        auto f = run_with(118, {.buffer = 3});
+        CHECK_THROWS_WITH(f->run->begin(), Contains("InRank: stage 1 ends after 118 optimizer steps") &&
+                                               Contains("stage1_epochs = 1 of 118 steps") &&
+                                               Contains("at forward call 225, in optimizer step 225") &&
+                                               Contains("warmup = 200, gap = 25 forward calls") &&
+                                               Contains("forward_calls_per_step = 1") &&
+                                               Contains("cut to initial_rank = 2"));
+        CHECK(std::string(f->model.layers()[0].kind()) == "dense");  // nothing converted
+        // Two epochs hold the first check.
+        CHECK_NOTHROW(run_with(118, {.buffer = 3, .stage1_epochs = 2})->run->begin());
+        // So does the authors' cadence of 8 micro-batches per step.
+        CHECK_NOTHROW(run_with(118, {.buffer = 3, .forward_calls_per_step = 8})->run->begin());
+    }
+    SECTION("in optimizer steps, and with stage1_steps") {
+        auto f = run_with(0, {.buffer = 3, .cadence = InRankCadence::optimizer_steps, .stage1_steps = 224});
+        CHECK_THROWS_WITH(f->run->begin(),
+                          Contains("stage 1 ends after 224 optimizer steps (stage1_steps = 224)") &&
+                              Contains("after optimizer step 225"));
+        CHECK_NOTHROW(
+            run_with(0, {.buffer = 3, .cadence = InRankCadence::optimizer_steps, .stage1_steps = 225})
+                ->run->begin());
+        // In forward calls the check before call 225 is in step 225: stage 1 needs all 225.
+        CHECK_THROWS(run_with(0, {.buffer = 3, .stage1_steps = 224})->run->begin());
+        CHECK_NOTHROW(run_with(0, {.buffer = 3, .stage1_steps = 225})->run->begin());
+    }
+    SECTION("stage1_epochs without steps_per_epoch: refused at the cut") {
+        Fixture f({24, 24, 3});
+        InRank<double> policy({.buffer = 3});
+        policy.on_train_begin(f.ctx());
+        Access::set_counters(f.ctx(), 100, 0);
+        CHECK_THROWS_WITH(policy.on_epoch_end(f.ctx()), Contains("stage 1 ended after optimizer step 100") &&
+                                                            Contains("stage1_epochs = 1") &&
+                                                            Contains("before its first rank check"));
+        CHECK(policy.stage() == 1);
+    }
+    SECTION("the fixed-rank control has no stage 1 to check") {
+        CHECK_NOTHROW(run_with(118, {.grow = false})->run->begin());
+    }
+}
+
+TEST_CASE("InRank says at on_train_begin when its schedule cannot act within the run",
+          "[policy][inrank][errors]") {
+    using Catch::Contains;
+    const auto run_with = [](std::int64_t total_steps, InRankOptions o) {
+        auto f = std::make_unique<Fixture>(std::vector<Index>{24, 24, 3});
+        f->run =
+            std::make_unique<TrainingRun<double>>(f->model, *f->opt, RunOptions{.total_steps = total_steps});
+        f->run->add<InRank<double>>(std::move(o));
+        return f;
+    };
+    // No check at all: refused.
+    auto f = run_with(100, {.buffer = 3, .two_stage = false});
+    CHECK_THROWS_WITH(f->run->begin(),
+                      Contains("InRank: the run ends after 100 optimizer steps (total_steps)") &&
+                          Contains("at forward call 225") && Contains("no rank would ever grow"));
+    CHECK_NOTHROW(run_with(225, {.buffer = 3, .two_stage = false})->run->begin());
+    CHECK_NOTHROW(run_with(100, {.grow = false})->run->begin());
+    // Checks, but a cut after the run's end: a "schedule" event (the run ends in stage 1).
+    auto g = run_with(300, {.buffer = 3, .stage1_steps = 400});
+    g->run->begin();
+    const auto events = g->events("schedule");
+    REQUIRE(events.size() == 1);
+    CHECK(events[0].policy == "inrank");
+    CHECK(events[0].layer.empty());
+    CHECK(events[0].statistic == "stage1_end_step");
+    CHECK(events[0].value == 400.0);
+    auto h = run_with(400, {.buffer = 3, .stage1_steps = 400});
+    h->run->begin();
+    CHECK(h->events("schedule").empty());
+}
+
+TEST_CASE("InRank's efficient form records that it discards the layer's weight", "[policy][inrank]") {
+    SECTION("random factors: the whole weight") {
+        Fixture f({20, 32, 32, 4});
+        const MatrixD w = f.ctx().layers()[1].layer->dense_weight();
+        InRank<double>({.buffer = 3}).on_train_begin(f.ctx());
+        const auto discards = f.events("discard");
+        REQUIRE(discards.size() == 2);
+        CHECK(discards[1].layer == "layers.1");
+        CHECK(discards[1].policy == "inrank");
+        CHECK(discards[1].statistic == "discarded_energy");
+        CHECK(discards[1].value == Approx(w.squaredNorm()));
+    }
+    SECTION("dense SVD: what the rank-k start does not hold") {
+        Fixture f({20, 32, 32, 4});
+        const MatrixD w = f.ctx().layers()[1].layer->dense_weight();
+        InRank<double>({.buffer = 3, .init = InRankInit::dense_svd}).on_train_begin(f.ctx());
+        const auto s = linalg::singular_values<double>(w);
+        CHECK(f.events("discard")[1].value == Approx(s.tail(32 - 5).squaredNorm()));
+    }
+    SECTION("with a base nothing is discarded") {
+        Fixture f({20, 32, 32, 4});
+        InRank<double>({.buffer = 3, .keep_base = true}).on_train_begin(f.ctx());
+        CHECK(f.events("discard").empty());
+    }
 }
 
 }  // namespace test_inrank
