@@ -1,6 +1,8 @@
 // DeepLora: the compressed factorisation follows the wide one (fully observed target,
 // frozen outer bases), compression keeps the function, the outer bases are orthonormal,
-// the optimizer groups (inner at lr, outer at gamma * lr), and option errors.
+// the optimizer groups (inner at lr, outer at gamma * lr, the factors' own lr scale and
+// weight decay), the authors' defaults, their depth-2 LoRA init, the narrow random
+// ablation, the "discard" record without a base, and option errors.
 #include <catch2/catch.hpp>
 
 #include <lowrank/autograd/ops_loss.hpp>
@@ -16,6 +18,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -126,8 +129,13 @@ TEST_CASE("DeepLora compressed trajectory matches the wide one on a fully observ
     const Index d = 8;
     const MatrixD phi = rank_two_target(d, d, 11);
     const double eps = 0.05, lr = 0.05;
-    const DeepLoraOptions base{
-        .width = d, .epsilon = eps, .rank = 2, .gamma = 0.0, .keep_base = false, .seed = 7};
+    const DeepLoraOptions base{.width = d,
+                               .epsilon = eps,
+                               .rank = 2,
+                               .gamma = 0.0,
+                               .keep_base = false,
+                               .compress = true,
+                               .seed = 7};
     DeepLoraOptions wide_options = base, comp_options = base;
     wide_options.compress = false;
     Factorization wide(phi, wide_options, lr), comp(phi, comp_options, lr);
@@ -166,8 +174,9 @@ TEST_CASE("DeepLora builds the basis on the larger side, so a tall layer still f
     // out > in: the basis comes from dL/dW_L. Built from dL/dW_1 instead, Q would lie in the
     // 6-dimensional range of the initial product and miss the target's column space.
     const MatrixD phi = rank_two_target(10, 6, 21);
-    Factorization comp(phi, DeepLoraOptions{.epsilon = 0.05, .rank = 2, .gamma = 0.0, .keep_base = false},
-                       0.05);
+    Factorization comp(
+        phi, DeepLoraOptions{.epsilon = 0.05, .rank = 2, .gamma = 0.0, .keep_base = false, .compress = true},
+        0.05);
     for (int k = 0; k < 300; ++k) comp.step();
     REQUIRE(comp.policy.layers().size() == 1);
     CHECK(comp.policy.layers()[0].output_side);
@@ -179,7 +188,7 @@ TEST_CASE("DeepLora builds the basis on the larger side, so a tall layer still f
 TEST_CASE("DeepLora compression keeps the function and makes orthonormal outer bases", "[policy][deeplora]") {
     MlpFixture f;
     const MatrixD w0 = f.model.layers()[1].dense_weight();
-    auto& policy = f.start({.rank = 2, .seed = 9});
+    auto& policy = f.start({.rank = 2, .compress = true, .seed = 9});
     REQUIRE(policy.layers().size() == 2);  // the hidden layers 6 -> 8 and 8 -> 8
     CHECK(std::string(f.model.layers()[0].kind()) == "deep");
     CHECK(std::string(f.model.layers()[2].kind()) == "dense");  // the output layer is not selected
@@ -251,7 +260,12 @@ TEST_CASE("DeepLora puts inner factors at lr and outer bases at gamma * lr", "[p
         MlpFixture f;
         // eps = 0.1: with the default 1e-3 the factors' gradients (~eps^(L-1)) are near Adam's
         // own eps and its first update is not yet lr-sized.
-        auto& policy = f.start({.epsilon = 0.1, .rank = 2, .gamma = gamma, .seed = 9});
+        auto& policy = f.start({.epsilon = 0.1,
+                                .rank = 2,
+                                .gamma = gamma,
+                                .compress = true,
+                                .weight_decay = std::nullopt,  // the factors stay in group 0
+                                .seed = 9});
         f.step();  // measures the gradient and compresses
 
         auto& l = f.model.layers()[1].get<DeepLowRankLinear<double>>();
@@ -302,12 +316,124 @@ TEST_CASE("DeepLora without compression keeps training the wide factors", "[poli
     CHECK(f.log().size() == 2);  // the two init events
 }
 
-TEST_CASE("DeepLora without a base starts from the eps-sized product alone", "[policy][deeplora]") {
+TEST_CASE("DeepLora without a base starts from the eps-sized product alone and records the discard",
+          "[policy][deeplora]") {
     MlpFixture f;
+    const MatrixD w = f.model.layers()[1].dense_weight();
     f.start({.rank = 2, .keep_base = false});
     const auto& l = f.model.layers()[1].get<DeepLowRankLinear<double>>();
     CHECK_FALSE(l.has_base());
     CHECK(l.dense_weight().norm() == Approx(1e-9 * std::sqrt(8.0)).epsilon(1e-9));  // eps^3 times orthogonal
+    const auto events = f.log().of_layer("layers.1");
+    REQUIRE(events.size() == 2);
+    CHECK(events[1].event == "discard");
+    CHECK(events[1].policy == "deeplora");
+    CHECK(events[1].statistic == "discarded_energy");
+    CHECK(events[1].value == Approx(w.squaredNorm()));
+    // With a base nothing is discarded.
+    MlpFixture g;
+    g.start({});
+    for (const auto& e : g.log().events()) CHECK(e.event != "discard");
+}
+
+TEST_CASE("DeepLora's defaults are the authors' released configuration", "[policy][deeplora]") {
+    // deep-lora-transformers, dlt/configs.py: lora_depth 3, lora_init_scale 1e-3, lora_rank
+    // None (width max(m, n)), lora_compress False, lora_gamma 0, weight_decay 0.0.
+    const DeepLoraOptions o;
+    CHECK(o.depth == 3);
+    CHECK(o.epsilon == 1e-3);
+    CHECK(o.width == 0);
+    CHECK_FALSE(o.compress);
+    CHECK(o.gamma == 0.0);
+    CHECK(o.weight_decay == 0.0);
+    CHECK(o.lr_scale == 1.0);
+    CHECK(o.rank == 4);  // their compressed run (scripts/stsb_narrow.py): lora_rank 8 = 2r
+    CHECK(o.init == DeepLoraInit::orthogonal);
+
+    MlpFixture f;
+    auto& policy = f.start({});
+    REQUIRE(policy.layers().size() == 2);
+    CHECK(policy.layers()[0].width == 8);  // 6 -> 8: max(out, in), not min
+    CHECK(policy.layers()[1].width == 8);
+    // The factors train at lr without weight decay, in a group of their own; the biases keep theirs.
+    auto& opt = *f.opt;
+    auto& l = f.model.layers()[0].get<DeepLowRankLinear<double>>();
+    REQUIRE(opt.groups().size() == 3);
+    CHECK(opt.group(2).options.name == "deeplora");
+    CHECK(opt.group(2).options.lr == MlpFixture::lr);
+    CHECK(opt.group(2).options.weight_decay == 0.0);
+    for (const auto& factor : l.factors()) CHECK(opt.group_of(factor) == 2);
+    CHECK(opt.group_of(l.bias) == 1);
+    // The wide factors train on, uncompressed.
+    const MatrixD w1 = l.factors().front().value;
+    for (int k = 0; k < 3; ++k) f.step();
+    CHECK_FALSE(policy.compressed());
+    CHECK(policy.ranks() == std::vector<Index>{6, 8});
+    CHECK((l.factors().front().value - w1).norm() > 0.0);
+}
+
+TEST_CASE("DeepLora's lr_scale and weight_decay give the factors and the outer bases their lr",
+          "[policy][deeplora]") {
+    MlpFixture f;
+    auto& policy = f.start({.rank = 2, .gamma = 0.5, .compress = true, .lr_scale = 10.0, .weight_decay = 0.02});
+    auto& opt = *f.opt;
+    REQUIRE(opt.groups().size() == 3);
+    CHECK(opt.group(2).options.lr == Approx(10.0 * MlpFixture::lr));
+    CHECK(opt.group(2).options.weight_decay == 0.02);
+    f.step();  // compresses: the inner factors stay in group 2, P and Q go to group 3
+    REQUIRE(policy.outer_groups().size() == 1);
+    REQUIRE(policy.outer_groups().at(2) == 3);
+    CHECK(opt.group(3).options.lr == Approx(0.5 * 10.0 * MlpFixture::lr));
+    CHECK(opt.group(3).options.weight_decay == 0.02);
+    auto& l = f.model.layers()[1].get<DeepLowRankLinear<double>>();
+    CHECK(opt.group_of(l.factors()[1]) == 2);
+    CHECK(opt.group_of(l.factors().front()) == 3);
+    // Decay and lr equal to the weight's group's: no group of their own.
+    MlpFixture g;
+    g.start({.weight_decay = 0.1});
+    CHECK(g.opt->groups().size() == 2);
+    MlpFixture h;
+    h.start({.weight_decay = std::nullopt});
+    CHECK(h.opt->groups().size() == 2);
+}
+
+TEST_CASE("DeepLora's depth-2 LoRA init: N(0, 1) output-side factor, zero input-side factor",
+          "[policy][deeplora]") {
+    MlpFixture f;
+    const MatrixD w0 = f.model.layers()[1].dense_weight();
+    auto& policy = f.start({.depth = 2, .width = 4, .init = DeepLoraInit::lora, .seed = 3});
+    auto& l = f.model.layers()[1].get<DeepLowRankLinear<double>>();
+    REQUIRE(l.factors().size() == 2);
+    const MatrixD a = l.factors().front().value, b = l.factors().back().value;
+    CHECK(a.rows() == 4);
+    CHECK(a.isZero(0.0));
+    CHECK(b.rows() == 8);
+    CHECK(b.cols() == 4);
+    const double mean = b.mean(), var = (b.array() - mean).square().mean();
+    CHECK(std::abs(mean) < 0.5);  // 32 draws of N(0, 1)
+    CHECK(var > 0.4);
+    CHECK(var < 2.5);
+    CHECK(l.dense_weight() == w0);  // the update starts at exactly zero, no alpha / r scale
+    // The first step moves the zero factor only: the other one's gradient is zero.
+    f.step();
+    CHECK_FALSE(l.factors().front().value.isZero(0.0));
+    CHECK(l.factors().back().value == b);
+    CHECK(policy.ranks() == std::vector<Index>{4, 4});
+}
+
+TEST_CASE("DeepLora's narrow random ablation: width 2r, uncompressed, every factor trained",
+          "[policy][deeplora]") {
+    // The authors' scripts/stsb_narrow.py compares the compressed run with one of width
+    // lora_rank = 2r from a random orthogonal init and no compression.
+    MlpFixture f;
+    auto& policy = f.start({.width = 4, .rank = 2});
+    f.step();
+    CHECK_FALSE(policy.compressed());
+    CHECK(policy.ranks() == std::vector<Index>{4, 4});
+    for (const auto& factor : f.model.layers()[1].get<DeepLowRankLinear<double>>().factors()) {
+        CHECK(factor.trainable);
+        CHECK(factor.rows() <= 8);
+    }
 }
 
 TEST_CASE("DeepLora rejects bad options", "[policy][deeplora][errors]") {
@@ -321,15 +447,23 @@ TEST_CASE("DeepLora rejects bad options", "[policy][deeplora][errors]") {
                       Catch::Contains("gamma") && Catch::Contains("-0.1"));
     CHECK_THROWS_WITH(DeepLora<double>(DeepLoraOptions{.gamma = std::numeric_limits<double>::infinity()}),
                       Catch::Contains("gamma"));
+    CHECK_THROWS_WITH(DeepLora<double>(DeepLoraOptions{.lr_scale = 0.0}),
+                      Catch::Contains("lr_scale") && Catch::Contains("got 0"));
+    CHECK_THROWS_WITH(DeepLora<double>(DeepLoraOptions{.weight_decay = -1.0}),
+                      Catch::Contains("weight_decay") && Catch::Contains("got -1"));
+    CHECK_THROWS_WITH(DeepLora<double>(DeepLoraOptions{.init = DeepLoraInit::lora}),
+                      Catch::Contains("init = lora") && Catch::Contains("needs depth 2, got depth 3"));
+    CHECK_THROWS_WITH(DeepLora<double>(DeepLoraOptions{.depth = 2, .compress = true, .init = DeepLoraInit::lora}),
+                      Catch::Contains("init = lora cannot be compressed"));
 
     MlpFixture f;
     auto& ctx = f.ctx();
     // 2r = 8 > min(out, in) = 6 for layers.0: nothing is converted.
-    DeepLora<double> too_wide(DeepLoraOptions{.rank = 4});
+    DeepLora<double> too_wide(DeepLoraOptions{.rank = 4, .compress = true});
     CHECK_THROWS_WITH(too_wide.on_train_begin(ctx),
                       Catch::Contains("rank") && Catch::Contains("layers.0") && Catch::Contains("got r = 4"));
     CHECK(std::string(f.model.layers()[1].kind()) == "dense");
-    DeepLora<double> narrow(DeepLoraOptions{.width = 3, .rank = 2});
+    DeepLora<double> narrow(DeepLoraOptions{.width = 3, .rank = 2, .compress = true});
     CHECK_THROWS_WITH(narrow.on_train_begin(ctx), Catch::Contains("width 3"));
     DeepLora<double> no_group(DeepLoraOptions{.factor_group = 7});
     CHECK_THROWS_WITH(no_group.on_train_begin(ctx),
@@ -337,7 +471,7 @@ TEST_CASE("DeepLora rejects bad options", "[policy][deeplora][errors]") {
     DeepLora<double> nothing(DeepLoraOptions{.select = {.pattern = "attn.*"}});
     CHECK_THROWS_WITH(nothing.on_train_begin(ctx),
                       Catch::Contains("deeplora") && Catch::Contains("matches no layer"));
-    DeepLora<double> early;
+    DeepLora<double> early(DeepLoraOptions{.compress = true});
     CHECK_THROWS_WITH(early.after_backward(ctx), Catch::Contains("before on_train_begin"));
 }
 

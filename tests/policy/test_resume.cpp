@@ -299,7 +299,8 @@ Setup deep_lora_setup(double gamma = 0.01) {
     return {.name = gamma > 0.0 ? "deeplora" : "deeplora-gamma0",
             .sizes = {8, 12, 12, 3},
             .policies = [gamma](PolicyList<double>& l) {
-                l.add<DeepLora<double>>(DeepLoraOptions{.rank = 2, .gamma = gamma, .seed = 15});
+                l.add<DeepLora<double>>(
+                    DeepLoraOptions{.rank = 2, .gamma = gamma, .compress = true, .seed = 15});
             }};
 }
 

@@ -5,12 +5,20 @@
 //
 // At on_train_begin every selected layer becomes a DeepLowRankLinear: W = W0 + W_L ... W_1
 // with W0 the layer's current weight, frozen (keep_base), or W = W_L ... W_1 alone; each
-// factor is a random orthogonal matrix times epsilon, of width w. The claim of the paper is
-// that such a factorisation moves only inside 2r-dimensional subspaces, so (compress) at the
-// first step the policy swaps it for the compressed form Q W~_L ... W~_1 P^T with 2r x 2r
-// inner factors W~_l = eps * I, built from that step's gradient (DeepLowRankLinear::compress).
+// factor is a random orthogonal matrix times epsilon, of width w (init = orthogonal), or,
+// for the authors' depth-2 LoRA baseline (init = lora), the output-side factor N(0, 1) and
+// the input-side factor 0. The factors train in a group of their own when lr_scale or
+// weight_decay differ from the layer weight's group. The claim of the paper is that such a
+// factorisation moves only inside 2r-dimensional subspaces, so (compress) at the first step
+// the policy swaps it for the compressed form Q W~_L ... W~_1 P^T with 2r x 2r inner
+// factors W~_l = eps * I, built from that step's gradient (DeepLowRankLinear::compress).
 // The inner factors stay in the factor group (lr); P^T and Q go to a group that the policy
 // creates with lr gamma * lr (gamma = 0 freezes them).
+//
+// The defaults are the authors' released configuration (deep-lora-transformers,
+// dlt/configs.py): depth 3, epsilon 1e-3, width max(out, in), no compression, gamma 0,
+// no weight decay on the factors. Their one compressed run (scripts/stsb_narrow.py) uses
+// a compressed width 8 (rank 4 here), lr 1e-2 and gamma 1e-2 (docs/methods/deep_lora.md).
 //
 // The first step is spent measuring the gradient: in after_backward of the first step the
 // wide factors are replaced by new parameters that have no gradient yet, so the optimizer
@@ -20,16 +28,12 @@
 // Where this differs from the authors' code and why:
 //  - The authors compute the gradient with a separate pass over one batch before training;
 //    here it is the gradient of the first training step, which the trainer already computes.
-//  - They always build the basis from dL/dW_1. For a layer with out > in the basis is built
-//    from dL/dW_L instead (see DeepLowRankLinear::compress): the basis taken from the product
-//    is confined to its initial range, which on the smaller side is everything but on the
-//    larger side is not, and with frozen bases a tall layer could then never fit its target.
-//  - Default width: the layer's min(out, in) (the authors: max(out, in) for adapters, the
-//    matrix size for completion). With min the end-to-end product at init has full rank
-//    min(out, in) either way, and the wide factors cost less.
-//  - gamma defaults to 0.01 (the authors' adapter default is 0): frozen bases are exact only
-//    for fully observed targets, and a mini-batch gradient is noisy (docs/methods/
-//    deep_lora.md, "Choosing the options").
+//  - The basis is built from the gradient of the factor on the layer's larger side (dL/dW_1
+//    when in >= out, dL/dW_L when out > in, see DeepLowRankLinear::compress), the factor
+//    that is square at the authors' width max(out, in), as in their code; here the rule
+//    holds at any width.
+//  - A layer without a base (keep_base = false) discards the model's weight; the policy
+//    records that as a "discard" event in the rank log.
 
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/init.hpp>
@@ -51,15 +55,34 @@
 
 namespace lowrank {
 
+/// How the factors of the deep factorisation start.
+enum class DeepLoraInit {
+    /// Every factor a random orthogonal matrix times epsilon (the authors' for depth >= 3).
+    orthogonal,
+    /// Depth 2 only, the authors' LoRA baseline: the output-side factor W_2 (out x w) N(0, 1),
+    /// the input-side factor W_1 (w x in) zero, no alpha / r scale; epsilon is not used.
+    lora,
+};
+
+/// Options of DeepLora; each default is the authors' (deep-lora-transformers, dlt/configs.py)
+/// unless its comment says otherwise.
 struct DeepLoraOptions {
     LayerSelector select{.pattern = ".*", .roles = {"hidden"}};
-    Index depth = 3;        // L >= 2 factors
-    Index width = 0;        // w of the wide factorisation; 0 = the layer's min(out, in)
-    double epsilon = 1e-3;  // scale of the orthogonal init of every factor
-    Index rank = 8;         // r: the compressed inner factors are 2r x 2r (2r <= min(out, in, w))
-    double gamma = 0.01;    // lr of the outer bases P, Q = gamma * lr of the factor group; 0 freezes them
+    Index depth = 3;        // L >= 2 factors (authors: lora_depth 3)
+    Index width = 0;        // w of the wide factorisation; 0 = the layer's max(out, in) (authors:
+                            // lora_rank None); their few-shot runs: w = lora_rank = 8, uncompressed
+    double epsilon = 1e-3;  // scale of the orthogonal init of every factor (authors: lora_init_scale)
+    Index rank = 4;         // r: the compressed inner factors are 2r x 2r (2r <= min(out, in, w));
+                            // the authors' compressed run: lora_rank 8 = 2r
+    double gamma = 0.0;     // lr of the outer bases P, Q = gamma * lr of the factor group; 0 freezes
+                            // them (authors: lora_gamma 0; their compressed run: 1e-2)
     bool keep_base = true;  // W = W0 + W_L...W_1 with W0 = the layer's weight, frozen; false: W = W_L...W_1
-    bool compress = true;   // compress to width 2r at the first step (false: train the wide factors)
+    bool compress = false;  // compress to width 2r at the first step (authors: lora_compress False)
+    DeepLoraInit init = DeepLoraInit::orthogonal;  // lora: the authors' depth-2 baseline
+    double lr_scale = 1.0;  // the factors' lr = lr_scale * the lr of their group (> 0); the outer
+                            // bases then train at gamma * that
+    std::optional<double> weight_decay = 0.0;                // the factors' weight decay (authors: 0); unset:
+                                                             // the factor group's
     std::optional<std::size_t> factor_group = std::nullopt;  // optimizer group of the factors;
                                                              // default: the layer weight's group
     std::uint64_t seed = 0;                                  // seeds the factors' orthogonal init
@@ -83,12 +106,22 @@ public:
     explicit DeepLora(DeepLoraOptions options = {}) : options_(std::move(options)), rng_(options_.seed) {
         const auto& o = options_;
         check(o.depth >= 2, "DeepLora", "option depth: expected >= 2, got ", o.depth);
-        check(o.width >= 0, "DeepLora", "option width: expected >= 0 (0 = min(out, in)), got ", o.width);
+        check(o.width >= 0, "DeepLora", "option width: expected >= 0 (0 = max(out, in)), got ", o.width);
         check(std::isfinite(o.epsilon) && o.epsilon > 0.0, "DeepLora", "option epsilon: expected > 0, got ",
               o.epsilon);
         check(o.rank >= 1, "DeepLora", "option rank: expected >= 1, got ", o.rank);
         check(std::isfinite(o.gamma) && o.gamma >= 0.0, "DeepLora",
               "option gamma: expected a finite value >= 0 (0 freezes P and Q), got ", o.gamma);
+        check(std::isfinite(o.lr_scale) && o.lr_scale > 0.0, "DeepLora",
+              "option lr_scale: expected a finite value > 0, got ", o.lr_scale);
+        check(!o.weight_decay || (std::isfinite(*o.weight_decay) && *o.weight_decay >= 0.0), "DeepLora",
+              "option weight_decay: expected a finite value >= 0 (or unset: the group's), got ",
+              o.weight_decay.value_or(0.0));
+        check(o.init != DeepLoraInit::lora || o.depth == 2, "DeepLora",
+              "option init = lora (the authors' depth-2 LoRA baseline) needs depth 2, got depth ", o.depth);
+        check(o.init != DeepLoraInit::lora || !o.compress, "DeepLora",
+              "option init = lora cannot be compressed (its zero factor gives no basis; the authors compress "
+              "depth >= 3 only): set compress = false");
     }
 
     std::string_view name() const override { return "deeplora"; }
@@ -122,11 +155,20 @@ public:
                                                           .epsilon = options_.epsilon,
                                                           .bias = bias != nullptr,
                                                           .base = options_.keep_base});
-            if (options_.keep_base) layer.base.value = slot.dense_weight();
+            if (options_.init == DeepLoraInit::lora) {
+                layer.factors().front().value.setZero();
+                init::normal<T>(layer.factors().back().value, rng_);
+            }
+            const Matrix<T> weight = slot.dense_weight();
+            if (options_.keep_base) layer.base.value = weight;
             if (bias) layer.bias.value = *bias;
-            ctx.replace_layer(slot, std::move(layer), options_.factor_group);
+            const std::size_t group = factor_group_for(ctx, slot);
+            ctx.replace_layer(slot, std::move(layer), group);
             states_.push_back(LayerState{.name = slot.name(), .slot = &slot, .width = w});
             ctx.record(name(), slot.name(), "init", old_rank, slot.rank(), "width", static_cast<double>(w));
+            if (!options_.keep_base)
+                ctx.record(name(), slot.name(), "discard", old_rank, slot.rank(), "discarded_energy",
+                           static_cast<double>(weight.squaredNorm()));
         }
     }
 
@@ -297,7 +339,31 @@ private:
     }
 
     Index width_for(const AnyLinear<T>& l) const {
-        return options_.width > 0 ? options_.width : std::min(l.in_features(), l.out_features());
+        return options_.width > 0 ? options_.width : std::max(l.in_features(), l.out_features());
+    }
+
+    /// The group the factors of `slot` join: `factor_group` or the layer weight's, or a
+    /// group derived from it ("<name>.deeplora") when lr_scale or weight_decay differ from
+    /// it, created on first use (one per source group; on_train_begin creates them in the
+    /// same order on a resumed run, before restore).
+    std::size_t factor_group_for(TrainingContext<T>& ctx, AnyLinear<T>& slot) {
+        Optimizer<T>& opt = ctx.optimizer();
+        // As replace_layer: the group of the old layer's first parameter (its weight).
+        const ParameterList<T> params = slot.parameters();
+        const std::size_t source = options_.factor_group ? *options_.factor_group
+                                   : params.empty()      ? 0
+                                                         : opt.group_of(*params.front());
+        const GroupOptions in = opt.group(source).options;  // a copy: add_group may reallocate
+        const double decay = options_.weight_decay.value_or(in.weight_decay);
+        if (options_.lr_scale == 1.0 && decay == in.weight_decay) return source;
+        if (const auto it = factor_groups_.find(source); it != factor_groups_.end()) return it->second;
+        opt.add_group(
+            {}, GroupOptions{.lr = options_.lr_scale * in.lr,
+                             .weight_decay = decay,
+                             .name = in.name.empty() ? std::string("deeplora") : in.name + ".deeplora"});
+        const std::size_t g = opt.groups().size() - 1;
+        factor_groups_.emplace(source, g);
+        return g;
     }
 
     /// The group of the outer bases that belong with factor group `inner`, created on first use.
@@ -318,6 +384,7 @@ private:
     Rng rng_;
     std::vector<LayerState> states_;
     std::map<std::size_t, std::size_t> outer_groups_;
+    std::map<std::size_t, std::size_t> factor_groups_;  // source group -> the factors' own group
     bool done_ = false;
 };
 
