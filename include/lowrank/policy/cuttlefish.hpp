@@ -306,6 +306,19 @@ public:
         switch_step_ = switch_epoch_ = -1;
         factor_group_.reset();
         const auto selected = ctx.select(options_.select, name());
+        // A layer is stable only with `window` history entries: a run with fewer tracking
+        // points can never switch (it would be dense training under another name).
+        const std::int64_t every =
+            options_.track_every_steps > 0 ? options_.track_every_steps : ctx.steps_per_epoch();
+        if (ctx.total_steps() > 0 && every > 0) {
+            const std::int64_t points = ctx.total_steps() / every;
+            check(points >= options_.window, "Cuttlefish", "the run's ", ctx.total_steps(),
+                  " optimizer steps (total_steps) hold ", points, " tracking point(s), one every ", every,
+                  options_.track_every_steps > 0 ? " steps (track_every_steps)" : " steps (an epoch)",
+                  ", but a layer needs window = ", options_.window,
+                  " before it can be called stable: the run could never switch to low rank; lower window or "
+                  "track more often");
+        }
         for (std::size_t i = 0; i < selected.size(); ++i) {
             AnyLinear<T>& slot = *selected[i]->layer;
             check(slot.template holds<Linear<T>>(), "Cuttlefish", "layer '", slot.name(),

@@ -109,7 +109,13 @@ public:
 
     std::string_view name() const override { return "relora"; }
 
-    void on_train_begin(TrainingContext<T>& ctx) override { adapters_.convert(ctx); }
+    /// Refuses a run that ends before the first restart (it would be LoRA), then converts.
+    void on_train_begin(TrainingContext<T>& ctx) override {
+        check(ctx.total_steps() == 0 || ctx.total_steps() >= options_.period, "ReLora", "the run has ",
+              ctx.total_steps(), " optimizer steps (total_steps) but the first restart comes after step ",
+              options_.period, " (option period): the run would be plain LoRA; lower period or use Lora");
+        adapters_.convert(ctx);
+    }
 
     /// The restarts done, the step of the last one, the generator of the V draws and each
     /// converted layer's structure.

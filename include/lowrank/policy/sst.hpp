@@ -219,6 +219,11 @@ public:
         }
         last_sample_step_ = -1;
         last_round_step_ = -1;
+        // A run no longer than one iteration trains the first sample's pairs only: legitimate
+        // for a short run, so it is recorded rather than refused (docs/methods/README.md).
+        if (ctx.total_steps() > 0 && ctx.total_steps() <= options_.iteration_steps)
+            ctx.record(name(), "", "schedule", 0, 0, "iteration_steps",
+                       static_cast<double>(options_.iteration_steps));
     }
 
     /// At an iteration start: draw and activate r pairs per layer, carry the optimizer
