@@ -133,7 +133,8 @@ def write_docs(runs, args, unigram, svg_ok):
         f"{args.batch} x {args.context} tokens ({tokens:,} tokens), AdamW lr {args.lr} with warm-up and cosine "
         f"decay, seed {args.seed}; {args.jobs} run(s) at a time, {args.threads} thread(s) each, GEMM: "
         f"{any_run.get('gemm', 'eigen')}. The low-rank methods act on the MLP projections "
-        "(mlp_fc, mlp_proj) at rank n_embd / 4 (InRank and Cuttlefish choose their own); attention, embeddings "
+        "(mlp_fc, mlp_proj) at rank n_embd / 4 (InRank and Cuttlefish choose their own, Deep LoRA trains "
+        "uncompressed full-width factors, the authors' default); attention, embeddings "
         "and norms stay dense. Validation: the same windows of held-out text for every method.",
         "",
         table(runs, unigram),

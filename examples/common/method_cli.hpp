@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace lowrank::examples {
 
@@ -25,94 +26,169 @@ struct MethodConfig {
     LoraOptions lora{};
     ReLoraOptions relora{};
     InRankOptions inrank{};
+    std::string inrank_cadence = "forward_calls";
     CuttlefishOptions cuttlefish{};
     SstOptions sst{};
     std::string sst_sampling = "mixed";
     DeepLoraOptions deeplora{};
+    std::string deeplora_init = "orthogonal";
+    double deeplora_weight_decay = 0.0;  // DeepLoraOptions::weight_decay (the authors': 0)
 };
 
-/// Adds --method, --rank and every method's options to `app`, bound to `m`.
+/// Adds --method, --rank and every method's options to `app`, bound to `m`; each method's
+/// options form an option group of their own in --help.
 inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string& rank_default_help) {
     app.add_option("--method", m.method, "How the selected layers are trained (docs/methods/)")
         ->check(CLI::IsMember(method_names()))
         ->capture_default_str();
     app.add_option("--rank", m.rank,
-                   "Rank of the low-rank methods (lora, relora, sst, deeplora); 0: " + rank_default_help)
+                   "Rank of the low-rank methods (lora, relora, sst; deeplora with --deeplora-compress: the "
+                   "compressed width 2r); 0: " +
+                       rank_default_help)
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
-    app.add_option("--lora-alpha", m.lora.alpha,
-                   "lora, relora: alpha, the factors' scale is alpha / rank (default: rank)");
-    app.add_option("--relora-period", m.relora.period, "relora: optimizer steps between merges")
+
+    CLI::Option_group* lora = app.add_option_group("lora", "LoRA and ReLoRA (docs/methods/lora.md)");
+    lora->add_option("--lora-alpha", m.lora.alpha,
+                     "lora, relora: alpha, the factors' scale is alpha / rank (default: rank)");
+    CLI::Option_group* relora = app.add_option_group("relora", "ReLoRA (docs/methods/relora.md)");
+    relora->add_option("--relora-period", m.relora.period, "relora: optimizer steps between merges")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
-    app.add_option("--relora-rewarm", m.relora.rewarm_steps, "relora: LR re-warm-up steps after a merge")
+    relora->add_option("--relora-rewarm", m.relora.rewarm_steps, "relora: LR re-warm-up steps after a merge")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
-    app.add_option("--inrank-threshold", m.inrank.threshold, "inrank: explained ratio alpha to reach")
+
+    CLI::Option_group* inrank = app.add_option_group("inrank", "InRank (docs/methods/inrank.md)");
+    inrank->add_option("--inrank-threshold", m.inrank.threshold, "inrank: explained ratio alpha to reach")
         ->check(CLI::Range(0.0, 1.0))
         ->capture_default_str();
-    app.add_option("--inrank-buffer", m.inrank.buffer, "inrank: buffer columns b (0: max(2, d / 8))")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--inrank-warmup", m.inrank.warmup, "inrank: optimizer steps before the first rank check")
-        ->check(CLI::NonNegativeNumber)
-        ->capture_default_str();
-    app.add_option("--inrank-gap", m.inrank.gap, "inrank: optimizer steps between rank checks")
+    inrank->add_option("--inrank-initial-rank", m.inrank.initial_rank, "inrank: rank r at the start")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
-    app.add_option("--inrank-stage1-steps", m.inrank.stage1_steps,
-                   "inrank: optimizer steps of rank growth before the cut to fixed rank (0: count "
-                   "--inrank-stage1-epochs instead)")
+    inrank->add_option("--inrank-buffer", m.inrank.buffer, "inrank: buffer columns b (0: max(2, d / 8))")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
-    app.add_option("--inrank-stage1-epochs", m.inrank.stage1_epochs,
-                   "inrank: epochs of rank growth before the cut to fixed rank (0: grow throughout)")
+    inrank->add_option("--inrank-warmup", m.inrank.warmup,
+                       "inrank: forward calls (or optimizer steps, see --inrank-cadence) before the first "
+                       "rank check")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
-    app.add_option("--cuttlefish-window", m.cuttlefish.window, "cuttlefish: EMA span w and fewest history entries")
+    inrank->add_option("--inrank-gap", m.inrank.gap,
+                       "inrank: forward calls (or optimizer steps) between rank checks")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
-    app.add_option("--cuttlefish-tail", m.cuttlefish.tail, "cuttlefish: derivatives averaged, L <= w")
+    inrank->add_option("--inrank-cadence", m.inrank_cadence,
+                       "inrank: the unit of --inrank-warmup and --inrank-gap: forward_calls (the "
+                       "authors') or optimizer_steps")
+        ->check(CLI::IsMember({"forward_calls", "optimizer_steps"}))
+        ->capture_default_str();
+    inrank->add_option("--inrank-forward-calls-per-step", m.inrank.forward_calls_per_step,
+                       "inrank: forward calls per optimizer step the cadence counts (the authors' GPT-2 "
+                       "runs: 8 micro-batches)")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
-    app.add_option("--cuttlefish-threshold", m.cuttlefish.threshold, "cuttlefish: tau, ranks per tracking point")
+    inrank->add_option("--inrank-stage1-steps", m.inrank.stage1_steps,
+                       "inrank: optimizer steps of rank growth before the cut to fixed rank (0: count "
+                       "--inrank-stage1-epochs instead)")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
-    app.add_option("--cuttlefish-track-steps", m.cuttlefish.track_every_steps,
-                   "cuttlefish: track stable ranks every N steps (0: every epoch)")
+    inrank->add_option("--inrank-stage1-epochs", m.inrank.stage1_epochs,
+                       "inrank: epochs of rank growth before the cut to fixed rank (0: grow throughout)")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
-    app.add_option("--cuttlefish-frobenius", m.cuttlefish.frobenius_decay,
-                   "cuttlefish: Frobenius decay lambda on the factors after the switch (0: off)")
+    inrank->add_flag("!--inrank-no-grow", m.inrank.grow,
+                     "inrank: the fixed-rank control: --inrank-initial-rank columns, no buffer, no rank "
+                     "check");
+    inrank->add_flag("--inrank-keep-base", m.inrank.keep_base,
+                     "inrank: keep the layer's weight as a frozen base W0 + U V^T (default: the efficient "
+                     "form U V^T, which discards it)");
+
+    CLI::Option_group* cuttlefish =
+        app.add_option_group("cuttlefish", "Cuttlefish (docs/methods/cuttlefish.md)");
+    cuttlefish->add_option("--cuttlefish-window", m.cuttlefish.window,
+                           "cuttlefish: EMA span w and fewest history entries")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    cuttlefish->add_option("--cuttlefish-tail", m.cuttlefish.tail, "cuttlefish: derivatives averaged, L <= w")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    cuttlefish->add_option("--cuttlefish-threshold", m.cuttlefish.threshold,
+                           "cuttlefish: tau, ranks per tracking point")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
-    app.add_option("--cuttlefish-min-speedup", m.cuttlefish.min_speedup,
-                   "cuttlefish: factorize a layer only if dense / low-rank FLOPs reach this")
+    cuttlefish->add_option("--cuttlefish-track-steps", m.cuttlefish.track_every_steps,
+                           "cuttlefish: track stable ranks every N steps (0: every epoch)")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
-    app.add_option("--sst-sampling", m.sst_sampling, "sst: how the active singular vectors are drawn")
+    cuttlefish->add_option("--cuttlefish-frobenius", m.cuttlefish.frobenius_decay,
+                           "cuttlefish: Frobenius decay lambda on the factors after the switch (0: off)")
+        ->check(CLI::NonNegativeNumber)
+        ->capture_default_str();
+    cuttlefish->add_option("--cuttlefish-min-speedup", m.cuttlefish.min_speedup,
+                           "cuttlefish: factorize a layer only if dense / low-rank FLOPs reach this")
+        ->check(CLI::NonNegativeNumber)
+        ->capture_default_str();
+
+    CLI::Option_group* sst = app.add_option_group("sst", "SST (docs/methods/sst.md)");
+    sst->add_option("--sst-sampling", m.sst_sampling, "sst: how the active singular vectors are drawn")
         ->check(CLI::IsMember({"sigma", "mixed", "uniform"}))
         ->capture_default_str();
-    app.add_option("--sst-iteration-steps", m.sst.iteration_steps, "sst: T3, optimizer steps per iteration")
+    sst->add_option("--sst-iteration-steps", m.sst.iteration_steps, "sst: T3, optimizer steps per iteration")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
-    app.add_option("--sst-round-iterations", m.sst.round_iterations,
-                   "sst: T2, iterations per round before a re-SVD (0: ceil(d / rank))")
+    sst->add_option("--sst-round-iterations", m.sst.round_iterations,
+                    "sst: T2, iterations per round before a re-SVD (0: ceil(d / rank))")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
-    app.add_option("--sst-rewarm", m.sst.rewarm_steps, "sst: LR re-warm-up steps at each iteration start")
+    sst->add_option("--sst-rewarm", m.sst.rewarm_steps, "sst: LR re-warm-up steps at each iteration start")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
-    app.add_option("--deeplora-depth", m.deeplora.depth, "deeplora: factors L of the deep factorization")
+
+    CLI::Option_group* deeplora = app.add_option_group("deeplora", "Deep LoRA (docs/methods/deep_lora.md)");
+    deeplora->add_option("--deeplora-depth", m.deeplora.depth, "deeplora: factors L of the factorization")
         ->check(CLI::Range(Index{2}, Index{16}))
         ->capture_default_str();
-    app.add_option("--deeplora-epsilon", m.deeplora.epsilon, "deeplora: scale of the orthogonal init")
-        ->check(CLI::PositiveNumber)
-        ->capture_default_str();
-    app.add_option("--deeplora-gamma", m.deeplora.gamma,
-                   "deeplora: lr multiplier of the outer bases after compression (0: frozen)")
+    deeplora->add_option("--deeplora-width", m.deeplora.width,
+                         "deeplora: width w of the factors (0: max(out, in), the authors' default); "
+                         "--deeplora-width 2r without --deeplora-compress is the narrow random ablation")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
+    deeplora->add_option("--deeplora-epsilon", m.deeplora.epsilon, "deeplora: scale of the orthogonal init")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    deeplora->add_option("--deeplora-init", m.deeplora_init,
+                         "deeplora: orthogonal (every factor eps-orthogonal) or lora (depth 2: the authors' "
+                         "LoRA baseline, N(0, 1) and zero factors)")
+        ->check(CLI::IsMember({"orthogonal", "lora"}))
+        ->capture_default_str();
+    deeplora->add_flag("--deeplora-compress", m.deeplora.compress,
+                       "deeplora: compress to width --rank (2r) at the first step; the bases P, Q stay "
+                       "frozen unless --deeplora-gamma > 0 (the authors' compressed run: "
+                       "--deeplora-lr-scale 100 --deeplora-gamma 0.01, docs/methods/deep_lora.md)");
+    deeplora->add_option("--deeplora-gamma", m.deeplora.gamma,
+                         "deeplora: lr multiplier of the outer bases after compression (0: frozen)")
+        ->check(CLI::NonNegativeNumber)
+        ->capture_default_str();
+    deeplora->add_option("--deeplora-lr-scale", m.deeplora.lr_scale,
+                         "deeplora: the factors' lr as a multiple of --lr")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    deeplora->add_option("--deeplora-weight-decay", m.deeplora_weight_decay,
+                         "deeplora: weight decay of the factors")
+        ->check(CLI::NonNegativeNumber)
+        ->capture_default_str();
+    deeplora->add_flag("!--deeplora-no-base", m.deeplora.keep_base,
+                       "deeplora: W = W_L...W_1 alone, discarding the layer's weight (default: W0 + "
+                       "W_L...W_1)");
+}
+
+/// m.inrank with the options bound as text (the cadence) applied.
+inline InRankOptions inrank_options(const MethodConfig& m) {
+    InRankOptions o = m.inrank;
+    o.cadence = m.inrank_cadence == "optimizer_steps" ? InRankCadence::optimizer_steps
+                                                      : InRankCadence::forward_calls;
+    return o;
 }
 
 /// The policies of m.method acting on the layers `select` names (none for dense).
@@ -136,7 +212,7 @@ PolicyList<T> make_policies(const MethodConfig& m, Index default_rank, const Lay
         o.seed = seed;
         list.template add<ReLora<T>>(o);
     } else if (m.method == "inrank") {
-        auto o = m.inrank;  // InRank chooses its own ranks: --rank does not apply
+        auto o = inrank_options(m);  // InRank chooses its own ranks: --rank does not apply
         o.two_stage = o.stage1_steps > 0 || o.stage1_epochs > 0;
         o.select = select;
         o.seed = seed;
@@ -157,7 +233,9 @@ PolicyList<T> make_policies(const MethodConfig& m, Index default_rank, const Lay
         list.template add<Sst<T>>(o);
     } else if (m.method == "deeplora") {
         auto o = m.deeplora;
-        o.rank = std::max<Index>(1, rank / 2);  // 2r wide: the update's rank stays <= rank
+        o.rank = std::max<Index>(1, rank / 2);  // compressed 2r wide: the update's rank stays <= rank
+        o.init = m.deeplora_init == "lora" ? DeepLoraInit::lora : DeepLoraInit::orthogonal;
+        o.weight_decay = m.deeplora_weight_decay;
         o.select = select;
         o.seed = seed;
         list.template add<DeepLora<T>>(o);

@@ -10,14 +10,28 @@
 #include <cstdlib>
 #include <set>
 #include <string>
+#include <vector>
 
 namespace lowrank::examples {
 
-/// {"--option": value, ...} for every option of `app` not in `ignore` (and not --help). A
-/// value that reads as a number is stored as one, so "1e-3" and "0.001" agree.
+namespace detail {
+/// The options of `app` and of its option groups (nameless subcommands, such as each
+/// method's group in method_cli.hpp), which CLI::App::get_options leaves out.
+inline void all_options(const CLI::App& app, std::vector<const CLI::Option*>& out) {
+    for (const CLI::Option* o : app.get_options()) out.push_back(o);
+    for (const CLI::App* group : app.get_subcommands([](const CLI::App* s) { return s->get_name().empty(); }))
+        all_options(*group, out);
+}
+}  // namespace detail
+
+/// {"--option": value, ...} for every option of `app` and its option groups not in
+/// `ignore` (and not --help). A value that reads as a number is stored as one, so "1e-3"
+/// and "0.001" agree.
 inline nlohmann::json options_identity(const CLI::App& app, const std::set<std::string>& ignore) {
     nlohmann::json out = nlohmann::json::object();
-    for (const CLI::Option* o : app.get_options()) {
+    std::vector<const CLI::Option*> options;
+    detail::all_options(app, options);
+    for (const CLI::Option* o : options) {
         const std::string name = o->get_name();
         if (name == "--help" || ignore.count(name)) continue;
         std::string value;

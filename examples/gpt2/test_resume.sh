@@ -13,8 +13,8 @@ cd "$work"
 "$tokenize" --vocab "$vocab" --out text --val-fraction 0.2 "$text" > tokenize.json
 
 for method in dense lora sst inrank; do
-    # SST starts an iteration every 2 steps; InRank checks its ranks every 2 steps from step 2
-    # and cuts to fixed rank at step 4, after the resume at step 3.
+    # SST starts an iteration every 2 steps; InRank checks its ranks in its 4th forward call
+    # (step 4, just after the resume at step 3) and cuts to fixed rank after step 4.
     common=(--config mini --batch 2 --context 16 --steps 8 --eval-every 2 --eval-windows 4 --warmup-steps 2
             --method "$method" --rank 8 --seed 3 --threads 1 --data text --quiet
             --sst-iteration-steps 2 --sst-rewarm 1 --inrank-warmup 2 --inrank-gap 2 --inrank-stage1-steps 4)
