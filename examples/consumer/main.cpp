@@ -103,11 +103,9 @@ int main() {
                     static_cast<long long>(net.mixer.rank()), net.mixer.kind());
     }
 
-    int grown = 0, switched = 0;
-    for (const auto& e : run.rank_log().events()) {
-        grown += e.policy == "inrank" && e.event == "grow";
-        switched += e.policy == "cuttlefish" && e.event == "switch";
-    }
+    // Only InRank grows and only Cuttlefish switches.
+    const auto grown = static_cast<int>(run.rank_log().of_event("grow").size());
+    const auto switched = static_cast<int>(run.rank_log().of_event("switch").size());
     std::printf(
         "lowrank consumer: loss %.4f -> %.4f; %zu rank events (InRank grew %d time(s), Cuttlefish "
         "switched %d layer(s)); %lld of %lld parameters trainable\n",

@@ -5,13 +5,7 @@
 # uninterrupted run ends: a byte-identical final checkpoint and rank log, the same
 # evaluation lines with each step once, and no temporary file left behind.
 #   test_kill.sh LOWRANK_GPT2 LOWRANK_TOKENIZE VOCAB_DIR TEXT_FILE WORK_DIR
-set -euo pipefail
-gpt2="$(realpath "$1")" tokenize="$(realpath "$2")" vocab="$(realpath "$3")" text="$(realpath "$4")" work="$5"
-[[ -f "$vocab/encoder.json" ]] || { echo "missing $vocab/encoder.json: run scripts/setup.sh" >&2; exit 1; }
-rm -rf "$work"
-mkdir -p "$work"
-cd "$work"
-"$tokenize" --vocab "$vocab" --out text --val-fraction 0.2 "$text" > tokenize.json
+source "$(dirname "${BASH_SOURCE[0]}")/test_setup.sh" "$@"
 
 common=(--config mini --batch 2 --context 16 --steps 20 --eval-every 2 --eval-windows 4 --warmup-steps 2
         --method sst --rank 8 --seed 3 --threads 1 --data text --quiet --sst-iteration-steps 2 --sst-rewarm 1

@@ -4,13 +4,7 @@
 # field) and a byte-identical final checkpoint. A resume that changes the method or a
 # setting that changes the trajectory is refused, naming the setting.
 #   test_resume.sh LOWRANK_GPT2 LOWRANK_TOKENIZE VOCAB_DIR TEXT_FILE WORK_DIR
-set -euo pipefail
-gpt2="$(realpath "$1")" tokenize="$(realpath "$2")" vocab="$(realpath "$3")" text="$(realpath "$4")" work="$5"
-[[ -f "$vocab/encoder.json" ]] || { echo "missing $vocab/encoder.json: run scripts/setup.sh" >&2; exit 1; }
-rm -rf "$work"
-mkdir -p "$work"
-cd "$work"
-"$tokenize" --vocab "$vocab" --out text --val-fraction 0.2 "$text" > tokenize.json
+source "$(dirname "${BASH_SOURCE[0]}")/test_setup.sh" "$@"
 
 for method in dense lora sst inrank; do
     # SST starts an iteration every 2 steps; InRank checks its ranks in its 4th forward call

@@ -78,12 +78,7 @@ struct Fixture {
         Graph<double> g;
         return model.forward(g, g.input(x)).value();
     }
-    std::vector<RankEvent> events(const std::string& kind) const {
-        std::vector<RankEvent> out;
-        for (const auto& e : run->rank_log().events())
-            if (e.event == kind) out.push_back(e);
-        return out;
-    }
+    std::vector<RankEvent> events(const std::string& kind) const { return run->rank_log().of_event(kind); }
 };
 
 }  // namespace

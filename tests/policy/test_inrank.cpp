@@ -64,12 +64,7 @@ struct Fixture {
             if (p->trainable) p->grad = gaussian(p->rows(), p->cols(), seed++);
         opt->step();
     }
-    std::vector<RankEvent> events(const std::string& kind) const {
-        std::vector<RankEvent> out;
-        for (const auto& e : log().events())
-            if (e.event == kind) out.push_back(e);
-        return out;
-    }
+    std::vector<RankEvent> events(const std::string& kind) const { return log().of_event(kind); }
 };
 
 // Orthonormal capacity columns: every active prefix of U V^T has all its singular values 1.

@@ -35,12 +35,7 @@ struct Fixture {
         run = std::make_unique<TrainingRun<double>>(
             model, *opt, RunOptions{.steps_per_epoch = steps_per_epoch, .total_steps = total_steps});
     }
-    std::vector<RankEvent> events(const std::string& kind) const {
-        std::vector<RankEvent> out;
-        for (const auto& e : run->rank_log().events())
-            if (e.event == kind) out.push_back(e);
-        return out;
-    }
+    std::vector<RankEvent> events(const std::string& kind) const { return run->rank_log().of_event(kind); }
 };
 
 }  // namespace

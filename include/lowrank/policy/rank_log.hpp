@@ -58,6 +58,13 @@ public:
             if (e.layer == layer) out.push_back(e);
         return out;
     }
+    /// The events of one kind ("grow", "switch", ...), in order.
+    std::vector<RankEvent> of_event(const std::string& event) const {
+        std::vector<RankEvent> out;
+        for (const auto& e : events_)
+            if (e.event == event) out.push_back(e);
+        return out;
+    }
 
     /// One event as JSON (the shape at the top of this file).
     static nlohmann::json to_json(const RankEvent& e) {

@@ -26,6 +26,7 @@
 
 #include <lowrank/autograd/graph.hpp>
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/json_read.hpp>
 #include <lowrank/core/parameter.hpp>
 #include <lowrank/core/rng.hpp>
 #include <lowrank/io/checkpoint.hpp>
@@ -125,67 +126,58 @@ inline std::string identity_difference(const nlohmann::json& saved, const nlohma
                                        const std::string& path, const std::vector<std::string>& allowed) {
     for (const auto& a : allowed)
         if (!path.empty() && (path == a || path.starts_with(a + ".") || path.starts_with(a + "["))) return {};
-    const auto excerpt = [](const nlohmann::json* v) {
-        if (v == nullptr) return std::string("nothing");
-        std::string s = v->dump();
-        return s.size() > 120 ? s.substr(0, 117) + "..." : s;
-    };
-    const auto differ = [&](const nlohmann::json* a, const nlohmann::json* b) {
-        return concat("'", path, "': the checkpoint has ", excerpt(a), ", this run has ", excerpt(b));
-    };
+    // A key on one side only is compared with null, which names it as "null".
+    static const nlohmann::json missing = nullptr;
     if (saved.is_object() && now.is_object()) {
         std::set<std::string> keys;
         for (const auto& [k, v] : saved.items()) keys.insert(k);
         for (const auto& [k, v] : now.items()) keys.insert(k);
         for (const auto& k : keys) {
-            const std::string sub = path.empty() ? k : path + "." + k;
             const auto a = saved.find(k);
             const auto b = now.find(k);
-            if (a == saved.end() || b == now.end()) {
-                bool skip = false;
-                for (const auto& al : allowed) skip = skip || sub == al || sub.starts_with(al + ".");
-                if (skip) continue;
-                return concat("'", sub, "': the checkpoint has ", excerpt(a == saved.end() ? nullptr : &*a),
-                              ", this run has ", excerpt(b == now.end() ? nullptr : &*b));
-            }
-            std::string d = identity_difference(*a, *b, sub, allowed);
+            std::string d =
+                identity_difference(a == saved.end() ? missing : *a, b == now.end() ? missing : *b,
+                                    path.empty() ? k : path + "." + k, allowed);
             if (!d.empty()) return d;
         }
         return {};
     }
+    // Arrays of arrays or objects are walked, so that the message names the entry; an array
+    // of plain values (a shape) is reported whole.
     const auto flat = [](const nlohmann::json& a) {
         return std::all_of(a.begin(), a.end(), [](const nlohmann::json& v) { return v.is_primitive(); });
     };
-    if (saved.is_array() && now.is_array() && !(flat(saved) && flat(now))) {
-        if (saved.size() != now.size())
-            return concat("'", path, "': the checkpoint has ", saved.size(), " entries, this run has ",
-                          now.size(), " (checkpoint ", excerpt(&saved), ", this run ", excerpt(&now), ")");
+    if (saved.is_array() && now.is_array() && saved.size() == now.size() && !(flat(saved) && flat(now))) {
         for (std::size_t i = 0; i < saved.size(); ++i) {
             std::string d = identity_difference(saved[i], now[i], concat(path, "[", i, "]"), allowed);
             if (!d.empty()) return d;
         }
         return {};
     }
-    return saved == now ? std::string() : differ(&saved, &now);
+    if (saved == now) return {};
+    return concat("'", path, "': the checkpoint has ", json_value_excerpt(saved, 120), ", this run has ",
+                  json_value_excerpt(now, 120));
 }
 
 /// The tape in evaluation mode (no gradients, no dropout) for as long as it lives.
 template <class T>
 class EvalScope {
 public:
-    explicit EvalScope(Graph<T>& g) : g_(g) {
+    explicit EvalScope(Graph<T>& g) : g_(g), grad_enabled_(g.grad_enabled()), training_(g.training()) {
         g_.set_grad_enabled(false);
         g_.set_training(false);
     }
-    ~EvalScope() {
-        g_.set_grad_enabled(true);
-        g_.set_training(true);
+    ~EvalScope() {  // back to what it was, so scopes nest
+        g_.set_grad_enabled(grad_enabled_);
+        g_.set_training(training_);
     }
     EvalScope(const EvalScope&) = delete;
     EvalScope& operator=(const EvalScope&) = delete;
 
 private:
     Graph<T>& g_;
+    bool grad_enabled_;
+    bool training_;
 };
 
 }  // namespace detail
@@ -567,7 +559,8 @@ private:
     void check_finite(std::string_view when) {
         for (const Parameter<T>* p : params_)
             if (!p->value.allFinite())
-                throw Error(detail::concat("TrainingRun: parameter '", p->name(), "' has non-finite values ", when));
+                throw Error(
+                    detail::concat("TrainingRun: parameter '", p->name(), "' has non-finite values ", when));
     }
 
     void refresh_parameters() {
