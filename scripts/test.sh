@@ -4,6 +4,8 @@
 #   bash scripts/test.sh          release preset: build, ctest, then install into
 #                                 build/install and build + run examples/consumer against it
 #   bash scripts/test.sh --asan   asan preset (AddressSanitizer + UBSan): build, ctest
+#   bash scripts/test.sh --all    what CI runs (.ci/run): the two above, then a short
+#                                 fuzzing run of every reader (scripts/fuzz.sh, 20 s each)
 #
 # Exits non-zero on the first failure.
 set -euo pipefail
@@ -19,10 +21,20 @@ mode=release
 for arg in "$@"; do
     case "$arg" in
         --asan) mode=asan ;;
+        --all) mode=all ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "test: unknown option '$arg' (try --help)" >&2; exit 2 ;;
     esac
 done
+
+if [[ "$mode" == all ]]; then
+    all_start=$SECONDS
+    bash "${BASH_SOURCE[0]}"
+    bash "${BASH_SOURCE[0]}" --asan
+    bash scripts/fuzz.sh --budget 20 --jobs 2
+    printf '\ntest.sh --all: all passed in %ds\n' $((SECONDS - all_start))
+    exit 0
+fi
 
 section_name=""
 section_start=0
