@@ -14,9 +14,9 @@
 // A step is, in this order and nowhere else spelled out:
 //
 //     policies.before_forward -> clear the tape -> the caller's loss -> non-finite check
-//     -> zero_grad -> backward -> policies.after_backward -> gradient norm (non-finite
-//     check) -> clip -> schedule -> optimizer step -> counters -> policies.after_step
-//     -> at an epoch's end: policies.on_epoch_end -> callbacks
+//     -> zero_grad -> backward -> [gradient reducer] -> policies.after_backward -> gradient
+//     norm (non-finite check) -> clip -> schedule -> optimizer step -> counters
+//     -> policies.after_step -> at an epoch's end: policies.on_epoch_end -> callbacks
 //
 // The counters (optimizer steps, epoch, steps into the epoch) are the run's; policies read
 // them through the TrainingContext. With steps_per_epoch set, the run ends each epoch
@@ -36,6 +36,7 @@
 #include <lowrank/optim/schedule.hpp>
 #include <lowrank/policy/rank_log.hpp>
 #include <lowrank/policy/rank_policy.hpp>
+#include <lowrank/train/gradient_reducer.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -253,6 +254,14 @@ public:
         every_.push_back({n, std::move(f)});
     }
 
+    /// Hands every step's gradients and loss to `reducer` after backward (data-parallel
+    /// training: <lowrank/dist/data_parallel.hpp>). Before the first step only; it must
+    /// outlive the run.
+    void set_gradient_reducer(GradientReducer<T>& reducer) {
+        check(!stepped_, "TrainingRun::set_gradient_reducer", "set the reducer before the first step");
+        reducer_ = &reducer;
+    }
+
     /// A generator the caller's loop draws from (data order, augmentation): saved and
     /// restored with the run, under `name`. It must outlive the run.
     void track_rng(const std::string& name, Rng& rng) {
@@ -299,10 +308,17 @@ public:
             throw Error(detail::concat("TrainingRun::step: expected the loss to be a (1 x 1) scalar, got ",
                                        shape_string(loss.rows(), loss.cols())));
         r.loss = static_cast<double>(loss.item());
-        if (!std::isfinite(r.loss)) return non_finite(r, start, "loss");
+        // With a reducer, one process's non-finite loss must reach the others before anyone
+        // leaves the step, or they would wait for it in the reduction.
+        const bool finite_loss = std::isfinite(r.loss);
+        if (!finite_loss && reducer_ == nullptr) return non_finite(r, start, "loss");
 
         optimizer_->zero_grad();
-        graph_.backward(loss);
+        if (finite_loss) graph_.backward(loss);
+        if (reducer_ != nullptr) {
+            r.loss = reducer_->reduce(params_, r.loss);
+            if (!std::isfinite(r.loss)) return non_finite(r, start, "loss");
+        }
         policies_.after_backward(ctx_);
         refresh_if_changed();
         r.grad_norm = grad_global_norm(params_);
@@ -625,6 +641,7 @@ private:
     std::vector<std::unique_ptr<RunCallback<T>>> callbacks_;
     std::vector<Every> every_;
     std::vector<TrackedRng> rngs_;
+    GradientReducer<T>* reducer_ = nullptr;
     StepResult last_;
     std::int64_t steps_in_epoch_ = 0;
     std::int64_t skipped_ = 0;
