@@ -8,10 +8,17 @@
 //
 // Exit codes: 0 success, 1 runtime error (missing or malformed data, non-finite loss),
 // 2 bad command line.
+//
+// Under `mpirun -np P` (a build with LOWRANK_WITH_MPI) P processes train one model on the
+// same global batches of --batch samples, each its shard (docs/distributed.md); process 0
+// alone prints, logs and writes the rank log, and the result reports the bytes each step
+// all-reduced.
 
 #include <lowrank/lowrank.hpp>
 #include <lowrank/data/batching.hpp>
 #include <lowrank/data/idx.hpp>
+#include <lowrank/dist/data_parallel.hpp>
+#include <lowrank/dist/mpi.hpp>
 #include <lowrank/optim/optim.hpp>
 #include <lowrank/policy/policies.hpp>
 #include <lowrank/train/evaluate.hpp>
@@ -92,14 +99,15 @@ std::vector<std::string> layer_kinds(const Model& model) {
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-int train(const Config& cfg) {
+int train(const Config& cfg, const lowrank::Communicator& world) {
     const auto wall_start = Clock::now();
+    const bool root = world.is_root();
     lowrank::tune_allocator();
     lowrank::set_num_threads(cfg.threads);
 
     // Open the log first, so that a bad path fails before seconds of loading.
     std::optional<lowrank::MetricsLog> log;
-    if (!cfg.log.empty()) log.emplace(cfg.log);
+    if (!cfg.log.empty() && root) log.emplace(cfg.log);
 
     const auto data = lowrank::load_mnist_like<float>(cfg.data);
     const lowrank::Index features = data.train.images.cols();
@@ -144,26 +152,30 @@ int train(const Config& cfg) {
                                      .identity = cfg.identity});
     run.add(lowrank::examples::make_policies<float>(cfg.method, cfg.hidden / 4,
                                                      lowrank::LayerSelector{.roles = {"hidden"}}, rng.next_u64()));
-    run.begin();
+    // Data-parallel over the job's processes (one without MPI): each step's gradients are
+    // averaged over the shards of the global batch; the replicas start from process 0's.
+    lowrank::DataParallel<float> dp(run, world);
+    dp.broadcast_parameters();  // runs begin()
     const lowrank::Index params = parameter_count(model);
     const lowrank::Index trainable = trainable_count(model);
     const std::string rank_log_path =
         cfg.rank_log.empty() && cfg.method.method != "dense" ? "lowrank-mlp-" + cfg.method.method + ".ranks.jsonl" : cfg.rank_log;
-    if (!rank_log_path.empty()) lowrank::check_writable(rank_log_path, "--rank-log");
+    if (!rank_log_path.empty() && root) lowrank::check_writable(rank_log_path, "--rank-log");
+    const bool quiet = cfg.quiet || !root;
 
-    if (!cfg.quiet) {
+    if (!quiet) {
         std::string arch;
         for (std::size_t i = 0; i < mlp_options.sizes.size(); ++i)
             arch += (i ? "-" : "") + std::to_string(mlp_options.sizes[i]);
         std::fprintf(stderr,
                      "lowrank-mlp: %lld train / %lld test samples, model %s, method %s, %lld parameters "
-                     "(%lld trainable), %lld steps/epoch, %d thread(s)\n",
+                     "(%lld trainable), %lld steps/epoch, %d process(es) x %d thread(s)\n",
                      static_cast<long long>(train_n), static_cast<long long>(data.test.size()), arch.c_str(),
                      cfg.method.method.c_str(), static_cast<long long>(params), static_cast<long long>(trainable),
-                     static_cast<long long>(steps_per_epoch), cfg.threads);
+                     static_cast<long long>(steps_per_epoch), world.size(), cfg.threads);
     }
     run.attach<lowrank::ProgressCallback<float>>(lowrank::ProgressCallback<float>::Options{
-        .bar = {.enabled = !cfg.quiet}, .samples_per_step = cfg.batch, .epochs = cfg.epochs});
+        .bar = {.enabled = !quiet}, .samples_per_step = cfg.batch, .epochs = cfg.epochs});
 
     lowrank::ClassifierEvaluator<float> evaluator(1000);
     lowrank::Matrix<float> xb;
@@ -176,8 +188,11 @@ int train(const Config& cfg) {
         double loss_sum = 0.0;
         std::int64_t seen = 0;
         for (std::span<const lowrank::Index> idx : batcher.epoch(epoch)) {
-            lowrank::gather_rows(data.train.images, idx, xb);
-            lowrank::gather_rows(data.train.labels, idx, yb);
+            // Every process draws the same global batch and reads its own rows of it.
+            const lowrank::Shard shard = dp.shard(static_cast<lowrank::Index>(idx.size()));
+            const auto mine = idx.subspan(static_cast<std::size_t>(shard.begin), static_cast<std::size_t>(shard.count));
+            lowrank::gather_rows(data.train.images, mine, xb);
+            lowrank::gather_rows(data.train.labels, mine, yb);
             const lowrank::StepResult r = run.step(
                 [&](lowrank::Graph<float>& g) { return lowrank::cross_entropy(g, model.forward(g, g.input(xb)), yb); });
             lr_now = r.lr;
@@ -189,13 +204,20 @@ int train(const Config& cfg) {
         const double epoch_seconds = seconds_since(epoch_start);
         train_seconds += epoch_seconds;
         train_loss = loss_sum / static_cast<double>(seen);
-        if (!rank_log_path.empty()) run.rank_log().write_jsonl(rank_log_path);
+        if (!rank_log_path.empty() && root) run.rank_log().write_jsonl(rank_log_path);
 
+        // Each process evaluates its shard of the test set; the sums are combined. The
+        // replicas are compared at every evaluation (a difference throws, naming it).
         const auto eval_start = Clock::now();
-        test = evaluator(model, data.test.images, data.test.labels);
+        const lowrank::Shard part = lowrank::shard_of(data.test.size(), world.rank(), world.size());
+        test = dp.combine(evaluator(
+            model, data.test.images.middleRows(part.begin, part.count),
+            std::span<const std::int32_t>(data.test.labels).subspan(static_cast<std::size_t>(part.begin),
+                                                                    static_cast<std::size_t>(part.count))));
+        dp.check_replicas();
         eval_seconds += seconds_since(eval_start);
 
-        if (!cfg.quiet)
+        if (!quiet)
             std::fprintf(stderr,
                          "epoch %2d/%d  train_loss %.4f  test_loss %.4f  test_acc %.2f%%  lr %.2e  %.2f s  "
                          "%.0f samples/s\n",
@@ -246,17 +268,24 @@ int train(const Config& cfg) {
     result["schedule"] = cfg.schedule;
     result["seed"] = cfg.seed;
     result["threads"] = cfg.threads;
+    result["processes"] = world.size();
+    // What one step all-reduces (the trainable gradients in use at the end, and the loss),
+    // whatever the number of processes; 0 calls with one process in a build without MPI.
+    result["allreduce_bytes_per_step"] = dp.bytes_per_step();
+    result["allreduce_seconds"] = dp.stats().seconds;
     result["train_seconds"] = train_seconds;
     result["eval_seconds"] = eval_seconds;
     result["wall_seconds"] = seconds_since(wall_start);
     result["samples_per_second"] = train_seconds > 0 ? samples / train_seconds : 0.0;
-    std::cout << result.dump() << std::endl;
+    if (root) std::cout << result.dump() << std::endl;
     return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+    // Before the command line: MPI may take its own arguments out of argv.
+    lowrank::MpiEnvironment mpi(&argc, &argv);
     Config cfg;
     CLI::App app{"Train a ReLU MLP on Fashion-MNIST (IDX files) with AdamW and a warm-up + cosine schedule.\n"
                  "Progress goes to stderr; the last line of stdout is a JSON object with the result.",
@@ -305,12 +334,17 @@ int main(int argc, char** argv) {
     }
 
     cfg.identity = lowrank::examples::options_identity(app, {"--log", "--quiet", "--rank-log"});
+    // With several processes an error ends the job (the others would wait for this one).
+    const auto fail = [&](const std::string& message) {
+        if (mpi.world().size() > 1) mpi.fail("lowrank-mlp: " + message);
+        std::cerr << "lowrank-mlp: error: " << message << "\n";
+    };
     try {
-        return train(cfg);
+        return train(cfg, mpi.world());
     } catch (const std::bad_alloc&) {
-        std::cerr << "lowrank-mlp: error: out of memory (try a smaller --hidden or --batch)\n";
+        fail("out of memory (try a smaller --hidden or --batch)");
     } catch (const std::exception& e) {
-        std::cerr << "lowrank-mlp: error: " << e.what() << "\n";
+        fail(e.what());
     }
     return 1;
 }

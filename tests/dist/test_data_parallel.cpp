@@ -150,7 +150,7 @@ TEST_CASE("dp: the averaged gradient and loss of the shards are one process's on
     const Index trainable = dp.run->parameter_count(true);
     CHECK(dp.dp->bytes_per_step() == static_cast<std::uint64_t>(trainable + 1) * sizeof(double));
     CHECK(dp.dp->stats().steps == 5);
-    CHECK(dp.dp->stats().buckets_per_step == 1);
+    CHECK(dp.dp->stats().buckets_per_step == (world().size() > 1 ? 1 : 0));  // one process sends nothing
     CHECK(dp.dp->stats().layouts == 1);  // laid out once: a steady step allocates nothing here
 }
 
@@ -163,8 +163,9 @@ TEST_CASE("dp: small buckets give the same sums in more calls", "[dist]") {
     }
     CHECK(max_difference(big.values(), small.values()) == 0.0);
     const auto n = static_cast<std::int64_t>(small.dp->stats().scalars_per_step);
-    CHECK(small.dp->stats().buckets_per_step == (n + 99) / 100);
-    CHECK(small.dp->stats().calls == 3 * ((n + 99) / 100));
+    const std::int64_t calls = world().size() > 1 ? (n + 99) / 100 : 0;
+    CHECK(small.dp->stats().buckets_per_step == calls);
+    CHECK(small.dp->stats().calls == 3 * calls);
 }
 
 TEST_CASE("dp: a frozen base never travels; a LoRA layer sends its factors", "[dist]") {

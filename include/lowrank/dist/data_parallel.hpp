@@ -74,7 +74,7 @@ struct DataParallelOptions {
 /// What the reductions sent, for the bytes-per-step report (docs/distributed.md).
 struct CommunicationStats {
     std::int64_t steps = 0;      // steps reduced
-    std::int64_t calls = 0;      // MPI_Allreduce calls, all steps
+    std::int64_t calls = 0;      // MPI_Allreduce calls, all steps (none with one process)
     std::uint64_t bytes = 0;     // payload summed (scalars x sizeof), all steps
     Index scalars_per_step = 0;  // gradients (+ the loss) in the last step's buffer
     std::int64_t buckets_per_step = 0;
@@ -143,6 +143,10 @@ public:
     double reduce(const ParameterList<T>& params, double local_loss) override {
         const auto start = std::chrono::steady_clock::now();
         if (!layout_matches(params)) lay_out(params);
+        if (comm_.size() == 1) {  // the whole batch is here: nothing to add, nothing to copy
+            count_step(0, start);
+            return local_loss;
+        }
         const T w = static_cast<T>(weight_);
         for (const Entry& e : entries_) {
             T* dst = flat_.data() + e.offset;
@@ -167,12 +171,7 @@ public:
             else
                 e.p->grad.leftCols(e.active) = Eigen::Map<const Matrix<T>>(src, e.rows, e.active);
         }
-        stats_.steps += 1;
-        stats_.calls += calls;
-        stats_.bytes += flat_.size() * sizeof(T);
-        stats_.scalars_per_step = static_cast<Index>(flat_.size());
-        stats_.buckets_per_step = calls;
-        stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        count_step(calls, start);
         return static_cast<double>(flat_.back());
     }
 
@@ -247,6 +246,15 @@ private:
         Index rows, cols, active;
         std::size_t offset;
     };
+
+    void count_step(std::int64_t calls, std::chrono::steady_clock::time_point start) {
+        stats_.steps += 1;
+        stats_.calls += calls;
+        stats_.bytes += calls > 0 ? flat_.size() * sizeof(T) : 0;
+        stats_.scalars_per_step = static_cast<Index>(flat_.size());
+        stats_.buckets_per_step = calls;
+        stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
 
     static std::uint64_t layout_hash(const Parameter<T>& p) {
         const std::int64_t dims[2] = {p.rows(), p.cols()};
