@@ -9,7 +9,14 @@
 //
 // Exit codes: 0 success, 1 runtime error (missing or malformed data, non-finite loss),
 // 2 bad command line.
+//
+// Under `mpirun -np P` (a build with LOWRANK_WITH_MPI) P processes train one model on the
+// same global batches of --batch windows, each its shard, and evaluate a shard of the
+// validation windows each (docs/distributed.md); process 0 alone prints, logs and writes
+// checkpoints, and a checkpoint resumes on any number of processes.
 
+#include <lowrank/dist/data_parallel.hpp>
+#include <lowrank/dist/mpi.hpp>
 #include <lowrank/lowrank.hpp>
 
 #include "common/cli_checks.hpp"
@@ -28,6 +35,7 @@
 #include <iostream>
 #include <new>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -65,8 +73,9 @@ double seconds_since(Clock::time_point t0) {
     return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-int train(Config cfg) {
+int train(Config cfg, const lowrank::Communicator& world) {
     const auto wall_start = Clock::now();
+    const bool root = world.is_root();
     lowrank::tune_allocator();
     lowrank::set_num_threads(cfg.threads);
 #ifdef LOWRANK_EXAMPLE_OPENBLAS
@@ -82,11 +91,11 @@ int train(Config cfg) {
     const std::string rank_log = cfg.rank_log.empty() && cfg.method.method != "dense"
                                      ? "lowrank-gpt2-" + cfg.method.method + ".ranks.jsonl"
                                      : cfg.rank_log;
-    if (!cfg.save.empty()) lowrank::check_writable(cfg.save, "--save");
-    if (!rank_log.empty()) lowrank::check_writable(rank_log, "--rank-log");
+    if (!cfg.save.empty() && root) lowrank::check_writable(cfg.save, "--save");
+    if (!rank_log.empty() && root) lowrank::check_writable(rank_log, "--rank-log");
     lowrank::check(!cfg.save.empty() || (cfg.save_every == 0 && cfg.stop_at == 0), "--save-every / --stop-at",
                    "they need --save (where the checkpoints go)");
-    if (!cfg.log.empty()) lowrank::check_writable(cfg.log, "--log");
+    if (!cfg.log.empty() && root) lowrank::check_writable(cfg.log, "--log");
     lowrank::Rng rng(cfg.seed);
     lowrank::TokenWindows train(lowrank::read_tokens(cfg.data + ".train.bin"),
                                 {.batch = cfg.batch, .context = cfg.context, .seed = rng.next_u64()});
@@ -123,6 +132,9 @@ int train(Config cfg) {
     run.add(
         lowrank::examples::make_policies<float>(cfg.method, mc.n_embd / 4, {.roles = roles}, policy_seed));
     run.track_rng("train", train.rng());
+    // Data-parallel over the job's processes (one without MPI): the same global batch on
+    // every process, each step's gradients averaged over the shards.
+    lowrank::DataParallel<float> dp(run, world);
     // The training loss since the last evaluation is saved too: a resumed run reports the
     // same numbers as an uninterrupted one.
     double interval_loss = 0.0;
@@ -149,19 +161,20 @@ int train(Config cfg) {
     // The metrics log: on a resume, its lines past the checkpoint's step (written before a
     // crash) go, so each evaluation appears once.
     std::optional<lowrank::MetricsLog> log;
-    if (!cfg.log.empty()) {
+    if (!cfg.log.empty() && root) {
         if (!cfg.resume.empty()) lowrank::MetricsLog::truncate_after_step(cfg.log, run.global_step());
         log.emplace(cfg.log, cfg.resume.empty() ? lowrank::MetricsLog::Mode::truncate
                                                 : lowrank::MetricsLog::Mode::append);
     }
-    run.begin();
+    dp.broadcast_parameters();  // runs begin(); the replicas start from process 0's weights
+    cfg.quiet = cfg.quiet || !root;
     // A method that discards the layers' weights (InRank's efficient form, Deep LoRA without
     // a base) says so in the rank log; loaded weights would otherwise be lost without a word.
     if (!cfg.init_from.empty()) {
         std::string discarded;
         for (const auto& e : run.rank_log().events())
             if (e.event == "discard") discarded += (discarded.empty() ? "" : ", ") + e.layer;
-        if (!discarded.empty())
+        if (!discarded.empty() && root)
             std::fprintf(
                 stderr,
                 "lowrank-gpt2: warning: --method %s discards the --init-from weights of %s and trains "
@@ -173,25 +186,36 @@ int train(Config cfg) {
         std::fprintf(
             stderr,
             "lowrank-gpt2: config %s (%lld layers, %lld heads, width %lld, context %lld), method %s, %lld "
-            "parameters (%lld trainable); %lld train / %lld val tokens; batch %lld; %d thread(s)%s\n",
+            "parameters (%lld trainable); %lld train / %lld val tokens; batch %lld; %d process(es) x %d "
+            "thread(s)%s\n",
             mc.name.c_str(), static_cast<long long>(mc.n_layer), static_cast<long long>(mc.n_head),
             static_cast<long long>(mc.n_embd), static_cast<long long>(cfg.context), cfg.method.method.c_str(),
             static_cast<long long>(params), static_cast<long long>(trainable),
             static_cast<long long>(train.size()), static_cast<long long>(val.size()),
-            static_cast<long long>(cfg.batch), cfg.threads,
+            static_cast<long long>(cfg.batch), world.size(), cfg.threads,
             run.global_step() > 0 ? (", resuming at step " + std::to_string(run.global_step())).c_str() : "");
 
-    // Mean loss over --eval-windows windows spread over the whole validation stream.
+    // Mean loss over --eval-windows windows spread over the whole validation stream; each
+    // process takes its shard of every batch of windows, and the sums are combined. The
+    // replicas are compared at every evaluation (a difference throws, naming it).
     const auto evaluate = [&] {
-        return run.evaluate([&](lowrank::Graph<float>& g) {
-            double sum = 0.0;
+        double sum = run.evaluate([&](lowrank::Graph<float>& g) {
+            double part = 0.0;
             val.for_each_spread_batch(cfg.eval_windows, [&](auto x, auto y, lowrank::Index rows) {
+                const lowrank::Shard s = lowrank::shard_of(rows, world.rank(), world.size());
+                if (s.count == 0) return;
+                const auto T = static_cast<std::size_t>(cfg.context);
+                const auto at = static_cast<std::size_t>(s.begin) * T, n = static_cast<std::size_t>(s.count) * T;
                 g.clear();
-                sum += static_cast<double>(model.loss(g, x, y, rows, cfg.context).item()) *
-                       static_cast<double>(rows);
+                part += static_cast<double>(model.loss(g, x.subspan(at, n), y.subspan(at, n), s.count, cfg.context)
+                                                .item()) *
+                        static_cast<double>(s.count);
             });
-            return sum / static_cast<double>(cfg.eval_windows);
+            return part;
         });
+        dp.sum(std::span<double>(&sum, 1));
+        dp.check_replicas();
+        return sum / static_cast<double>(cfg.eval_windows);
     };
     const lowrank::Index tokens_per_step = cfg.batch * cfg.context;
     auto& progress = run.attach<lowrank::ProgressCallback<float>>(lowrank::ProgressCallback<float>::Options{
@@ -203,9 +227,14 @@ int train(Config cfg) {
     std::vector<std::int32_t> x, y;
     const std::int64_t last_step = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
     while (run.global_step() < last_step) {
-        train.next(x, y);
-        const auto r =
-            run.step([&](lowrank::Graph<float>& g) { return model.loss(g, x, y, cfg.batch, cfg.context); });
+        train.next(x, y);  // the global batch, the same on every process: this one reads its shard
+        const lowrank::Shard s = dp.shard(cfg.batch);
+        const auto at = static_cast<std::size_t>(s.begin * cfg.context),
+                   n = static_cast<std::size_t>(s.count * cfg.context);
+        const auto r = run.step([&](lowrank::Graph<float>& g) {
+            return model.loss(g, std::span<const std::int32_t>(x).subspan(at, n),
+                              std::span<const std::int32_t>(y).subspan(at, n), s.count, cfg.context);
+        });
         interval_loss += r.loss;
         ++interval_steps;
         if (r.step % cfg.eval_every == 0 ||
@@ -236,20 +265,20 @@ int train(Config cfg) {
                                .field("tokens_per_second", tps)
                                .field("ranks", ranks)
                                .field("trainable_params", run.parameter_count(true)));
-            if (!rank_log.empty()) run.rank_log().write_jsonl(rank_log);
+            if (!rank_log.empty() && root) run.rank_log().write_jsonl(rank_log);
             interval_loss = 0.0;
             interval_steps = 0;
             interval_start = Clock::now();
             interval_first = r.step;
         }
-        if (!cfg.save.empty() &&
+        if (!cfg.save.empty() && root &&
             ((cfg.save_every > 0 && r.step % cfg.save_every == 0) || r.step == last_step))
             run.save(cfg.save, Json{{"interval_loss", interval_loss}, {"interval_steps", interval_steps}});
     }
     run.finish();
     if (run.global_step() == first_step) val_loss = evaluate();  // nothing left to train
 
-    if (cfg.sample > 0) {
+    if (cfg.sample > 0 && root) {
         const auto tok = lowrank::Gpt2Tokenizer::from_dir(cfg.vocab);
         std::vector<std::int32_t> prompt = tok.encode(cfg.prompt);
         if (prompt.empty()) prompt.push_back(tok.eot());
@@ -286,17 +315,23 @@ int train(Config cfg) {
         {"lr", cfg.lr},
         {"seed", cfg.seed},
         {"threads", cfg.threads},
+        {"processes", world.size()},
+        // What one step all-reduced at the end (the trainable gradients in use, and the loss).
+        {"allreduce_bytes_per_step", dp.bytes_per_step()},
+        {"allreduce_seconds", dp.stats().seconds},
         {"gemm", kGemm},
         {"train_seconds", train_seconds},
         {"eval_seconds", eval_seconds},
         {"wall_seconds", seconds_since(wall_start)}};
-    std::cout << result.dump() << std::endl;
+    if (root) std::cout << result.dump() << std::endl;
     return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+    // Before the command line: MPI may take its own arguments out of argv.
+    lowrank::MpiEnvironment mpi(&argc, &argv);
     Config cfg;
     CLI::App app{
         "Train GPT-2 (dense or low-rank) on a token stream with AdamW, warm-up + cosine decay and\n"
@@ -407,12 +442,17 @@ int main(int argc, char** argv) {
         app, {"--vocab", "--save", "--save-every", "--resume", "--resume-allow", "--stop-at", "--sample",
               "--prompt", "--temperature", "--top-k", "--log", "--rank-log", "--quiet", "--eval-windows"});
     cfg.identity["gemm"] = kGemm;
+    // With several processes an error ends the job (the others would wait for this one).
+    const auto fail = [&](const std::string& message) {
+        if (mpi.world().size() > 1) mpi.fail("lowrank-gpt2: " + message);
+        std::cerr << "lowrank-gpt2: error: " << message << "\n";
+    };
     try {
-        return train(cfg);
+        return train(cfg, mpi.world());
     } catch (const std::bad_alloc&) {
-        std::cerr << "lowrank-gpt2: error: out of memory (try a smaller --batch or --config)\n";
+        fail("out of memory (try a smaller --batch or --config)");
     } catch (const std::exception& e) {
-        std::cerr << "lowrank-gpt2: error: " << e.what() << "\n";
+        fail(e.what());
     }
     return 1;
 }
