@@ -277,4 +277,106 @@ TEST_CASE("safetensors messages quote a short excerpt of whatever the file holds
     }
 }
 
+/// `count` tensors of shape [1] named "junk.<10000 + i>.jjj...", which no parameter has:
+/// the first name 100 KB long, the others 200 bytes.
+void add_junk(SafetensorsWriter& w, int count) {
+    const MatrixD zero = MatrixD::Zero(1, 1);
+    for (int i = 0; i < count; ++i)
+        w.add("junk." + std::to_string(10000 + i) + "." + std::string(i == 0 ? 100000 : 200, 'j'), zero, {1});
+}
+
+/// The message of the Error that f throws; fails if it throws nothing.
+std::string error_message(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    FAIL("expected lowrank::Error, nothing was thrown");
+    return {};
+}
+
+TEST_CASE("a file of 10,000 unexpected tensors gives a short message naming the first ones and the count",
+          "[io][checkpoint][hostile]") {
+    TempDir dir;
+    const std::string good = dir / "good.safetensors";
+    SavedCheckpoint saved(good);
+    const auto check_message = [](const std::string& msg, const std::string& path) {
+        INFO(msg.substr(0, 3000));
+        CHECK_THAT(msg, Contains(path) && Contains("10000 problem(s), nothing was loaded"));
+        CHECK_THAT(msg, Contains("unexpected: tensor 'junk.10000.jjjj") && Contains("... (100011 bytes)") &&
+                            Contains("unexpected: tensor 'junk.10009.jjjj") &&
+                            Contains("... and 9990 more unexpected tensor(s)"));
+        CHECK_THAT(msg, !Contains("junk.10010."));
+        CHECK(msg.size() < 2500);
+    };
+
+    SECTION("load_parameters") {
+        const std::string path = dir / "weights.safetensors";
+        SafetensorsWriter w;
+        add_parameters<double>(w, saved.params());
+        add_junk(w, 10000);
+        w.write(path);
+        const SafetensorsReader r(path);
+        SavedCheckpoint other(dir / "other.safetensors");
+        const auto before = other.fc.weight.value;
+        check_message(error_message([&] { (void)load_parameters<double>(r, other.params()); }), path);
+        CHECK(other.fc.weight.value == before);
+        // Not strict: the report holds every one, and the weights load.
+        const LoadReport report = load_parameters<double>(r, other.params(), LoadOptions{.strict = false});
+        CHECK(report.unexpected.size() == 10000);
+        CHECK(other.fc.weight.value == saved.fc.weight.value);
+    }
+    SECTION("load_checkpoint") {
+        const std::string path = dir / "junk.safetensors";
+        {
+            const SafetensorsReader r(good);
+            SafetensorsWriter w;
+            for (const auto& name : r.names()) w.add(name, r.matrix<double>(name), r.shape(name));
+            for (const auto& [key, value] : r.metadata()) w.set_metadata(key, value);
+            add_junk(w, 10000);
+            w.write(path);
+        }
+        SavedCheckpoint other(dir / "other.safetensors");
+        const auto before = other.fc.weight.value;
+        check_message(error_message([&] { (void)load_checkpoint<double>(path, other.params(), &other.opt); }),
+                      path);
+        CHECK(other.fc.weight.value == before);
+    }
+}
+
+TEST_CASE("checkpoint messages cut an optimizer's names and saved groups to a short excerpt",
+          "[io][checkpoint][hostile]") {
+    TempDir dir;
+    const std::string good = dir / "good.safetensors";
+    SavedCheckpoint saved(good);
+    const std::string big(100000, 'q');
+    const std::string path = dir / "bad.safetensors";
+    const auto message = [&](const std::function<std::string(std::string)>& edit) {
+        rewrite_document(good, path, edit);
+        SavedCheckpoint other(dir / "other.safetensors");
+        const auto before = other.fc.weight.value;
+        const std::string msg = error_message([&] { (void)load_checkpoint<double>(path, other.params(), &other.opt); });
+        CHECK(other.fc.weight.value == before);
+        return msg;
+    };
+    // a step count for a parameter of 100 KB name that the optimizer does not hold
+    std::string msg = message([&](std::string doc) {
+        const bool empty = doc.find(R"("steps":{})") != std::string::npos;
+        return replaced(std::move(doc), R"("steps":{)", "\"steps\":{\"" + big + "\":1" + (empty ? "" : ","));
+    });
+    CHECK_THAT(msg, Contains("has optimizer state for 'qqqq") && Contains("(100000 bytes)"));
+    CHECK(msg.size() < 600);
+    // a group whose saved parameter list and lr are 50,000 entries long
+    std::string many = "[0";
+    for (int i = 0; i < 50000; ++i) many += ",0";
+    many += "]";
+    msg = message([&](std::string doc) { return replaced(std::move(doc), R"("params":[)", "\"params\":[" + many + ","); });
+    CHECK_THAT(msg, Contains("optimizer group 0: expected the saved parameters [[0,0,0"));
+    CHECK(msg.size() < 1200);
+    msg = message([&](std::string doc) { return replaced(std::move(doc), R"("lr":)", "\"lr\":" + many + ",\"x\":"); });
+    CHECK_THAT(msg, Contains("expected the saved lr [0,0,0"));
+    CHECK(msg.size() < 600);
+}
+
 }  // namespace test_hostile_headers

@@ -141,4 +141,32 @@ TEST_CASE("Loading GPT-2 weights names every missing, mis-shaped and unexpected 
     std::filesystem::remove(path);
 }
 
+TEST_CASE("A GPT-2 weights file with 10,000 unexpected tensors gives a short message naming the first ones",
+          "[models][gpt2][io][errors]") {
+    Rng rng_a(5), rng_b(6);
+    Gpt2<double> source(small_config(), rng_a);
+    const std::string path = temp_path("junk.safetensors");
+    SafetensorsWriter w;
+    for (auto* p : source.parameters()) w.add(p->name(), p->value);
+    const MatrixD zero = MatrixD::Zero(1, 1);
+    for (int i = 0; i < 10000; ++i)
+        w.add("junk." + std::to_string(10000 + i) + "." + std::string(i == 0 ? 100000 : 200, 'j'), zero, {1});
+    w.write(path);
+    Gpt2<double> target(small_config(), rng_b);
+    const MatrixD before = logits(target, {1, 2, 3});
+    try {
+        load_gpt2_weights(target, path);
+        FAIL("a file with 10,000 unexpected tensors was loaded");
+    } catch (const Error& e) {
+        const std::string msg = e.what();
+        INFO(msg.substr(0, 3000));
+        CHECK_THAT(msg, Contains("unexpected: junk.10000.jjjj") && Contains("(100011 bytes)") &&
+                            Contains("junk.10009.jjjj") && Contains("... and 9990 more"));
+        CHECK_THAT(msg, !Contains("junk.10010."));
+        CHECK(msg.size() < 2000);
+    }
+    CHECK(logits(target, {1, 2, 3}) == before);
+    std::filesystem::remove(path);
+}
+
 }  // namespace test_gpt2_weights

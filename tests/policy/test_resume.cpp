@@ -575,6 +575,70 @@ TEST_CASE("restore refuses a state of another policy, other layers, missing or w
     }
 }
 
+TEST_CASE("restore messages stay short on a hostile state: 10,000 entries, 100 KB names",
+          "[policy][resume][errors][hostile]") {
+    Run sst_run(sst_setup());
+    sst_run.steps(2);
+    const Json sst_state = sst_run.policies().state();
+    Run fresh(sst_setup());
+    const std::string big(100000, 'q');
+    const auto message = [&](const Json& state) {
+        try {
+            fresh.policies().restore(fresh.ctx(), state);
+        } catch (const Error& e) {
+            return std::string(e.what());
+        }
+        FAIL("a hostile state was restored");
+        return std::string();
+    };
+
+    SECTION("10,000 policies") {
+        Json many = Json::array();
+        for (int i = 0; i < 10000; ++i) many.push_back({{"policy", i == 0 ? big : "p" + std::to_string(i)}, {"state", {}}});
+        const std::string msg = message(many);
+        CHECK_THAT(msg, Catch::Contains("got 10000 (qqqq") && Catch::Contains("(100000 bytes)") &&
+                            Catch::Contains("p9, ... and 9990 more)"));
+        CHECK(msg.size() < 1000);
+    }
+    SECTION("10,000 layers") {
+        Json bad = sst_state;
+        Json layers = Json::array();
+        for (int i = 0; i < 10000; ++i) layers.push_back({{"name", i == 0 ? big : "l" + std::to_string(i)}});
+        bad[0]["state"]["layers"] = layers;
+        const std::string msg = message(bad);
+        CHECK_THAT(msg, Catch::Contains("the state has 10000 layer(s) (qqqq") &&
+                            Catch::Contains("l9, ... and 9990 more)") && Catch::Contains("manages 2"));
+        CHECK(msg.size() < 1000);
+    }
+    SECTION("a policy name, a layer name and a saved structure of 100 KB") {
+        Json bad = sst_state;
+        bad[0]["state"]["policy"] = big;
+        std::string msg;
+        try {
+            fresh.policies()[0].restore(fresh.ctx(), bad[0]["state"]);
+        } catch (const Error& e) {
+            msg = e.what();
+        }
+        CHECK_THAT(msg, Catch::Contains("saved by policy 'qqqq") && Catch::Contains("(100000 bytes)"));
+        CHECK(msg.size() < 600);
+        bad = sst_state;
+        bad[0]["state"]["layers"][1]["name"] = big;
+        msg = message(bad);
+        CHECK_THAT(msg, Catch::Contains("expected layer 'layers.1'") && Catch::Contains("got 'qqqq"));
+        CHECK(msg.size() < 600);
+        bad = sst_state;
+        bad[0]["state"]["layers"][0]["structure"]["parameters"][0]["name"] = big;
+        msg = message(bad);
+        CHECK_THAT(msg, Catch::Contains("layer 'layers.0': parameter 0") && Catch::Contains("qqqq"));
+        CHECK(msg.size() < 1000);
+        bad = sst_state;
+        bad[0]["state"]["layers"][0]["structure"]["kind"] = big;
+        msg = message(bad);
+        CHECK_THAT(msg, Catch::Contains("layer 'layers.0': expected a \"qqqq"));
+        CHECK(msg.size() < 600);
+    }
+}
+
 TEST_CASE("restore refuses states whose shapes other options would not give", "[policy][resume][errors]") {
     SECTION("InRank with another buffer") {
         Run saved(inrank_setup());

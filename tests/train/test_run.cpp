@@ -306,6 +306,12 @@ TEST_CASE("run: resume refuses another run, naming the key and both values", "[t
                           Contains("'method': the checkpoint has \"lora\", this run has \"relora\""));
         CHECK_THROWS_WITH(b.step(), Contains("a resume failed"));
     }
+    SECTION("a key of 100 KB that this run does not have: named by a short excerpt") {
+        const nlohmann::json saved = {{std::string(100000, 'k'), 1}};
+        const std::string d = detail::identity_difference(saved, nlohmann::json::object(), "", {});
+        CHECK_THAT(d, Contains("'kkkk") && Contains("(100000 bytes)': the checkpoint has 1, this run has null"));
+        CHECK(d.size() < 300);
+    }
     SECTION("a derived key: the clip norm") {
         Setup t = s;
         t.options.clip_grad_norm = 1.0;

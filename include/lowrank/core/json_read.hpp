@@ -103,6 +103,42 @@ inline std::string clip(std::string_view s, std::size_t max_chars = kJsonExcerpt
     return concat(s.substr(0, max_chars), "... (", s.size(), " bytes)");
 }
 
+/// How many problems of one kind a message lists in full before it only counts the rest.
+inline constexpr std::size_t kListedProblems = 10;
+
+/// A message's list of problems that stays short whatever their number (a file can hold
+/// 10,000 unexpected tensors): the first `shown` items joined by `separator`, then
+/// "... and N more<suffix>". An item's parts are joined only if it is shown; names the
+/// file supplies should go in through clip().
+class ProblemList {
+public:
+    explicit ProblemList(std::string separator = ", ", std::string suffix = {},
+                         std::size_t shown = kListedProblems)
+        : separator_(std::move(separator)), suffix_(std::move(suffix)), shown_(shown) {}
+
+    template <class... Args>
+    void add(const Args&... parts) {
+        if (count_++ >= shown_) return;
+        if (count_ > 1) text_ += separator_;
+        text_ += concat(parts...);
+    }
+
+    std::size_t size() const { return count_; }
+    bool empty() const { return count_ == 0; }
+
+    std::string str() const {
+        if (count_ <= shown_) return text_;
+        return concat(text_, text_.empty() ? "" : separator_, "... and ", count_ - shown_, " more", suffix_);
+    }
+
+private:
+    std::string separator_;
+    std::string suffix_;
+    std::size_t shown_;
+    std::size_t count_ = 0;
+    std::string text_;
+};
+
 namespace json_read {
 
 /// Appends at most `budget` characters of j's compact JSON to `out`. Every nesting level

@@ -243,6 +243,7 @@ public:
 private:
     struct Entry {
         Parameter<T>* p;
+        std::string name;
         Index rows, cols, active;
         std::size_t offset;
     };
@@ -262,17 +263,27 @@ private:
     }
 
     // The gradients in the buffer: those the optimizer updates, in parameter order (the
-    // same on every process), an InRank layer's active columns only.
-    bool layout_matches(const ParameterList<T>& params) const {
+    // same on every process), an InRank layer's active columns only. Whether the buffer
+    // still fits is decided by names, shapes and active columns, which every process has
+    // alike, never by addresses: laying out again compares the layouts across processes (a
+    // collective), and a layer rebuilt by a policy may sit at other addresses on one
+    // process than on another. Moved parameters are only re-pointed, here, locally.
+    bool layout_matches(const ParameterList<T>& params) {
+        if (flat_.empty()) return false;
         std::size_t i = 0;
         for (Parameter<T>* p : params) {
             if (!detail::has_gradient(*p)) continue;
             if (i == entries_.size()) return false;
-            const Entry& e = entries_[i++];
-            if (e.p != p || e.rows != p->rows() || e.cols != p->cols() || e.active != p->active_cols())
+            Entry& e = entries_[i++];
+            if (e.rows != p->rows() || e.cols != p->cols() || e.active != p->active_cols() || e.name != p->name())
                 return false;
+            // The copies read and write grad as rows x cols: a gradient of another shape (a
+            // trainable parameter outside the optimizer, never zeroed to the value's shape)
+            // would be read past its end.
+            check_grad_shape(*p);
+            e.p = p;
         }
-        return i == entries_.size() && !flat_.empty();
+        return i == entries_.size();
     }
 
     void lay_out(const ParameterList<T>& params) {
@@ -280,7 +291,8 @@ private:
         std::size_t offset = 0;
         for (Parameter<T>* p : params) {
             if (!detail::has_gradient(*p)) continue;
-            entries_.push_back({p, p->rows(), p->cols(), p->active_cols(), offset});
+            check_grad_shape(*p);
+            entries_.push_back({p, p->name(), p->rows(), p->cols(), p->active_cols(), offset});
             offset += static_cast<std::size_t>(p->rows() * p->active_cols());
         }
         flat_.assign(offset + 1, T(0));  // + the loss
@@ -291,6 +303,14 @@ private:
             layout.push_back(layout_hash(*e.p) ^ static_cast<std::uint64_t>(e.active));
         compare("the trainable gradients to reduce", layout,
                 [&](std::size_t i) { return detail::concat("parameter '", entries_[i].p->name(), "'"); });
+    }
+
+    // The message is built only on failure: this runs for every parameter at every step.
+    static void check_grad_shape(const Parameter<T>& p) {
+        if (p.grad.rows() != p.rows() || p.grad.cols() != p.cols())
+            throw Error(detail::concat("DataParallel: parameter '", p.name(), "' has a gradient of ",
+                                       shape_string(p.grad.rows(), p.grad.cols()), " for a value of ",
+                                       shape_string(p.rows(), p.cols())));
     }
 
     // Throws on every process if `mine` is not the same on all of them, naming item

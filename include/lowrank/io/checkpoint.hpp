@@ -108,22 +108,33 @@ struct LoadReport {
     }
     bool ok() const { return problem_count() == 0; }
 
-    /// One line per problem, each naming the parameter or tensor and the shapes.
+    /// One line per problem, each naming the parameter or tensor and the shapes; of each
+    /// kind the first detail::kListedProblems, then a count (a hostile file can hold any
+    /// number of unexpected tensors, with names of any length).
     std::string describe() const {
-        std::string out;
+        using detail::clip;
+        using detail::shape_list_string;
+        detail::ProblemList missing_list("\n  ", " missing parameter(s)");
         for (const auto& name : missing)
-            out += detail::concat("\n  missing: parameter '", name, "' (expected shape ",
-                                  detail::shape_list_string(missing_shapes.at(name)), ") has no tensor in the file");
+            missing_list.add("missing: parameter '", clip(name), "' (expected shape ",
+                             shape_list_string(missing_shapes.at(name)), ") has no tensor in the file");
+        detail::ProblemList unexpected_list("\n  ", " unexpected tensor(s)");
         for (const auto& name : unexpected)
-            out += detail::concat("\n  unexpected: tensor '", name, "' (shape ",
-                                  detail::shape_list_string(unexpected_shapes.at(name)), ") matches no parameter");
+            unexpected_list.add("unexpected: tensor '", clip(name), "' (shape ",
+                                shape_list_string(unexpected_shapes.at(name)), ") matches no parameter");
+        detail::ProblemList mismatched_list("\n  ", " mis-shaped parameter(s)");
         for (const auto& m : mismatched)
-            out += detail::concat("\n  mis-shaped: parameter '", m.parameter, "': expected shape ",
-                                  detail::shape_list_string(m.expected), ", got ", detail::shape_list_string(m.actual),
-                                  m.tensor == m.parameter ? std::string() : " (tensor '" + m.tensor + "')");
+            mismatched_list.add("mis-shaped: parameter '", clip(m.parameter), "': expected shape ",
+                                shape_list_string(m.expected), ", got ", shape_list_string(m.actual),
+                                m.tensor == m.parameter ? std::string() : " (tensor '" + clip(m.tensor) + "')");
+        detail::ProblemList dtype_list("\n  ", " parameter(s) of a wrong dtype");
         for (const auto& d : wrong_dtype)
-            out += detail::concat("\n  wrong dtype: parameter '", d.parameter, "': expected F32, F64, F16 or BF16, got ",
-                                  d.dtype, d.tensor == d.parameter ? std::string() : " (tensor '" + d.tensor + "')");
+            dtype_list.add("wrong dtype: parameter '", clip(d.parameter), "': expected F32, F64, F16 or BF16, got ",
+                           clip(d.dtype),
+                           d.tensor == d.parameter ? std::string() : " (tensor '" + clip(d.tensor) + "')");
+        std::string out;
+        for (const auto* list : {&missing_list, &unexpected_list, &mismatched_list, &dtype_list})
+            if (!list->empty()) out += "\n  " + list->str();
         return out;
     }
 };
@@ -201,7 +212,7 @@ inline std::map<std::string, Index> read_active_cols_metadata(const SafetensorsR
     if (!doc.is_object()) throw FormatError(concat(where, ": expected a JSON object, got a JSON ", doc.type_name()));
     for (const auto& [name, k] : doc.items()) {
         if (!k.is_number_unsigned())
-            throw FormatError(concat(where, ": tensor '", name, "': expected an integer >= 0, got ",
+            throw FormatError(concat(where, ": tensor '", clip(name), "': expected an integer >= 0, got ",
                                      json_value_excerpt(k)));
         out.emplace(name, static_cast<Index>(k.get<std::uint64_t>()));
     }
@@ -238,8 +249,8 @@ LoadPlan<T> plan_load(const SafetensorsReader& r, const ParameterList<T>& params
             continue;
         }
         if (!seen.insert(name).second)
-            throw FormatError(concat(what, ": tensors '", tensor_of.at(name), "' and '", tensor,
-                                     "' both map to parameter '", name, "'"));
+            throw FormatError(concat(what, ": tensors '", clip(tensor_of.at(name)), "' and '", clip(tensor),
+                                     "' both map to parameter '", clip(name), "'"));
         tensor_of[name] = tensor;
         const Parameter<T>& p = *it->second;
         if (!shape_fits(r.shape(tensor), p.rows(), p.cols()))
@@ -270,7 +281,7 @@ LoadPlan<T> plan_load(const SafetensorsReader& r, const ParameterList<T>& params
                 const auto it = recorded.find(tensor);
                 const Index k = it == recorded.end() ? p->cols() : it->second;
                 if (k > p->cols())
-                    throw FormatError(concat(what, ": metadata '", kActiveColsMetadataKey, "': tensor '", tensor,
+                    throw FormatError(concat(what, ": metadata '", kActiveColsMetadataKey, "': tensor '", clip(tensor),
                                              "': expected active columns in [0, ", p->cols(), "], got ", k));
                 plan.active_cols[p] = k;
             }
@@ -554,13 +565,14 @@ void check_optimizer_groups(const nlohmann::json& groups, const Optimizer<T>& op
         for (const Parameter<T>* p : g.params) names.push_back(p->name());
         if (member(saved, "params") != names)
             throw Error(concat(what, ": optimizer group ", i, ": expected the saved parameters ",
-                               member(saved, "params").dump(), ", got ", names.dump()));
+                               json_value_excerpt(member(saved, "params"), 3 * kJsonExcerptChars), ", got ",
+                               json_value_excerpt(names, 3 * kJsonExcerptChars)));
         const nlohmann::json lr = g.options.lr, wd = g.options.weight_decay;
         const nlohmann::json saved_lr = member(saved, "lr"), saved_wd = member(saved, "weight_decay");
         if (saved_lr != lr || saved_wd != wd)
             throw Error(concat(what, ": optimizer group ", i, " ('", g.options.name,
-                               "'): expected the saved lr ", saved_lr.dump(), " and weight_decay ",
-                               saved_wd.dump(), ", got lr ", lr.dump(), " and weight_decay ", wd.dump(),
+                               "'): expected the saved lr ", json_value_excerpt(saved_lr), " and weight_decay ",
+                               json_value_excerpt(saved_wd), ", got lr ", lr.dump(), " and weight_decay ", wd.dump(),
                                " (CheckpointLoadOptions::check_groups = false resumes with new ones)"));
     }
 }
@@ -614,11 +626,11 @@ std::vector<StateRestore<T>> plan_optimizer_states(const SafetensorsReader& read
     }
     for (const auto& [name, s] : steps.items())
         if (!optimizer_names.count(name))
-            throw Error(concat(what, ": the checkpoint has optimizer state for '", name,
+            throw Error(concat(what, ": the checkpoint has optimizer state for '", clip(name),
                                "', which the given optimizer does not hold"));
     for (const std::string& tensor : reader.names())
         if (tensor.starts_with(kOptimizerPrefix) && !consumed.count(tensor))
-            throw FormatError(concat(what, ": unexpected optimizer tensor '", tensor,
+            throw FormatError(concat(what, ": unexpected optimizer tensor '", clip(tensor),
                                      "' (no parameter of the optimizer has state under that name)"));
     return restores;
 }

@@ -280,7 +280,7 @@ public:
         } else if (e.shape.size() == 1) {
             cols = static_cast<Index>(e.shape[0]);
         } else if (!e.shape.empty()) {
-            throw Error(detail::concat("SafetensorsReader::matrix: '", path_, "': tensor '", name,
+            throw Error(detail::concat("SafetensorsReader::matrix: '", path_, "': tensor '", detail::clip(name),
                                        "': expected 0, 1 or 2 dimensions, got shape ",
                                        detail::shape_list_string(e.shape)));
         }
@@ -301,7 +301,7 @@ public:
             for (Index i = 0; i < n; ++i)
                 dst[i] = static_cast<T>(detail::bfloat16_to_float(detail::load_le<std::uint16_t>(src + 2 * i)));
         } else {
-            throw Error(detail::concat("SafetensorsReader::matrix: '", path_, "': tensor '", name,
+            throw Error(detail::concat("SafetensorsReader::matrix: '", path_, "': tensor '", detail::clip(name),
                                        "': expected dtype F32, F64, F16 or BF16, got ", e.dtype));
         }
         return m;
@@ -390,7 +390,7 @@ private:
     const Entry& entry(const std::string& name, std::string_view caller) const {
         const auto it = entries_.find(name);
         if (it == entries_.end())
-            throw Error(detail::concat("SafetensorsReader::", caller, ": '", path_, "': no tensor named '", name,
+            throw Error(detail::concat("SafetensorsReader::", caller, ": '", path_, "': no tensor named '", detail::clip(name),
                                        "' (the file has ", entries_.size(), " tensors)"));
         return it->second;
     }

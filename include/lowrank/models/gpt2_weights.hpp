@@ -12,6 +12,7 @@
 // projections: the slots must still hold dense Linear layers whose names are the file's.
 
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/json_read.hpp>
 #include <lowrank/io/safetensors.hpp>
 #include <lowrank/models/gpt2.hpp>
 
@@ -75,40 +76,36 @@ Gpt2WeightLayout load_gpt2_weights(Gpt2<T>& model, const std::string& path) {
         break;
     }
 
+    // Of each kind of problem the first few in full, then a count: a file can hold any
+    // number of tensors, with names of any length.
     std::vector<std::pair<Parameter<T>*, Matrix<T>>> values;
-    std::vector<std::string> missing, misshaped, unexpected;
+    detail::ProblemList missing, misshaped, unexpected;
     std::set<std::string> used;
     for (Parameter<T>* p : params) {
         check(p->name().starts_with("transformer."), what, "parameter '", p->name(),
               "' is not a dense GPT-2 weight (load before a rank policy converts the layers)");
         const std::string n = file_name(p->name());
         if (n.empty()) {
-            missing.push_back(p->name());
+            missing.add(p->name());
             continue;
         }
         used.insert(n);
         Matrix<T> m = file.template matrix<T>(n);
         if (layout == Gpt2WeightLayout::conv1d && detail::is_conv1d_weight(p->name())) m.transposeInPlace();
         if (m.rows() != p->rows() || m.cols() != p->cols()) {
-            misshaped.push_back(detail::concat(n, " expected ", shape_string(p->rows(), p->cols()), " got ",
-                                               shape_string(m.rows(), m.cols())));
+            misshaped.add(n, " expected ", shape_string(p->rows(), p->cols()), " got ", shape_string(m.rows(), m.cols()));
             continue;
         }
         values.emplace_back(p, std::move(m));
     }
     for (const auto& n : names)
-        if (!used.count(n) && !detail::is_ignorable_gpt2_tensor(n)) unexpected.push_back(n);
+        if (!used.count(n) && !detail::is_ignorable_gpt2_tensor(n)) unexpected.add(detail::clip(n));
 
     if (!missing.empty() || !misshaped.empty() || !unexpected.empty()) {
-        const auto join = [](const std::vector<std::string>& v) {
-            std::string s;
-            for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
-            return s;
-        };
         std::string msg = what + ": the file does not match the model";
-        if (!missing.empty()) msg += "; missing: " + join(missing);
-        if (!misshaped.empty()) msg += "; wrong shape: " + join(misshaped);
-        if (!unexpected.empty()) msg += "; unexpected: " + join(unexpected);
+        if (!missing.empty()) msg += "; missing: " + missing.str();
+        if (!misshaped.empty()) msg += "; wrong shape: " + misshaped.str();
+        if (!unexpected.empty()) msg += "; unexpected: " + unexpected.str();
         throw Error(msg);
     }
     for (auto& [p, m] : values) p->value = std::move(m);

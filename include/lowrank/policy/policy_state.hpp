@@ -7,6 +7,7 @@
 
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/json_codec.hpp>
+#include <lowrank/core/json_read.hpp>
 #include <lowrank/core/parameter.hpp>
 #include <lowrank/core/rng.hpp>
 #include <lowrank/nn/any_linear.hpp>
@@ -55,7 +56,7 @@ public:
     void expect_policy(std::string_view name) const {
         const std::string saved = string("policy");
         if (saved != name)
-            throw Error(concat(policy_, ": restore: the state was saved by policy '", saved, "', expected '",
+            throw Error(concat(policy_, ": restore: the state was saved by policy '", clip(saved), "', expected '",
                                name,
                                "' (are the policies added in the saved order, with the saved methods?)"));
     }
@@ -207,7 +208,7 @@ void check_layer_structure(const PolicyStateReader& entry, AnyLinear<T>& slot) {
                            "': expected an object with kind and parameters, got ",
                            PolicyStateReader::excerpt(saved)));
     if (saved.at("kind") != actual.at("kind"))
-        throw Error(concat(head, "expected a ", saved.at("kind").dump(), " layer (saved), got a ",
+        throw Error(concat(head, "expected a ", json_value_excerpt(saved.at("kind")), " layer (saved), got a ",
                            actual.at("kind").dump(), " layer after restoring"));
     const nlohmann::json& sp = saved.at("parameters");
     const nlohmann::json& ap = actual.at("parameters");
@@ -215,10 +216,11 @@ void check_layer_structure(const PolicyStateReader& entry, AnyLinear<T>& slot) {
         const nlohmann::json s = i < sp.size() ? sp[i] : nlohmann::json("(none)");
         const nlohmann::json a = i < ap.size() ? ap[i] : nlohmann::json("(none)");
         if (s != a)
-            throw Error(concat(head, "parameter ", i, ": expected ", s.dump(), " (saved), got ", a.dump(),
-                               " after restoring"));
+            throw Error(concat(head, "parameter ", i, ": expected ", json_value_excerpt(s, 3 * kJsonExcerptChars),
+                               " (saved), got ", json_value_excerpt(a, 3 * kJsonExcerptChars), " after restoring"));
     }
-    throw Error(concat(head, "expected the structure ", saved.dump(), " (saved), got ", actual.dump()));
+    throw Error(concat(head, "expected the structure ", json_value_excerpt(saved, 3 * kJsonExcerptChars),
+                       " (saved), got ", json_value_excerpt(actual, 3 * kJsonExcerptChars)));
 }
 
 /// Version of the policies' state documents; restore refuses any other.
@@ -246,19 +248,18 @@ inline std::vector<PolicyStateReader> matched_layers(const PolicyStateReader& st
                                                      const std::vector<std::string>& names) {
     std::vector<PolicyStateReader> entries = state.objects("layers");
     if (entries.size() != names.size()) {
-        std::string saved;
-        for (const auto& e : entries) saved += (saved.empty() ? "" : ", ") + e.string("name");
-        std::string now;
-        for (const auto& n : names) now += (now.empty() ? "" : ", ") + n;
-        throw Error(concat(state.policy(), ": restore: the state has ", entries.size(), " layer(s) (", saved,
-                           "), but the policy manages ", names.size(), " (", now, ")"));
+        ProblemList saved, now;  // a state can list any number of layers
+        for (const auto& e : entries) saved.add(clip(e.string("name")));
+        for (const auto& n : names) now.add(n);
+        throw Error(concat(state.policy(), ": restore: the state has ", entries.size(), " layer(s) (",
+                           saved.str(), "), but the policy manages ", names.size(), " (", now.str(), ")"));
     }
     for (std::size_t i = 0; i < entries.size(); ++i) {
         const std::string saved = entries[i].string("name");
         if (saved != names[i])
             throw Error(concat(state.policy(), ": restore: key '", entries[i].where("name"),
                                "': expected layer '", names[i], "' (the policy's layer ", i,
-                               " in this model), got '", saved, "'"));
+                               " in this model), got '", clip(saved), "'"));
     }
     return entries;
 }

@@ -294,12 +294,12 @@ public:
         for (const auto& p : policies_) names += (names.empty() ? "" : ", ") + std::string(p->name());
         check(saved.is_array(), what, "expected an array of {policy, state} entries, got ",
               detail::PolicyStateReader::excerpt(saved));
-        std::string saved_names;
+        detail::ProblemList saved_list;  // a checkpoint can list any number of entries
         for (const auto& e : saved)
-            saved_names += (saved_names.empty() ? "" : ", ") +
-                           (e.is_object() && e.contains("policy") && e.at("policy").is_string()
-                                ? e.at("policy").template get<std::string>()
-                                : std::string("?"));
+            saved_list.add(e.is_object() && e.contains("policy") && e.at("policy").is_string()
+                               ? detail::clip(e.at("policy").template get_ref<const std::string&>())
+                               : std::string("?"));
+        const std::string saved_names = saved_list.str();
         check(saved.size() == policies_.size(), what, "expected ", policies_.size(), " policy state(s) (",
               names, "), got ", saved.size(), " (", saved_names, ")");
         for (std::size_t i = 0; i < saved.size(); ++i) {
@@ -309,7 +309,7 @@ public:
                   detail::PolicyStateReader::excerpt(e));
             const std::string saved_name = e.at("policy").template get<std::string>();
             check(saved_name == policies_[i]->name(), what, "entry ", i, ": expected policy '",
-                  policies_[i]->name(), "', got '", saved_name, "' (the saved list: ", saved_names, ")");
+                  policies_[i]->name(), "', got '", detail::clip(saved_name), "' (the saved list: ", saved_names, ")");
         }
         each(c, [&, i = std::size_t{0}](RankPolicy<T>& p) mutable { p.restore(c, saved[i++].at("state")); });
     }

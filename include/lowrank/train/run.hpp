@@ -156,7 +156,7 @@ inline std::string identity_difference(const nlohmann::json& saved, const nlohma
         return {};
     }
     if (saved == now) return {};
-    return concat("'", path, "': the checkpoint has ", json_value_excerpt(saved, 120), ", this run has ",
+    return concat("'", clip(path, 120), "': the checkpoint has ", json_value_excerpt(saved, 120), ", this run has ",
                   json_value_excerpt(now, 120));
 }
 
