@@ -4,10 +4,10 @@
 # none was written yet), and finally run to its end. It must end exactly where the
 # uninterrupted run ends: a byte-identical final checkpoint and rank log, the same
 # evaluation lines with each step once, and no temporary file left behind.
-#   test_kill.sh LOWRANK_GPT2 LOWRANK_TOKENIZE VOCAB_DIR TEXT_FILE WORK_DIR
+#   test_kill.sh LOWRANK_GPT2 LOWRANK_TOKENIZE VOCAB_DIR TEXT_FILE WORK_DIR [CONFIG]
 source "$(dirname "${BASH_SOURCE[0]}")/test_setup.sh" "$@"
 
-common=(--config mini --batch 2 --context 16 --steps 20 --eval-every 2 --eval-windows 4 --warmup-steps 2
+common=(--config "$config" --batch 2 --context 16 --steps 20 --eval-every 2 --eval-windows 4 --warmup-steps 2
         --method sst --rank 8 --seed 3 --threads 1 --data text --quiet --sst-iteration-steps 2 --sst-rewarm 1
         --save-every 1)
 start=$SECONDS

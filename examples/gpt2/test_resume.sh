@@ -3,13 +3,13 @@
 # exactly where the uninterrupted run ends: the same evaluation lines (all but the timing
 # field) and a byte-identical final checkpoint. A resume that changes the method or a
 # setting that changes the trajectory is refused, naming the setting.
-#   test_resume.sh LOWRANK_GPT2 LOWRANK_TOKENIZE VOCAB_DIR TEXT_FILE WORK_DIR
+#   test_resume.sh LOWRANK_GPT2 LOWRANK_TOKENIZE VOCAB_DIR TEXT_FILE WORK_DIR [CONFIG]
 source "$(dirname "${BASH_SOURCE[0]}")/test_setup.sh" "$@"
 
 for method in dense lora sst inrank; do
     # SST starts an iteration every 2 steps; InRank checks its ranks in its 4th forward call
     # (step 4, just after the resume at step 3) and cuts to fixed rank after step 4.
-    common=(--config mini --batch 2 --context 16 --steps 8 --eval-every 2 --eval-windows 4 --warmup-steps 2
+    common=(--config "$config" --batch 2 --context 16 --steps 8 --eval-every 2 --eval-windows 4 --warmup-steps 2
             --method "$method" --rank 8 --seed 3 --threads 1 --data text --quiet
             --sst-iteration-steps 2 --sst-rewarm 1 --inrank-warmup 2 --inrank-gap 2 --inrank-stage1-steps 4)
     "$gpt2" "${common[@]}" --log whole.jsonl --save whole.safetensors --rank-log whole.ranks > whole.out
@@ -64,3 +64,15 @@ changed --steps 9
     --resume-allow=--steps > allowed.out || { echo "an allowed --steps change was refused" >&2; exit 1; }
 grep -q '"steps":9' allowed.out || { echo "the extended run did not reach step 9" >&2; exit 1; }
 echo "resume with --steps changed and --resume-allow --steps: extended to step 9"
+
+# Checked before the first step: --save into a missing folder fails at once, naming the flag
+# (100000 steps would run past the test's timeout if they came first), and writes nothing.
+changed --steps 100000
+if "$gpt2" "${out[@]}" --save /nonexistent/x.safetensors --log early.jsonl > early.out 2> early.err; then
+    echo "a run with --save into a missing folder succeeded" >&2
+    exit 1
+fi
+grep -q -- "--save: '/nonexistent/x.safetensors': the folder '/nonexistent' does not exist" early.err ||
+    { echo "the refused --save does not say why:" >&2; cat early.err >&2; exit 1; }
+[[ ! -s early.out && ! -e early.jsonl ]] || { echo "the refused run wrote a result or a log" >&2; exit 1; }
+echo "--save into a missing folder: refused before the first step ($(head -c 120 early.err))"

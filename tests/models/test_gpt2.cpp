@@ -249,6 +249,9 @@ TEST_CASE("gpt2_config knows the published sizes and the small CPU ones", "[mode
     CHECK(tiny.vocab_size == 50257);
     const auto mini = lowrank::gpt2_config("mini");
     CHECK((mini.n_layer == 2 && mini.n_head == 2 && mini.n_embd == 128 && mini.block_size == 64));
+    const auto micro = lowrank::gpt2_config("micro");
+    CHECK((micro.n_layer == 2 && micro.n_head == 2 && micro.n_embd == 16 && micro.block_size == 32));
+    CHECK(Gpt2<float>::parameter_count(micro) == 811'216);
     for (const auto name : lowrank::kGpt2ConfigNames) CHECK_NOTHROW(lowrank::gpt2_config(name).validate());
     CHECK_THROWS_WITH(lowrank::gpt2_config("gpt3"), Contains("unknown configuration 'gpt3'") &&
                                                         Contains("gpt2, gpt2-medium") && Contains("tiny") &&

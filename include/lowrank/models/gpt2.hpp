@@ -34,8 +34,8 @@ namespace lowrank {
 inline constexpr std::array<std::string_view, 4> kGpt2Roles{"attn_qkv", "attn_proj", "mlp_fc", "mlp_proj"};
 
 /// The names gpt2_config() knows.
-inline constexpr std::array<std::string_view, 6> kGpt2ConfigNames{"gpt2",    "gpt2-medium", "gpt2-large",
-                                                                  "gpt2-xl", "tiny",        "mini"};
+inline constexpr std::array<std::string_view, 7> kGpt2ConfigNames{"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl",
+                                                                  "tiny", "mini",        "micro"};
 
 struct Gpt2Config {
     std::string name = "gpt2";
@@ -73,8 +73,10 @@ struct Gpt2Config {
 };
 
 /// The published GPT-2 sizes ("gpt2" 124M, "gpt2-medium" 350M, "gpt2-large" 774M, "gpt2-xl"
-/// 1.5B), all with context 1024 and vocabulary 50257, and two small ones for CPU runs:
-/// "tiny" (4 layers, 4 heads, 256 wide, context 128) and "mini" (2, 2, 128, context 64).
+/// 1.5B), all with context 1024 and vocabulary 50257, and small ones for CPU runs: "tiny"
+/// (4 layers, 4 heads, 256 wide, context 128), "mini" (2, 2, 128, context 64) and "micro"
+/// (2, 2, 16, context 32), for tests of whole runs where every step is costly (under
+/// sanitizers). All keep GPT-2's vocabulary, so they train on the same token files.
 inline Gpt2Config gpt2_config(std::string_view name) {
     auto make = [&](Index layers, Index heads, Index embd, Index block) {
         Gpt2Config c;
@@ -91,6 +93,7 @@ inline Gpt2Config gpt2_config(std::string_view name) {
     if (name == "gpt2-xl") return make(48, 25, 1600, 1024);
     if (name == "tiny") return make(4, 4, 256, 128);
     if (name == "mini") return make(2, 2, 128, 64);
+    if (name == "micro") return make(2, 2, 16, 32);
     std::string known;
     for (const auto n : kGpt2ConfigNames) known += (known.empty() ? "" : ", ") + std::string(n);
     throw Error(detail::concat("gpt2_config: unknown configuration '", name, "'; known: ", known));
