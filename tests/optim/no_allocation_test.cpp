@@ -10,6 +10,7 @@
 #include <lowrank/core/init.hpp>
 #include <lowrank/models/mlp.hpp>
 #include <lowrank/optim/optim.hpp>
+#include <lowrank/policy/galore.hpp>
 #include <lowrank/policy/lora.hpp>
 #include <lowrank/train/run.hpp>
 
@@ -191,6 +192,14 @@ TEST_CASE("a steady-state TrainingRun step with LoRA on the hidden layers alloca
           "[optim][alloc][train]") {
     const auto lora = [](TrainingRun<float>& run) { run.add<Lora<float>>({.rank = 4}); };
     CHECK(steady_state_run_allocations(lora) == 0);
+}
+
+TEST_CASE("a steady-state TrainingRun step with GaLore between refreshes allocates nothing",
+          "[optim][alloc][train][galore]") {
+    // Gap 100: the basis is taken at the first step, before the counted ones. A refresh
+    // allocates (its SVD and the new basis), once per gap; the steps between allocate nothing.
+    const auto galore = [](TrainingRun<float>& run) { run.add<GaLore<float>>({.rank = 4, .gap = 100}); };
+    CHECK(steady_state_run_allocations(galore) == 0);
 }
 
 #else

@@ -451,6 +451,49 @@ TEST_CASE("DeepLora resumes exactly after its compression, and before it", "[pol
     CHECK(dynamic_cast<DeepLora<double>&>(o.resumed->policies()[0]).compressed());
 }
 
+TEST_CASE("GaLore resumes exactly between refreshes and at one, with its bases and moments",
+          "[policy][resume][galore]") {
+    for (const bool reset : {false, true}) {
+        INFO("reset_moments " << reset);
+        const Setup setup{.name = reset ? "galore-reset" : "galore", .policies = [reset](PolicyList<double>& l) {
+                              l.add<GaLore<double>>(GaLoreOptions{.rank = 3, .gap = 4, .scale = 0.5,
+                                                                  .reset_moments = reset});
+                          }};
+        // Saved mid-interval (after 6 steps: the next refresh is the 9th step) and right
+        // before a refresh (after 8).
+        for (const std::int64_t k : {6, 8}) {
+            INFO("saved after " << k << " steps");
+            const Outcome o = check_resume(setup, k, 6);
+            // Two layers, refreshed at the 9th step (and the 13th, in the run saved after 8).
+            CHECK(count(o.later, "refresh") == 2 * (k == 6 ? 1 : 2));
+            auto original = o.original->by_name();
+            for (const auto* w : dynamic_cast<GaLore<double>&>(o.resumed->policies()[0]).weights()) {
+                INFO(w->name());
+                const auto* a = o.original->opt->state_of(*original.at(w->name()));
+                const auto* b = o.resumed->opt->state_of(*w);
+                REQUIRE((a != nullptr && b != nullptr));
+                CHECK(b->projector == a->projector);
+                CHECK(b->exp_avg == a->exp_avg);
+                CHECK(b->exp_avg.rows() == 10);  // right side: 10 x 3 (layers.0, 10 x 6; layers.1, 10 x 10)
+                CHECK(b->exp_avg.cols() == 3);
+            }
+        }
+    }
+}
+
+TEST_CASE("GaLore refuses a resume with other options", "[policy][resume][galore][errors]") {
+    const auto with_rank = [](Index r) {
+        return Setup{.name = "galore-rank", .policies = [r](PolicyList<double>& l) {
+                         l.add<GaLore<double>>(GaLoreOptions{.rank = r, .gap = 4});
+                     }};
+    };
+    Run original(with_rank(3));
+    original.steps(2);
+    const TempCheckpoint file("galore-other-rank");
+    CHECK_THROWS_WITH(save_and_resume(original, with_rank(2), file),
+                      Catch::Matchers::Contains("galore: restore: key 'rank': the run was saved with 3, this run has 2"));
+}
+
 TEST_CASE("Policy states are JSON that round-trips through text, RNG words exactly", "[policy][resume]") {
     Run run(relora_setup());
     run.steps(5);

@@ -2,7 +2,8 @@
 // Weights and whole training states in one safetensors file (docs/checkpoints.md).
 //
 // A checkpoint holds the parameters under their own names (so PyTorch can take the
-// weights), the optimizer's moments under "optimizer.<moment>.<parameter name>", and one
+// weights), the optimizer's moments under "optimizer.<moment>.<parameter name>" (and a
+// projected gradient's basis under "optimizer.projector.<parameter name>"), and one
 // metadata entry "lowrank": a JSON document with the format version, the step, the
 // optimizer's type, groups and per-parameter step counts, every parameter's active
 // columns, and the caller's `extra` object (RNG states, schedule, data loader, ...).
@@ -43,6 +44,9 @@ namespace lowrank {
 
 /// Where optimizer moments live in a checkpoint: "optimizer.<moment>.<parameter name>".
 inline constexpr std::string_view kOptimizerPrefix = "optimizer.";
+/// A projected parameter's basis (GaLore) sits beside its moments:
+/// "optimizer.projector.<parameter name>".
+inline constexpr std::string_view kProjectorName = "projector";
 
 /// Metadata key of the checkpoint document, and of the active columns that add_parameters
 /// records for parameters trained only in their leading columns.
@@ -469,9 +473,12 @@ nlohmann::json write_optimizer_state(SafetensorsWriter& writer, const ParameterL
                   " was made for an older layout of the parameter ",
                   shape_string(p->rows(), p->active_cols()), " (call carry_state before saving)");
             steps[p->name()] = s->step;
+            const auto [mr, mc] = opt.moment_shape(*p);
             for (auto m : opt.moment_names())
-                writer.add(concat(kOptimizerPrefix, m, ".", p->name()), s->moment(m),
-                           stored_shape(p->rows(), p->active_cols()));
+                writer.add(concat(kOptimizerPrefix, m, ".", p->name()), s->moment(m), stored_shape(mr, mc));
+            if (s->projector.size() != 0)
+                writer.add(concat(kOptimizerPrefix, kProjectorName, ".", p->name()), s->projector,
+                           stored_shape(s->projector.rows(), s->projector.cols()));
         }
         groups.push_back({{"name", g.options.name},
                           {"lr", g.options.lr},
@@ -605,8 +612,9 @@ std::vector<StateRestore<T>> plan_optimizer_states(const SafetensorsReader& read
                                          json_value_excerpt(*it)));
             restore.has_state = true;
             restore.state.step = it->get<std::int64_t>();
-            const Index rows = p->rows(), cols = active.at(p->name());
-            for (auto m : opt.moment_names()) {
+            const bool projected = opt.projection_of(*p) != nullptr;
+            const auto [mr, mc] = projected ? opt.moment_shape(*p) : std::pair{p->rows(), active.at(p->name())};
+            const auto check_tensor = [&](std::string_view m, Index rows, Index cols, std::string_view shape_name) {
                 const std::string tensor = concat(kOptimizerPrefix, m, ".", p->name());
                 if (!reader.contains(tensor))
                     throw FormatError(concat(what, ": parameter '", p->name(), "': optimizer state ", m,
@@ -614,12 +622,18 @@ std::vector<StateRestore<T>> plan_optimizer_states(const SafetensorsReader& read
                 if (!shape_fits(reader.shape(tensor), rows, cols))
                     throw Error(concat(what, ": parameter '", p->name(), "': optimizer state ", m,
                                        " has shape ", shape_list_string(reader.shape(tensor)), ", expected ",
-                                       shape_list_string(stored_shape(rows, cols)), " (rows x active_cols)"));
+                                       shape_list_string(stored_shape(rows, cols)), " (", shape_name, ")"));
                 if (!is_float_dtype(reader.dtype(tensor)))
                     throw FormatError(concat(what, ": parameter '", p->name(), "': optimizer state ", m,
                                              ": expected dtype F32, F64, F16 or BF16, got ",
                                              reader.dtype(tensor)));
                 consumed.insert(tensor);
+            };
+            for (auto m : opt.moment_names())
+                check_tensor(m, mr, mc, projected ? "the projected gradient's shape" : "rows x active_cols");
+            if (projected) {
+                const auto [pr, pc] = opt.projector_shape(*p);
+                check_tensor(kProjectorName, pr, pc, "the projection basis");
             }
         }
         restores.push_back(std::move(restore));
@@ -675,6 +689,8 @@ void apply_checkpoint(const SafetensorsReader& reader, const LoadPlan<T>& plan,
         // matrix<T> reads a 1-D {n} as (1 x n): every stored shape comes back as (rows x k).
         for (auto m : opt->moment_names())
             s.state.moment(m) = reader.matrix<T>(concat(kOptimizerPrefix, m, ".", p.name()));
+        if (opt->projection_of(p) != nullptr)
+            s.state.projector = reader.matrix<T>(concat(kOptimizerPrefix, kProjectorName, ".", p.name()));
         opt->set_state(p, std::move(s.state));
     }
     opt->set_lr_scale(restore.lr_scale);

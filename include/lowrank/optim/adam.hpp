@@ -1,6 +1,7 @@
 #pragma once
 // Adam (L2 weight decay added to the gradient, torch.optim.Adam) and AdamW (decoupled
-// weight decay, torch.optim.AdamW), with PyTorch's per-parameter bias correction.
+// weight decay, torch.optim.AdamW), with PyTorch's per-parameter bias correction; both step
+// a projected gradient (GaLore, see GradientProjection in optimizer.hpp) too.
 
 #include <lowrank/optim/optimizer.hpp>
 
@@ -40,11 +41,17 @@ public:
         return names;
     }
 
+    bool supports_projection() const override { return true; }
+
 protected:
     AdamBase(ParameterList<T> params, const AdamOptions& options, std::string_view what)
         : Optimizer<T>(std::move(params), first_group(options, what)), options_(options) {}
 
     void update(Parameter<T>& p, State& s, double lr, double weight_decay) override {
+        if (const GradientProjection* g = this->projection_of(p)) {
+            update_projected(p, s, *g, lr, weight_decay);
+            return;
+        }
         // Scalars are formed in double and rounded once to T, as PyTorch does with its
         // Python-float hyperparameters.
         const auto step = static_cast<double>(s.step);
@@ -89,6 +96,57 @@ protected:
     }
 
 private:
+    /// GaLore's step: R = Pᵀ·G (left) or G·P (right), Adam on R with moments of R's shape,
+    /// then W -= lr·scale·(P·N or N·Pᵀ) with N the bias-corrected Adam direction of R: the
+    /// scalars of the full update above. With L2 decay (Adam), R projects
+    /// G + weight_decay·W; AdamW decays the full weight. With reset_moments the bias
+    /// correction counts the steps since the last refresh.
+    void update_projected(Parameter<T>& p, State& s, const GradientProjection& g, double lr,
+                          double weight_decay) {
+        const std::int64_t since_refresh = (s.step - 1) % g.gap;
+        if (since_refresh == 0) this->take_projector(p, s);
+        const auto t = static_cast<double>(g.reset_moments ? since_refresh + 1 : s.step);
+        const double bias_correction1 = 1.0 - std::pow(options_.beta1, t);
+        const double bias_correction2 = 1.0 - std::pow(options_.beta2, t);
+        const T step_size = static_cast<T>(lr * g.scale / bias_correction1);
+        const T bc2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
+        const T b1 = static_cast<T>(options_.beta1), b2 = static_cast<T>(options_.beta2);
+        const T one_minus_b1 = static_cast<T>(1.0 - options_.beta1);
+        const T one_minus_b2 = static_cast<T>(1.0 - options_.beta2);
+        const T eps = static_cast<T>(options_.eps);
+        const T l2 = static_cast<T>(Decoupled ? 0.0 : weight_decay);
+
+        const bool left = g.side == ProjectionSide::left;
+        const Index rows = s.exp_avg.rows(), cols = s.exp_avg.cols();
+        // R, then N in place: one buffer of the largest R seen, so a step allocates nothing
+        // once every projected parameter has been stepped. Eigen allocates it aligned, and
+        // the map says so: Eigen's small products peel unaligned leading entries, so on an
+        // arbitrarily aligned buffer the rounding, and so the bits, would follow the address.
+        if (work_.size() < rows * cols) work_.resize(rows * cols);
+        MatrixMap R(work_.data(), rows, cols);
+        const Matrix<T>& P = s.projector;
+        if (left)
+            R.noalias() = P.transpose() * p.grad;
+        else
+            R.noalias() = p.grad * P;
+        if (l2 != T(0)) {
+            if (left)
+                R.noalias() += l2 * (P.transpose() * p.value);
+            else
+                R.noalias() += l2 * (p.value * P);
+        }
+        ArrayMap M(s.exp_avg.data(), R.size()), V(s.exp_avg_sq.data(), R.size()), N(R.data(), R.size());
+        M = M * b1 + one_minus_b1 * N;
+        V = V * b2 + one_minus_b2 * N * N;
+        N = M / (V.sqrt() / bc2_sqrt + eps);
+        if constexpr (Decoupled) p.value *= static_cast<T>(1.0 - lr * weight_decay);
+        if (left)
+            p.value.noalias() -= step_size * (P * R);
+        else
+            p.value.noalias() -= step_size * (R * P.transpose());
+    }
+
+    using MatrixMap = Eigen::Map<Matrix<T>, Eigen::AlignedMax>;
     using ArrayMap = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
     using ConstArrayMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
     /// Four arrays of this many doubles take 32 KiB: they stay in L1 across the passes.
@@ -105,6 +163,7 @@ private:
     }
 
     AdamOptions options_;
+    Eigen::Matrix<T, Eigen::Dynamic, 1> work_;  // R and N of a projected step (update_projected)
 };
 
 }  // namespace detail

@@ -1,7 +1,8 @@
 #pragma once
-// The optimizer base: parameter groups, per-parameter state keyed by Parameter::id(), and
-// the one explicit call (carry_state) through which a rank policy says how that state
-// survives a change of a parameter's shape or basis.
+// The optimizer base: parameter groups, per-parameter state keyed by Parameter::id(), the
+// one explicit call (carry_state) through which a rank policy says how that state survives
+// a change of a parameter's shape or basis, and gradient projection (GaLore): a parameter
+// whose gradient the optimizer steps in a rank-r subspace, with moments of that size.
 
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/parallel.hpp>
@@ -68,6 +69,10 @@ struct OptimizerState {
     Matrix<T> momentum;    // SGD's momentum buffer
     Matrix<T> exp_avg;     // Adam's first moment m
     Matrix<T> exp_avg_sq;  // Adam's second moment v
+    /// A projected parameter's basis P (GradientProjection): the rank-r singular vectors of
+    /// its gradient at the last refresh, (rows x r) or (cols x r) by side; 0 x 0 for every
+    /// other parameter, and before the projected parameter's first step.
+    Matrix<T> projector;
     /// The parameter's layout version and shape this state was made or last carried for.
     std::uint64_t layout_version = 0;
     Index rows = 0;
@@ -85,6 +90,32 @@ struct OptimizerState {
                                    "\"exp_avg_sq\", got \"",
                                    name, "\""));
     }
+};
+
+/// Which side of an (m x n) gradient G a projection acts on: `left` projects R = Pᵀ·G with P
+/// (m x r), for m < n; `right` projects R = G·P with P (n x r), for m >= n. Either way the
+/// moments are r x max(m, n): the shorter side is the one cut to r.
+enum class ProjectionSide { left, right };
+
+/// The side GaLore picks for an (m x n) weight: the shorter one, right for a square weight
+/// (as the authors' GaLoreProjector, proj_type "std").
+inline ProjectionSide projection_side_for(Index rows, Index cols) {
+    return rows < cols ? ProjectionSide::left : ProjectionSide::right;
+}
+
+/// Gradient low-rank projection (GaLore, Zhao et al. 2024, arXiv 2403.03507) of one
+/// parameter: every `gap` of its steps (its steps 1, gap + 1, 2·gap + 1, ...) P becomes the
+/// top-`rank` singular vectors of its gradient on `side`; every step the optimizer runs on
+/// R = Pᵀ·G (or G·P), with moments of R's shape, and the weight moves by `scale` times the
+/// direction projected back (P·N or N·Pᵀ). Weight decay acts on the full weight.
+struct GradientProjection {
+    Index rank = 128;
+    std::int64_t gap = 200;
+    double scale = 0.25;
+    ProjectionSide side = ProjectionSide::left;
+    /// Zero the moments (and restart their bias correction) at each refresh of P; the paper
+    /// keeps them (false).
+    bool reset_moments = false;
 };
 
 /// How a parameter's optimizer state carries over when a rank policy changes the
@@ -202,6 +233,7 @@ public:
             auto& list = groups_[where[i]].params;
             list.erase(std::find(list.begin(), list.end(), params[i]));
             states_.erase(params[i]->id());
+            projections_.erase(params[i]->id());
         }
         ++membership_version_;
         return where;
@@ -219,6 +251,7 @@ public:
         }
         for (Parameter<T>* p : params) {
             states_.erase(p->id());
+            projections_.erase(p->id());
             groups_[i].params.push_back(p);
         }
         ++membership_version_;
@@ -228,6 +261,88 @@ public:
     /// remove_parameters): how a training run learns, without re-reading the model at
     /// every step, that a policy swapped a layer.
     std::uint64_t membership_version() const { return membership_version_; }
+
+    /// Whether this optimizer can step a parameter in a projected subspace (Adam and
+    /// AdamW can; SGD cannot).
+    virtual bool supports_projection() const { return false; }
+
+    /// Steps p's gradient in a rank-r subspace from now on (see GradientProjection). p must
+    /// be in a group, trainable, a plain 2-D weight (all columns active) with no state yet
+    /// (a fresh run; a checkpoint restores the state after), and rank in [1, min(m, n)].
+    void set_projection(const Parameter<T>& p, const GradientProjection& proj) {
+        const std::string what = detail::concat(type_name(), "::set_projection: parameter '", p.name(), "'");
+        check(supports_projection(), what, type_name(),
+              " cannot step a projected gradient (use Adam or AdamW for GaLore)");
+        (void)group_index_of(&p, "set_projection");
+        check(p.trainable, what, "is frozen: only a trained weight has a gradient to project");
+        check(p.active_cols() == p.cols(), what, "has ", p.active_cols(), " of ", p.cols(),
+              " columns active; a projected weight must have all of them active");
+        const Index d = std::min(p.rows(), p.cols());
+        check(proj.rank >= 1 && proj.rank <= d, what, "expected rank in [1, min(m, n)] = [1, ", d, "] for ",
+              shape_string(p.rows(), p.cols()), ", got ", proj.rank);
+        check(proj.gap >= 1, what, "expected gap >= 1, got ", proj.gap);
+        check(std::isfinite(proj.scale) && proj.scale > 0.0, what, "expected a finite scale > 0, got ",
+              proj.scale);
+        check(!has_state(p.id()), what, "already has optimizer state; set the projection before its first step");
+        projections_.insert_or_assign(p.id(), Projected{proj, p.layout_version(), {}});
+    }
+
+    /// Whether p's next step refreshes its basis (its steps 1, gap + 1, 2·gap + 1, ...):
+    /// the step that needs a basis from set_projector first. False if p is not projected.
+    bool projection_refresh_due(const Parameter<T>& p) const {
+        const GradientProjection* g = projection_of(p);
+        if (g == nullptr) return false;
+        const State* s = state_of(p);
+        return (s == nullptr ? 0 : s->step) % g->gap == 0;
+    }
+
+    /// Gives p the basis its next step starts from (projection_refresh_due must be true):
+    /// projector_shape(p), finite, orthonormal columns (the caller's SVD; not re-checked).
+    /// The GaLore policy calls this after backward with the top singular vectors of the
+    /// gradient, so that the decision of the subspace stays a policy's, and the optimizer
+    /// needs no SVD.
+    void set_projector(const Parameter<T>& p, Matrix<T> basis) {
+        const std::string what = detail::concat(type_name(), "::set_projector: parameter '", p.name(), "'");
+        auto it = projections_.find(p.id());
+        check(it != projections_.end(), what, "has no projected gradient (call set_projection first)");
+        check(projection_refresh_due(p), what, "its next step is not a refresh of the basis (every ",
+              it->second.projection.gap, " steps)");
+        const auto [pr, pc] = projector_shape(p);
+        check_shape(basis, pr, pc, what);
+        check(basis.allFinite(), what, "expected a finite basis");
+        it->second.pending = std::move(basis);
+    }
+
+    /// p's projection, or null if its gradient is stepped in full.
+    const GradientProjection* projection_of(const Parameter<T>& p) const {
+        auto it = projections_.find(p.id());
+        return it == projections_.end() ? nullptr : &it->second.projection;
+    }
+
+    /// The shape of p's moments: (rows x active_cols), or R's shape for a projected p.
+    std::pair<Index, Index> moment_shape(const Parameter<T>& p) const {
+        if (const GradientProjection* g = projection_of(p))
+            return g->side == ProjectionSide::left ? std::pair{g->rank, p.cols()} : std::pair{p.rows(), g->rank};
+        return {p.rows(), p.active_cols()};
+    }
+
+    /// The shape of p's projector P: (rows x r) or (cols x r); 0 x 0 if not projected.
+    std::pair<Index, Index> projector_shape(const Parameter<T>& p) const {
+        if (const GradientProjection* g = projection_of(p))
+            return {g->side == ProjectionSide::left ? p.rows() : p.cols(), g->rank};
+        return {0, 0};
+    }
+
+    /// Bytes of optimizer state held now: every moment and projector of every parameter
+    /// with state (what GaLore saves against AdamW).
+    std::size_t state_bytes() const {
+        std::size_t n = 0;
+        for (const auto& [id, s] : states_) {
+            for (auto name : moment_names()) n += static_cast<std::size_t>(s.moment(name).size());
+            n += static_cast<std::size_t>(s.projector.size());
+        }
+        return n * sizeof(T);
+    }
 
     /// The index of the group that holds p.
     std::size_t group_of(const Parameter<T>& p) const { return group_index_of(&p, "group_of"); }
@@ -305,6 +420,9 @@ public:
             check(k >= 0 && k < limit, what, "expected ", by_rows ? "row" : "column", " indices in [0, ",
                   limit, "), got ", k);
         }
+        check(projection_of(p) == nullptr, what,
+              "has a projected gradient (GaLore), whose state cannot follow a change of the weight's "
+              "shape or basis; a projected layer must not be managed by a rank policy");
         auto it = states_.find(p.id());
         if (it == states_.end()) return;
         State& s = it->second;
@@ -367,8 +485,11 @@ public:
     void set_state(const Parameter<T>& p, State s) {
         const std::string what = detail::concat(type_name(), "::set_state: parameter '", p.name(), "'");
         check(s.step >= 0, what, "expected step >= 0, got ", s.step);
-        for (auto name : moment_names())
-            check_shape(s.moment(name), p.rows(), p.active_cols(), detail::concat(what, ", moment ", name));
+        const auto [mr, mc] = moment_shape(p);
+        for (auto name : moment_names()) check_shape(s.moment(name), mr, mc, detail::concat(what, ", moment ", name));
+        const auto [pr, pc] = projector_shape(p);
+        // A projected parameter's state always has its basis: the first step makes both.
+        check_shape(s.projector, pr, pc, detail::concat(what, ", projector"));
         s.layout_version = p.layout_version();
         s.rows = p.rows();
         s.cols = p.active_cols();
@@ -394,6 +515,17 @@ protected:
             f(p.value.data() + i * cols, static_cast<const T*>(p.grad.data() + i * cols), i * k, k);
     }
 
+    /// At a refresh step of a projected p (s.step already incremented): moves the basis
+    /// set_projector gave into s.projector, and zeroes the moments if the projection resets
+    /// them.
+    void take_projector(const Parameter<T>& p, State& s) {
+        Projected& pr = projections_.at(p.id());  // step() checked that a basis was given
+        s.projector.swap(pr.pending);
+        pr.pending.resize(0, 0);
+        if (pr.projection.reset_moments)
+            for (auto name : moment_names()) s.moment(name).setZero();
+    }
+
     /// Updates p in place from p.grad with the given effective lr and weight decay.
     /// `s.step` has already been incremented (it is 1 on the first step).
     virtual void update(Parameter<T>& p, State& s, double lr, double weight_decay) = 0;
@@ -408,6 +540,16 @@ private:
             throw Error(detail::concat(type_name(), "::step: parameter '", p.name(), "': gradient shape ",
                                        shape_string(p.grad), " does not match value shape ",
                                        shape_string(p.value)));
+        if (auto pr = projections_.find(p.id()); pr != projections_.end()) {
+            check(pr->second.layout_version == p.layout_version(), detail::concat(type_name(), "::step"),
+                  "parameter '", p.name(), "' has a projected gradient (GaLore) but its shape or basis changed to ",
+                  shape_string(p.rows(), p.active_cols()),
+                  " since the projection was set; a projected layer must not be managed by a rank policy");
+            check(!projection_refresh_due(p) || pr->second.pending.size() != 0,
+                  detail::concat(type_name(), "::step"), "parameter '", p.name(),
+                  "': this step refreshes its projected gradient's basis, but no basis was given "
+                  "(set_projector after backward; the GaLore policy does this)");
+        }
         auto it = states_.find(p.id());
         if (it == states_.end()) return;
         const State& s = it->second;
@@ -444,15 +586,25 @@ private:
         auto it = states_.find(p.id());
         if (it != states_.end()) return it->second;
         State s;
-        for (auto name : moment_names()) s.moment(name).setZero(p.rows(), p.active_cols());
+        const auto [mr, mc] = moment_shape(p);
+        for (auto name : moment_names()) s.moment(name).setZero(mr, mc);
+        const auto [pr, pc] = projector_shape(p);
+        s.projector.setZero(pr, pc);
         s.layout_version = p.layout_version();
         s.rows = p.rows();
         s.cols = p.active_cols();
         return states_.emplace(p.id(), std::move(s)).first->second;
     }
 
+    struct Projected {
+        GradientProjection projection;
+        std::uint64_t layout_version = 0;
+        Matrix<T> pending;  // the basis of the next refresh (set_projector), until it is taken
+    };
+
     std::vector<ParamGroup<T>> groups_;
     std::unordered_map<std::uint64_t, State> states_;
+    std::unordered_map<std::uint64_t, Projected> projections_;
     double base_lr_ = 0.0;
     double lr_scale_ = 1.0;
     std::uint64_t membership_version_ = 0;

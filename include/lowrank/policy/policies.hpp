@@ -3,6 +3,7 @@
 
 #include <lowrank/policy/cuttlefish.hpp>
 #include <lowrank/policy/deep_lora.hpp>
+#include <lowrank/policy/galore.hpp>
 #include <lowrank/policy/inrank.hpp>
 #include <lowrank/policy/lora.hpp>
 #include <lowrank/policy/policy_state.hpp>
