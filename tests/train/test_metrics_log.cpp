@@ -182,4 +182,28 @@ TEST_CASE("MetricsLog::truncate_after_step keeps the lines up to a step and drop
     CHECK_FALSE(fs::exists(path));
 }
 
+TEST_CASE("MetricsLog::truncate_after_step refuses a line nested 100,000 deep or of 2 MB, naming it, and changes nothing",
+          "[train][metrics_log][hostile]") {
+    const fs::path path = temp_file("hostile");
+    const std::string deep = "{\"step\":2,\"x\":" + std::string(100000, '[') + std::string(100000, ']') + "}";
+    const std::string big = "{\"step\":2,\"x\":\"" + std::string(2'000'000, 'q') + "\"}";
+    for (const std::string& line : {deep, big}) {
+        {
+            std::ofstream out(path, std::ios::binary);
+            out << "{\"step\":1}\n" << line << "\n{\"step\":3}\n";
+        }
+        const auto before = fs::file_size(path);
+        try {
+            lowrank::MetricsLog::truncate_after_step(path, 1);
+            FAIL("a hostile line was accepted");
+        } catch (const lowrank::FormatError& e) {
+            const std::string msg = e.what();
+            CHECK_THAT(msg, Catch::Matchers::Contains(path.string()) && Catch::Matchers::Contains("line 2"));
+            CHECK(msg.size() < 600);
+        }
+        CHECK(fs::file_size(path) == before);
+    }
+    fs::remove(path);
+}
+
 }  // namespace test_metrics_log
