@@ -96,6 +96,9 @@ int train(Config cfg, const lowrank::Communicator& world) {
     lowrank::check(!cfg.save.empty() || (cfg.save_every == 0 && cfg.stop_at == 0), "--save-every / --stop-at",
                    "they need --save (where the checkpoints go)");
     if (!cfg.log.empty() && root) lowrank::check_writable(cfg.log, "--log");
+    // --sample's vocabulary is read now, not after the run it would come at the end of.
+    std::optional<lowrank::Gpt2Tokenizer> tok;
+    if (cfg.sample > 0 && root) tok.emplace(lowrank::Gpt2Tokenizer::from_dir(cfg.vocab));
     lowrank::Rng rng(cfg.seed);
     lowrank::TokenWindows train(lowrank::read_tokens(cfg.data + ".train.bin"),
                                 {.batch = cfg.batch, .context = cfg.context, .seed = rng.next_u64()});
@@ -278,12 +281,11 @@ int train(Config cfg, const lowrank::Communicator& world) {
     run.finish();
     if (run.global_step() == first_step) val_loss = evaluate();  // nothing left to train
 
-    if (cfg.sample > 0 && root) {
-        const auto tok = lowrank::Gpt2Tokenizer::from_dir(cfg.vocab);
-        std::vector<std::int32_t> prompt = tok.encode(cfg.prompt);
-        if (prompt.empty()) prompt.push_back(tok.eot());
+    if (tok) {
+        std::vector<std::int32_t> prompt = tok->encode(cfg.prompt);
+        if (prompt.empty()) prompt.push_back(tok->eot());
         lowrank::Rng sample_rng(cfg.seed + 1);
-        std::cout << tok.decode(lowrank::gpt2_sample(model, std::move(prompt), cfg.sample,
+        std::cout << tok->decode(lowrank::gpt2_sample(model, std::move(prompt), cfg.sample,
                                                      {.temperature = cfg.temperature, .top_k = cfg.top_k},
                                                      sample_rng))
                   << "\n";

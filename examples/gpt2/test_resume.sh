@@ -2,7 +2,8 @@
 # ctest gpt2/resume_is_exact: a run interrupted (--stop-at) and resumed (--resume) must end
 # exactly where the uninterrupted run ends: the same evaluation lines (all but the timing
 # field) and a byte-identical final checkpoint. A resume that changes the method or a
-# setting that changes the trajectory is refused, naming the setting.
+# setting that changes the trajectory is refused, naming the setting. A --save into a missing
+# folder and a --sample without its vocabulary fail before the first step.
 #   test_resume.sh LOWRANK_GPT2 LOWRANK_TOKENIZE VOCAB_DIR TEXT_FILE WORK_DIR [CONFIG]
 source "$(dirname "${BASH_SOURCE[0]}")/test_setup.sh" "$@"
 
@@ -76,3 +77,16 @@ grep -q -- "--save: '/nonexistent/x.safetensors': the folder '/nonexistent' does
     { echo "the refused --save does not say why:" >&2; cat early.err >&2; exit 1; }
 [[ ! -s early.out && ! -e early.jsonl ]] || { echo "the refused run wrote a result or a log" >&2; exit 1; }
 echo "--save into a missing folder: refused before the first step ($(head -c 120 early.err))"
+
+# --sample's vocabulary is read before the first step too; with it, the run ends with a sample.
+if "$gpt2" "${out[@]}" --sample 3 --vocab /nonexistent > early.out 2> early.err; then
+    echo "a run with --sample and a missing --vocab succeeded" >&2
+    exit 1
+fi
+grep -q "'/nonexistent/encoder.json' does not exist" early.err ||
+    { echo "the refused --vocab does not say why:" >&2; cat early.err >&2; exit 1; }
+echo "--sample with a missing --vocab: refused before the first step"
+"$gpt2" --config "$config" --batch 2 --context 16 --steps 1 --warmup-steps 0 --eval-windows 1 --data text --quiet \
+    --sample 3 --vocab "$vocab" > sample.out
+[[ "$(tail -n 1 sample.out)" == "{"*"}" ]] || { echo "the run with --sample did not end with its result" >&2; exit 1; }
+echo "--sample 3 after one step: $(head -c 60 sample.out | tr '\n' ' ')"
