@@ -16,7 +16,8 @@
 namespace lowrank::examples {
 
 inline const std::vector<std::string>& method_names() {
-    static const std::vector<std::string> names{"dense", "lora", "relora", "inrank", "cuttlefish", "sst", "deeplora"};
+    static const std::vector<std::string> names{"dense",      "lora", "relora",   "inrank",
+                                                "cuttlefish", "sst",  "deeplora", "galore"};
     return names;
 }
 
@@ -33,6 +34,7 @@ struct MethodConfig {
     DeepLoraOptions deeplora{};
     std::string deeplora_init = "orthogonal";
     double deeplora_weight_decay = 0.0;  // DeepLoraOptions::weight_decay (the authors': 0)
+    GaLoreOptions galore{};
 };
 
 /// Adds --method, --rank and every method's options to `app`, bound to `m`; each method's
@@ -42,8 +44,8 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
         ->check(CLI::IsMember(method_names()))
         ->capture_default_str();
     app.add_option("--rank", m.rank,
-                   "Rank of the low-rank methods (lora, relora, sst; deeplora with --deeplora-compress: the "
-                   "compressed width 2r); 0: " +
+                   "Rank of the low-rank methods (lora, relora, sst, galore; deeplora with "
+                   "--deeplora-compress: the compressed width 2r); 0: " +
                        rank_default_help)
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
@@ -181,6 +183,17 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
     deeplora->add_flag("!--deeplora-no-base", m.deeplora.keep_base,
                        "deeplora: W = W_L...W_1 alone, discarding the layer's weight (default: W0 + "
                        "W_L...W_1)");
+
+    CLI::Option_group* galore = app.add_option_group("galore", "GaLore (docs/methods/galore.md)");
+    galore->add_option("--galore-gap", m.galore.gap, "galore: optimizer steps between refreshes of the basis")
+        ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 40))
+        ->capture_default_str();
+    galore->add_option("--galore-scale", m.galore.scale, "galore: alpha, the scale of the projected-back update")
+        ->check(CLI::Range(1e-12, 1e12))
+        ->capture_default_str();
+    galore->add_flag("--galore-reset-moments", m.galore.reset_moments,
+                     "galore: zero Adam's moments at each refresh of the basis (default: keep them, as the "
+                     "paper)");
 }
 
 /// m.inrank with the options bound as text (the cadence) applied.
@@ -239,6 +252,11 @@ PolicyList<T> make_policies(const MethodConfig& m, Index default_rank, const Lay
         o.select = select;
         o.seed = seed;
         list.template add<DeepLora<T>>(o);
+    } else if (m.method == "galore") {
+        auto o = m.galore;
+        o.rank = rank;
+        o.select = select;
+        list.template add<GaLore<T>>(o);
     } else if (m.method != "dense") {
         throw Error("unknown method '" + m.method + "'");
     }

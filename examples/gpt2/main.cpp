@@ -321,6 +321,12 @@ int train(Config cfg, const lowrank::Communicator& world) {
         // What one step all-reduced at the end (the trainable gradients in use, and the loss).
         {"allreduce_bytes_per_step", dp.bytes_per_step()},
         {"allreduce_seconds", dp.stats().seconds},
+        // The optimizer state held at the end (GaLore: r x max(m, n) moments and a basis for
+        // each projected weight) beside AdamW's two moments of every trainable parameter,
+        // and the process's peak resident memory.
+        {"optimizer_state_bytes", opt.state_bytes()},
+        {"adamw_state_bytes", 2 * run.parameter_count(true) * static_cast<lowrank::Index>(sizeof(float))},
+        {"peak_rss_bytes", lowrank::peak_rss_bytes()},
         {"gemm", kGemm},
         {"train_seconds", train_seconds},
         {"eval_seconds", eval_seconds},
@@ -333,7 +339,15 @@ int train(Config cfg, const lowrank::Communicator& world) {
 
 int main(int argc, char** argv) {
     // Before the command line: MPI may take its own arguments out of argv.
-    lowrank::MpiEnvironment mpi(&argc, &argv);
+    // A failure here (a build without MPI started by mpirun with several processes, or
+    // MPI_Init failing) is an error like any other, not an abort.
+    std::optional<lowrank::MpiEnvironment> mpi;
+    try {
+        mpi.emplace(&argc, &argv);
+    } catch (const std::exception& e) {
+        std::cerr << "lowrank-gpt2: error: " << e.what() << "\n";
+        return 1;
+    }
     Config cfg;
     CLI::App app{
         "Train GPT-2 (dense or low-rank) on a token stream with AdamW, warm-up + cosine decay and\n"
@@ -446,11 +460,11 @@ int main(int argc, char** argv) {
     cfg.identity["gemm"] = kGemm;
     // With several processes an error ends the job (the others would wait for this one).
     const auto fail = [&](const std::string& message) {
-        if (mpi.world().size() > 1) mpi.fail("lowrank-gpt2: " + message);
+        if (mpi->world().size() > 1) mpi->fail("lowrank-gpt2: " + message);
         std::cerr << "lowrank-gpt2: error: " << message << "\n";
     };
     try {
-        return train(cfg, mpi.world());
+        return train(cfg, mpi->world());
     } catch (const std::bad_alloc&) {
         fail("out of memory (try a smaller --batch or --config)");
     } catch (const std::exception& e) {

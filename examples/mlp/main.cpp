@@ -273,6 +273,12 @@ int train(const Config& cfg, const lowrank::Communicator& world) {
     // whatever the number of processes; 0 calls with one process in a build without MPI.
     result["allreduce_bytes_per_step"] = dp.bytes_per_step();
     result["allreduce_seconds"] = dp.stats().seconds;
+    // The optimizer state held at the end (GaLore keeps r x max(m, n) moments and a basis
+    // for each projected weight) beside AdamW's two moments of every trainable parameter,
+    // and the process's peak resident memory.
+    result["optimizer_state_bytes"] = opt.state_bytes();
+    result["adamw_state_bytes"] = 2 * trainable_count(model) * static_cast<lowrank::Index>(sizeof(float));
+    result["peak_rss_bytes"] = lowrank::peak_rss_bytes();
     result["train_seconds"] = train_seconds;
     result["eval_seconds"] = eval_seconds;
     result["wall_seconds"] = seconds_since(wall_start);
@@ -285,7 +291,15 @@ int train(const Config& cfg, const lowrank::Communicator& world) {
 
 int main(int argc, char** argv) {
     // Before the command line: MPI may take its own arguments out of argv.
-    lowrank::MpiEnvironment mpi(&argc, &argv);
+    // A failure here (a build without MPI started by mpirun with several processes, or
+    // MPI_Init failing) is an error like any other, not an abort.
+    std::optional<lowrank::MpiEnvironment> mpi;
+    try {
+        mpi.emplace(&argc, &argv);
+    } catch (const std::exception& e) {
+        std::cerr << "lowrank-mlp: error: " << e.what() << "\n";
+        return 1;
+    }
     Config cfg;
     CLI::App app{"Train a ReLU MLP on Fashion-MNIST (IDX files) with AdamW and a warm-up + cosine schedule.\n"
                  "Progress goes to stderr; the last line of stdout is a JSON object with the result.",
@@ -336,11 +350,11 @@ int main(int argc, char** argv) {
     cfg.identity = lowrank::examples::options_identity(app, {"--log", "--quiet", "--rank-log"});
     // With several processes an error ends the job (the others would wait for this one).
     const auto fail = [&](const std::string& message) {
-        if (mpi.world().size() > 1) mpi.fail("lowrank-mlp: " + message);
+        if (mpi->world().size() > 1) mpi->fail("lowrank-mlp: " + message);
         std::cerr << "lowrank-mlp: error: " << message << "\n";
     };
     try {
-        return train(cfg, mpi.world());
+        return train(cfg, mpi->world());
     } catch (const std::bad_alloc&) {
         fail("out of memory (try a smaller --hidden or --batch)");
     } catch (const std::exception& e) {

@@ -1,10 +1,16 @@
 #pragma once
-// Allocator tuning. Fresh pages are expensive to touch on the machines we measured (about
-// 11 us per 4 KiB page), and glibc hands large freed blocks straight back to the kernel,
-// so a buffer that is freed and allocated again every step (Eigen's GEMM packing buffers
-// are) pays for fresh pages every time. Keeping freed memory in the process avoids that.
+// Allocator tuning, and the process's peak resident memory. Fresh pages are expensive to
+// touch on the machines we measured (about 11 us per 4 KiB page), and glibc hands large
+// freed blocks straight back to the kernel, so a buffer that is freed and allocated again
+// every step (Eigen's GEMM packing buffers are) pays for fresh pages every time. Keeping
+// freed memory in the process avoids that.
 
 #include <climits>
+#include <cstdint>
+
+#if defined(__linux__)
+#include <sys/resource.h>
+#endif
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -27,6 +33,18 @@ inline bool tune_allocator() {
     return heap && keep && no_mmap;
 #else
     return false;
+#endif
+}
+
+/// The most resident memory the process has held so far, in bytes (getrusage's
+/// ru_maxrss, kilobytes on Linux); 0 where it is not known.
+inline std::int64_t peak_rss_bytes() {
+#if defined(__linux__)
+    rusage usage{};
+    if (getrusage(RUSAGE_SELF, &usage) != 0) return 0;
+    return static_cast<std::int64_t>(usage.ru_maxrss) * 1024;
+#else
+    return 0;
 #endif
 }
 
