@@ -251,8 +251,8 @@ private:
     void count_step(std::int64_t calls, std::chrono::steady_clock::time_point start) {
         stats_.steps += 1;
         stats_.calls += calls;
-        stats_.bytes += calls > 0 ? flat_.size() * sizeof(T) : 0;
-        stats_.scalars_per_step = static_cast<Index>(flat_.size());
+        stats_.bytes += calls > 0 ? scalars_ * sizeof(T) : 0;
+        stats_.scalars_per_step = static_cast<Index>(scalars_);
         stats_.buckets_per_step = calls;
         stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
@@ -269,7 +269,7 @@ private:
     // collective), and a layer rebuilt by a policy may sit at other addresses on one
     // process than on another. Moved parameters are only re-pointed, here, locally.
     bool layout_matches(const ParameterList<T>& params) {
-        if (flat_.empty()) return false;
+        if (!laid_out_) return false;
         std::size_t i = 0;
         for (Parameter<T>* p : params) {
             if (!detail::has_gradient(*p)) continue;
@@ -295,7 +295,10 @@ private:
             entries_.push_back({p, p->name(), p->rows(), p->cols(), p->active_cols(), offset});
             offset += static_cast<std::size_t>(p->rows() * p->active_cols());
         }
-        flat_.assign(offset + 1, T(0));  // + the loss
+        scalars_ = offset + 1;  // + the loss
+        // One process reduces nothing: no buffer (it would be one more gradient's memory).
+        if (comm_.size() > 1) flat_.assign(scalars_, T(0));
+        laid_out_ = true;
         ++stats_.layouts;
         // Every process must lay out the same buffer, or the sums would mix parameters.
         std::vector<std::uint64_t> layout;
@@ -349,7 +352,9 @@ private:
     DataParallelOptions options_;
     double weight_;
     std::vector<Entry> entries_;
-    std::vector<T> flat_;
+    std::vector<T> flat_;       // the reduced payload; empty with one process
+    std::size_t scalars_ = 0;  // its length: the gradients in use and the loss
+    bool laid_out_ = false;
     CommunicationStats stats_;
 };
 
