@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["dense", "lora", "relora", "inrank", "cuttlefish", "sst", "deeplora"]
+METHODS = ["dense", "lora", "relora", "inrank", "cuttlefish", "sst", "deeplora", "galore"]
 
 
 def check_methods(text):

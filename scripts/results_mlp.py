@@ -92,7 +92,8 @@ def write_docs(runs, args, svg_ok):
         f"weight decay {any_run['weight_decay']}, seed {args.seed}, {args.threads} thread(s). "
         "Each method runs with lowrank-mlp's defaults: the policies' own (docs/methods/), "
         "except InRank's explained-ratio threshold, 0.97 instead of the authors' 0.9 (see below). "
-        "`--rank` is hidden / 4 for LoRA, ReLoRA and SST (active pairs); Deep LoRA trains its "
+        "`--rank` is hidden / 4 for LoRA, ReLoRA, SST (active pairs) and GaLore (the projection's "
+        "rank, at the authors' α 0.25 and the same lr: scripts/results_galore.py compares lrs); Deep LoRA trains its "
         "uncompressed full-width factors (the authors' default); InRank and Cuttlefish choose their "
         "own ranks.",
         "",
