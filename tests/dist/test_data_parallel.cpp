@@ -211,8 +211,9 @@ TEST_CASE("dp: parameters rebuilt at other addresses on one process only are red
     dp.dp->check_replicas();
 }
 
-// Each policy, with options that make it decide within a few steps: on every process the
-// same decisions as one process on the whole batch, and replicas identical at every step.
+// Each policy, GaLore's too, with options that make it decide within a few steps: on every
+// process the same decisions as one process on the whole batch, and replicas identical at
+// every step.
 TEST_CASE("dp: every policy decides as one process does, identically on every process", "[dist][uneven]") {
     struct Case {
         const char* name;
@@ -243,6 +244,8 @@ TEST_CASE("dp: every policy decides as one process does, identically on every pr
          0, true},
         {"deeplora", [](TrainingRun<double>& r) { r.add<DeepLora<double>>({.rank = 2, .compress = true}); },
          0, true},
+        // The basis of the averaged gradient, refreshed at steps 0, 3, 6, 9.
+        {"galore", [](TrainingRun<double>& r) { r.add<GaLore<double>>({.rank = 2, .gap = 3}); }, 0, true},
     };
     for (const Case& c : cases) {
         INFO(c.name << " on " << world().size() << " processes");
