@@ -170,6 +170,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
                                                 : lowrank::MetricsLog::Mode::append);
     }
     dp.broadcast_parameters();  // runs begin(); the replicas start from process 0's weights
+    const std::int64_t rss_before_steps = lowrank::current_rss_bytes();  // data, model, policies set up
     cfg.quiet = cfg.quiet || !root;
     // A method that discards the layers' weights (InRank's efficient form, Deep LoRA without
     // a base) says so in the rank log; loaded weights would otherwise be lost without a word.
@@ -222,7 +223,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     };
     const lowrank::Index tokens_per_step = cfg.batch * cfg.context;
     auto& progress = run.attach<lowrank::ProgressCallback<float>>(lowrank::ProgressCallback<float>::Options{
-        .bar = {.enabled = !cfg.quiet}, .samples_per_step = tokens_per_step});
+        .bar = {.enabled = !cfg.quiet, .unit = "tokens"}, .samples_per_step = tokens_per_step});
     double train_seconds = 0.0, eval_seconds = 0.0, val_loss = std::nan(""), train_loss = std::nan("");
     const std::int64_t first_step = run.global_step();
     std::int64_t interval_first = first_step;  // for tokens/s: the steps timed in this process
@@ -323,10 +324,11 @@ int train(Config cfg, const lowrank::Communicator& world) {
         {"allreduce_seconds", dp.stats().seconds},
         // The optimizer state held at the end (GaLore: r x max(m, n) moments and a basis for
         // each projected weight) beside AdamW's two moments of every trainable parameter,
-        // and the process's peak resident memory.
+        // and the process's peak resident memory beside what it held before the first step.
         {"optimizer_state_bytes", opt.state_bytes()},
         {"adamw_state_bytes", 2 * run.parameter_count(true) * static_cast<lowrank::Index>(sizeof(float))},
         {"peak_rss_bytes", lowrank::peak_rss_bytes()},
+        {"rss_before_steps_bytes", rss_before_steps},
         {"gemm", kGemm},
         {"train_seconds", train_seconds},
         {"eval_seconds", eval_seconds},
@@ -356,7 +358,9 @@ int main(int argc, char** argv) {
     app.set_version_flag("--version", std::string("lowrank ") + lowrank::version_string());
     using lowrank::Index;
     const auto nonneg = lowrank::examples::non_negative;
-    app.add_option("--config", cfg.model, "Model config: tiny, mini, gpt2, gpt2-medium")
+    std::vector<std::string> configs(lowrank::kGpt2ConfigNames.begin(), lowrank::kGpt2ConfigNames.end());
+    app.add_option("--config", cfg.model, "Model config (docs/models/gpt2.md)")
+        ->check(CLI::IsMember(configs))
         ->capture_default_str();
     app.add_option("--steps", cfg.steps, "Optimizer steps in total")
         ->check(lowrank::examples::positive)

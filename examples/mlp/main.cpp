@@ -156,6 +156,7 @@ int train(const Config& cfg, const lowrank::Communicator& world) {
     // averaged over the shards of the global batch; the replicas start from process 0's.
     lowrank::DataParallel<float> dp(run, world);
     dp.broadcast_parameters();  // runs begin()
+    const std::int64_t rss_before_steps = lowrank::current_rss_bytes();  // data, model, policies set up
     const lowrank::Index params = parameter_count(model);
     const lowrank::Index trainable = trainable_count(model);
     const std::string rank_log_path =
@@ -275,10 +276,11 @@ int train(const Config& cfg, const lowrank::Communicator& world) {
     result["allreduce_seconds"] = dp.stats().seconds;
     // The optimizer state held at the end (GaLore keeps r x max(m, n) moments and a basis
     // for each projected weight) beside AdamW's two moments of every trainable parameter,
-    // and the process's peak resident memory.
+    // and the process's peak resident memory beside what it held before the first step.
     result["optimizer_state_bytes"] = opt.state_bytes();
     result["adamw_state_bytes"] = 2 * trainable_count(model) * static_cast<lowrank::Index>(sizeof(float));
     result["peak_rss_bytes"] = lowrank::peak_rss_bytes();
+    result["rss_before_steps_bytes"] = rss_before_steps;
     result["train_seconds"] = train_seconds;
     result["eval_seconds"] = eval_seconds;
     result["wall_seconds"] = seconds_since(wall_start);

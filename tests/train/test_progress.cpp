@@ -62,6 +62,19 @@ TEST_CASE("ProgressBar draws epoch, steps, loss, throughput and times, then eras
     std::fclose(f);
 }
 
+TEST_CASE("ProgressBar for a run without epochs draws steps and the rate in its unit", "[train][progress]") {
+    std::FILE* f = std::tmpfile();
+    REQUIRE(f != nullptr);
+    lowrank::ProgressBar bar(lowrank::ProgressOptions{.stream = f, .force = true, .unit = "tokens"});
+    bar.begin(1000);
+    bar.update(1, 6.5, 4096);
+    const std::string drawn = contents(f);
+    CHECK_THAT(drawn, Contains("step [") && Contains("1/1000") && Contains("tokens/s"));
+    CHECK_THAT(drawn, !Contains("epoch") && !Contains("samples/s"));
+    bar.finish();
+    std::fclose(f);
+}
+
 TEST_CASE("ProgressBar can be disabled outright", "[train][progress]") {
     lowrank::ProgressBar bar(lowrank::ProgressOptions{.enabled = false, .force = true});
     CHECK_FALSE(bar.visible());

@@ -8,8 +8,11 @@
 #include <climits>
 #include <cstdint>
 
+#include <cstdio>
+
 #if defined(__linux__)
 #include <sys/resource.h>
+#include <unistd.h>
 #endif
 
 #if defined(__GLIBC__)
@@ -33,6 +36,22 @@ inline bool tune_allocator() {
     return heap && keep && no_mmap;
 #else
     return false;
+#endif
+}
+
+/// The resident memory of the process now, in bytes (/proc/self/statm); 0 where it is
+/// not known. With peak_rss_bytes after a run, what the training steps added above the
+/// data and the model held before the first one.
+inline std::int64_t current_rss_bytes() {
+#if defined(__linux__)
+    std::FILE* f = std::fopen("/proc/self/statm", "r");
+    if (f == nullptr) return 0;
+    long long size = 0, resident = 0;
+    const int n = std::fscanf(f, "%lld %lld", &size, &resident);
+    std::fclose(f);
+    return n == 2 ? static_cast<std::int64_t>(resident) * static_cast<std::int64_t>(sysconf(_SC_PAGESIZE)) : 0;
+#else
+    return 0;
 #endif
 }
 

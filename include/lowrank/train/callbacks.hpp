@@ -43,13 +43,13 @@ inline void check_writable(const std::filesystem::path& path, std::string_view w
 }
 
 /// The progress bar (train/progress.hpp) driven by the run: one bar an epoch when the run
-/// knows its epochs, one bar for the whole run otherwise.
+/// knows its epochs, one bar of steps for the whole run otherwise ("step [...] 150/1000").
 template <class T>
 class ProgressCallback : public RunCallback<T> {
 public:
     struct Options {
         ProgressOptions bar{};
-        /// Samples (or tokens) a step consumes, for the rate.
+        /// Samples (or tokens: set bar.unit) a step consumes, for the rate.
         std::int64_t samples_per_step = 1;
         /// Epochs the loop will run (for "epoch 3/10"); 0: one bar for the whole run.
         std::int64_t epochs = 0;
@@ -79,7 +79,7 @@ private:
         if (options_.epochs > 0 && per_epoch > 0)
             bar_.begin_epoch(run.epoch() + 1, options_.epochs, per_epoch - run.steps_in_epoch());
         else
-            bar_.begin_epoch(1, 1, std::max<std::int64_t>(0, run.total_steps() - run.global_step()));
+            bar_.begin(std::max<std::int64_t>(0, run.total_steps() - run.global_step()));
     }
 
     Options options_;

@@ -1,7 +1,9 @@
 #pragma once
-// A one-line progress bar for training loops, on stderr:
+// A one-line progress bar for training loops, on stderr, by epoch or for a whole run of
+// steps, its rate in the unit the loop counts (samples, tokens):
 //
 //     epoch 3/10 [#########.........]  234/469  loss 0.4312  14.2k samples/s  00:05<00:04
+//     step [###...............]  150/1000  loss 6.1032  612 tokens/s  04:05<23:10
 //
 // It draws only when its stream is a terminal (so logs and pipes stay clean), redraws at
 // most every min_interval seconds (drawing costs a write system call; a step can take
@@ -33,6 +35,8 @@ struct ProgressOptions {
     /// Seconds between redraws.
     double min_interval = 0.1;
     int bar_width = 20;
+    /// What a step's `samples` count, for the rate: "samples", "tokens", ...
+    std::string unit = "samples";
 };
 
 namespace detail {
@@ -87,8 +91,12 @@ public:
     ProgressBar& operator=(const ProgressBar&) = delete;
     ~ProgressBar() { clear(); }
 
-    /// Starts an epoch (1-based `epoch` of `epochs`) of `total_steps` steps; resets the
-    /// running loss, the sample count and the clock.
+    /// Starts a bar for a run of `total_steps` steps that has no epochs ("step [...]").
+    void begin(std::int64_t total_steps) { begin_epoch(0, 0, total_steps); }
+
+    /// Starts an epoch (1-based `epoch` of `epochs`; epochs 0: a run without epochs, see
+    /// begin) of `total_steps` steps; resets the running loss, the sample count and the
+    /// clock.
     void begin_epoch(std::int64_t epoch, std::int64_t epochs, std::int64_t total_steps) {
         epoch_ = epoch;
         epochs_ = epochs;
@@ -140,15 +148,16 @@ private:
         const double rate = elapsed > 0 ? static_cast<double>(samples_) / elapsed : 0.0;
         const double eta = step_ > 0 ? elapsed / static_cast<double>(step_) * static_cast<double>(total_ - step_) : -1.0;
 
-        std::string line = "\r\033[Kepoch " + std::to_string(epoch_) + "/" + std::to_string(epochs_) + " [";
+        std::string line = epochs_ > 0 ? "\r\033[Kepoch " + std::to_string(epoch_) + "/" + std::to_string(epochs_) + " ["
+                                       : std::string("\r\033[Kstep [");
         const int filled = static_cast<int>(frac * options_.bar_width);
         line.append(static_cast<std::size_t>(filled), '#');
         line.append(static_cast<std::size_t>(options_.bar_width - filled), '.');
         char buf[160];
-        std::snprintf(buf, sizeof buf, "] %lld/%lld  loss %.4f  %s samples/s  %s<%s",
+        std::snprintf(buf, sizeof buf, "] %lld/%lld  loss %.4f  %s %.24s/s  %s<%s",
                       static_cast<long long>(step_), static_cast<long long>(total_), running_loss(),
-                      detail::format_rate(rate).c_str(), detail::format_duration(elapsed).c_str(),
-                      detail::format_duration(eta).c_str());
+                      detail::format_rate(rate).c_str(), options_.unit.c_str(),
+                      detail::format_duration(elapsed).c_str(), detail::format_duration(eta).c_str());
         line += buf;
         std::fputs(line.c_str(), options_.stream);
         std::fflush(options_.stream);
