@@ -52,19 +52,7 @@ protected:
             update_projected(p, s, *g, lr, weight_decay);
             return;
         }
-        // Scalars are formed in double and rounded once to T, as PyTorch does with its
-        // Python-float hyperparameters.
-        const auto step = static_cast<double>(s.step);
-        const double bias_correction1 = 1.0 - std::pow(options_.beta1, step);
-        const double bias_correction2 = 1.0 - std::pow(options_.beta2, step);
-        const T step_size = static_cast<T>(lr / bias_correction1);
-        const T bc2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
-        const T b1 = static_cast<T>(options_.beta1), b2 = static_cast<T>(options_.beta2);
-        const T one_minus_b1 = static_cast<T>(1.0 - options_.beta1);
-        const T one_minus_b2 = static_cast<T>(1.0 - options_.beta2);
-        const T eps = static_cast<T>(options_.eps);
-        const T l2 = static_cast<T>(Decoupled ? 0.0 : weight_decay);
-        const T decay = static_cast<T>(Decoupled ? 1.0 - lr * weight_decay : 1.0);
+        const Scalars k = scalars(static_cast<double>(s.step), lr, lr, weight_decay);
 
         // Adam is bound by memory traffic, so the update must read each array once. A
         // plain scalar loop does, but does not vectorise (std::sqrt must set errno, so
@@ -82,23 +70,43 @@ protected:
                     ArrayMap W(w + c, n), M(m + c, n), V(v + c, n);
                     const ConstArrayMap G(g + c, n);
                     if constexpr (Decoupled) {
-                        W *= decay;
-                        M = M * b1 + one_minus_b1 * G;
-                        V = V * b2 + one_minus_b2 * G * G;
+                        W *= k.decay;
+                        M = M * k.b1 + k.one_minus_b1 * G;
+                        V = V * k.b2 + k.one_minus_b2 * G * G;
                     } else {
-                        M = M * b1 + one_minus_b1 * (G + l2 * W);
-                        V = V * b2 + one_minus_b2 * (G + l2 * W) * (G + l2 * W);
+                        M = M * k.b1 + k.one_minus_b1 * (G + k.l2 * W);
+                        V = V * k.b2 + k.one_minus_b2 * (G + k.l2 * W) * (G + k.l2 * W);
                     }
-                    W -= step_size * (M / (V.sqrt() / bc2_sqrt + eps));
+                    W -= k.step_size * (M / (V.sqrt() / k.bc2_sqrt + k.eps));
                 }
             });
         });
     }
 
 private:
+    /// The scalars of one update at bias-correction step t, formed in double and rounded
+    /// once to T, as PyTorch does with its Python-float hyperparameters. `step_lr` scales
+    /// the direction (lr, or lr·α for a projected step); the decay uses `lr`.
+    struct Scalars {
+        T step_size, bc2_sqrt, b1, b2, one_minus_b1, one_minus_b2, eps, l2, decay;
+    };
+    Scalars scalars(double t, double step_lr, double lr, double weight_decay) const {
+        const double bias_correction1 = 1.0 - std::pow(options_.beta1, t);
+        const double bias_correction2 = 1.0 - std::pow(options_.beta2, t);
+        return {static_cast<T>(step_lr / bias_correction1),
+                static_cast<T>(std::sqrt(bias_correction2)),
+                static_cast<T>(options_.beta1),
+                static_cast<T>(options_.beta2),
+                static_cast<T>(1.0 - options_.beta1),
+                static_cast<T>(1.0 - options_.beta2),
+                static_cast<T>(options_.eps),
+                static_cast<T>(Decoupled ? 0.0 : weight_decay),
+                static_cast<T>(Decoupled ? 1.0 - lr * weight_decay : 1.0)};
+    }
+
     /// GaLore's step: R = Pᵀ·G (left) or G·P (right), Adam on R with moments of R's shape,
     /// then W -= lr·scale·(P·N or N·Pᵀ) with N the bias-corrected Adam direction of R: the
-    /// scalars of the full update above. With L2 decay (Adam), R projects
+    /// scalars of the full update above. With L2 k.decay (Adam), R projects
     /// G + weight_decay·W; AdamW decays the full weight. With reset_moments the bias
     /// correction counts the steps since the last refresh.
     void update_projected(Parameter<T>& p, State& s, const GradientProjection& g, double lr,
@@ -106,15 +114,7 @@ private:
         const std::int64_t since_refresh = (s.step - 1) % g.gap;
         if (since_refresh == 0) this->take_projector(p, s);
         const auto t = static_cast<double>(g.reset_moments ? since_refresh + 1 : s.step);
-        const double bias_correction1 = 1.0 - std::pow(options_.beta1, t);
-        const double bias_correction2 = 1.0 - std::pow(options_.beta2, t);
-        const T step_size = static_cast<T>(lr * g.scale / bias_correction1);
-        const T bc2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
-        const T b1 = static_cast<T>(options_.beta1), b2 = static_cast<T>(options_.beta2);
-        const T one_minus_b1 = static_cast<T>(1.0 - options_.beta1);
-        const T one_minus_b2 = static_cast<T>(1.0 - options_.beta2);
-        const T eps = static_cast<T>(options_.eps);
-        const T l2 = static_cast<T>(Decoupled ? 0.0 : weight_decay);
+        const Scalars k = scalars(t, lr * g.scale, lr, weight_decay);
 
         const bool left = g.side == ProjectionSide::left;
         const Index rows = s.exp_avg.rows(), cols = s.exp_avg.cols();
@@ -129,21 +129,21 @@ private:
             R.noalias() = P.transpose() * p.grad;
         else
             R.noalias() = p.grad * P;
-        if (l2 != T(0)) {
+        if (k.l2 != T(0)) {
             if (left)
-                R.noalias() += l2 * (P.transpose() * p.value);
+                R.noalias() += k.l2 * (P.transpose() * p.value);
             else
-                R.noalias() += l2 * (p.value * P);
+                R.noalias() += k.l2 * (p.value * P);
         }
         ArrayMap M(s.exp_avg.data(), R.size()), V(s.exp_avg_sq.data(), R.size()), N(R.data(), R.size());
-        M = M * b1 + one_minus_b1 * N;
-        V = V * b2 + one_minus_b2 * N * N;
-        N = M / (V.sqrt() / bc2_sqrt + eps);
-        if constexpr (Decoupled) p.value *= static_cast<T>(1.0 - lr * weight_decay);
+        M = M * k.b1 + k.one_minus_b1 * N;
+        V = V * k.b2 + k.one_minus_b2 * N * N;
+        N = M / (V.sqrt() / k.bc2_sqrt + k.eps);
+        if constexpr (Decoupled) p.value *= k.decay;
         if (left)
-            p.value.noalias() -= step_size * (P * R);
+            p.value.noalias() -= k.step_size * (P * R);
         else
-            p.value.noalias() -= step_size * (R * P.transpose());
+            p.value.noalias() -= k.step_size * (R * P.transpose());
     }
 
     using MatrixMap = Eigen::Map<Matrix<T>, Eigen::AlignedMax>;

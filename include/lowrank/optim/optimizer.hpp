@@ -588,8 +588,7 @@ private:
         State s;
         const auto [mr, mc] = moment_shape(p);
         for (auto name : moment_names()) s.moment(name).setZero(mr, mc);
-        const auto [pr, pc] = projector_shape(p);
-        s.projector.setZero(pr, pc);
+        // A projected parameter's first step is a refresh: take_projector gives it its basis.
         s.layout_version = p.layout_version();
         s.rows = p.rows();
         s.cols = p.active_cols();
