@@ -22,6 +22,7 @@
 #include "common/cli_checks.hpp"
 #include "common/method_cli.hpp"
 #include "common/run_identity.hpp"
+#include "common/start_mpi.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -341,15 +342,8 @@ int train(Config cfg, const lowrank::Communicator& world) {
 
 int main(int argc, char** argv) {
     // Before the command line: MPI may take its own arguments out of argv.
-    // A failure here (a build without MPI started by mpirun with several processes, or
-    // MPI_Init failing) is an error like any other, not an abort.
     std::optional<lowrank::MpiEnvironment> mpi;
-    try {
-        mpi.emplace(&argc, &argv);
-    } catch (const std::exception& e) {
-        std::cerr << "lowrank-gpt2: error: " << e.what() << "\n";
-        return 1;
-    }
+    if (!lowrank::examples::start_mpi(mpi, &argc, &argv, "lowrank-gpt2")) return 1;
     Config cfg;
     CLI::App app{
         "Train GPT-2 (dense or low-rank) on a token stream with AdamW, warm-up + cosine decay and\n"

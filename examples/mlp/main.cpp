@@ -30,6 +30,7 @@
 #include "common/cli_checks.hpp"
 #include "common/method_cli.hpp"
 #include "common/run_identity.hpp"
+#include "common/start_mpi.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -293,15 +294,8 @@ int train(const Config& cfg, const lowrank::Communicator& world) {
 
 int main(int argc, char** argv) {
     // Before the command line: MPI may take its own arguments out of argv.
-    // A failure here (a build without MPI started by mpirun with several processes, or
-    // MPI_Init failing) is an error like any other, not an abort.
     std::optional<lowrank::MpiEnvironment> mpi;
-    try {
-        mpi.emplace(&argc, &argv);
-    } catch (const std::exception& e) {
-        std::cerr << "lowrank-mlp: error: " << e.what() << "\n";
-        return 1;
-    }
+    if (!lowrank::examples::start_mpi(mpi, &argc, &argv, "lowrank-mlp")) return 1;
     Config cfg;
     CLI::App app{"Train a ReLU MLP on Fashion-MNIST (IDX files) with AdamW and a warm-up + cosine schedule.\n"
                  "Progress goes to stderr; the last line of stdout is a JSON object with the result.",
