@@ -202,6 +202,33 @@ TEST_CASE("a steady-state TrainingRun step with GaLore between refreshes allocat
     CHECK(steady_state_run_allocations(galore) == 0);
 }
 
+TEST_CASE("a steady-state step through linear_cross_entropy allocates nothing", "[optim][alloc]") {
+    // 45 tokens in chunks of 16 (a ragged last chunk of 13), a vocabulary of 37, one ignored
+    // row, a bias: the node's block, its unit gradients and its per-row losses are reused.
+    auto w1 = make_param<float>("w1", 16, 12);
+    auto w2 = make_param<float>("w2", 37, 16);
+    auto b2 = make_param<float>("b2", 1, 37);
+    Rng rng(5);
+    MatrixF x(45, 12);
+    init::normal<float>(x, rng);
+    std::vector<std::int32_t> y;
+    for (Index i = 0; i < x.rows(); ++i) y.push_back(static_cast<std::int32_t>(rng.below(37)));
+    y[7] = kIgnoreIndex;
+    AdamW<float> opt({&w1, &w2, &b2}, AdamOptions{.lr = 1e-3, .weight_decay = 0.01});
+    Graph<float> g;
+    const auto step = [&] {
+        g.clear();
+        opt.zero_grad();
+        const auto h = gelu(g, linear(g, g.input(x), g.param(w1)));
+        g.backward(linear_cross_entropy(g, h, g.param(w2), g.param(b2), y, {.chunk_rows = 16}));
+        opt.step();
+    };
+    for (int i = 0; i < 2; ++i) step();
+    CHECK(allocations_in([&] {
+              for (int i = 0; i < 4; ++i) step();
+          }) == 0);
+}
+
 #else
 
 TEST_CASE("a steady-state step allocates nothing", "[optim][alloc]") {

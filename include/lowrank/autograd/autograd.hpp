@@ -7,5 +7,6 @@
 #include <lowrank/autograd/ops_attention.hpp>
 #include <lowrank/autograd/ops_basic.hpp>
 #include <lowrank/autograd/ops_linear.hpp>
+#include <lowrank/autograd/ops_linear_cross_entropy.hpp>
 #include <lowrank/autograd/ops_loss.hpp>
 #include <lowrank/autograd/ops_norm.hpp>

@@ -19,6 +19,27 @@ inline constexpr std::int32_t kIgnoreIndex = -100;
 
 namespace detail {
 
+/// Copies the targets of a cross-entropy over `classes` classes into `out`, ignored ones
+/// (equal to `ignore_index`) as -1, and returns how many are counted; a target outside
+/// [0, classes) that is not the ignore index is an error naming `op`, the row and the value.
+inline Index copy_targets(std::span<const std::int32_t> targets, Index classes, std::int32_t ignore_index,
+                          std::vector<std::int32_t>& out, const char* op) {
+    out.resize(targets.size());
+    Index counted = 0;
+    for (std::size_t i = 0; i < targets.size(); ++i) {
+        const std::int32_t t = targets[i];
+        if (t == ignore_index) {
+            out[i] = -1;
+            continue;
+        }
+        check(t >= 0 && t < classes, op, "target at row ", i, " must be in [0, ", classes, ") or the ignore index ",
+              ignore_index, ", got ", t);
+        out[i] = t;
+        ++counted;
+    }
+    return counted;
+}
+
 template <class T>
 struct CrossEntropyNode final : Node<T> {
     Node<T>* logits = nullptr;
@@ -62,19 +83,7 @@ Var<T> cross_entropy(Graph<T>& g, const Var<T>& logits, std::span<const std::int
           " targets (one per row of the logits), got ", targets.size());
     auto& n = g.template record<detail::CrossEntropyNode<T>>();
     n.logits = logits.node();
-    n.targets.resize(targets.size());
-    n.counted = 0;
-    for (std::size_t i = 0; i < targets.size(); ++i) {
-        const std::int32_t t = targets[i];
-        if (t == ignore_index) {
-            n.targets[i] = -1;
-            continue;
-        }
-        check(t >= 0 && t < classes, "cross_entropy", "target at row ", i, " must be in [0, ", classes,
-              ") or the ignore index ", ignore_index, ", got ", t);
-        n.targets[i] = t;
-        ++n.counted;
-    }
+    n.counted = detail::copy_targets(targets, classes, ignore_index, n.targets, "cross_entropy");
     detail::ensure_shape(n.probs, rows, classes);
     detail::softmax_rows<T>(logits.value(), n.probs);
     // The loss from the log-sum-exp, not from log(probs): exact even when a probability
