@@ -60,8 +60,9 @@ def run_lowrank(binary, args, threads):
                "--rank-log", str(Path(tmp) / "ranks.jsonl")]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=trainer_env(threads))
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        # An evaluation line every --warm steps; every interval after the first is timed.
-        timed = [line for line in lines if line["step"] > args.warm]
+        # An evaluation line every --warm steps; every interval after the first is timed
+        # (the log's "step" lines time the steps alone, without reading the batches).
+        timed = [line for line in lines if line.get("kind", "eval") == "eval" and line["step"] > args.warm]
         seconds_per_token = statistics.fmean(1.0 / line["tokens_per_second"] for line in timed)
         return 1.0 / seconds_per_token  # intervals of equal length: total tokens over total time
 

@@ -33,11 +33,15 @@ def build(target, setup_args=()):
     subprocess.run(["cmake", "--build", "--preset", "release", "--target", target], cwd=ROOT, check=True)
 
 
-def read_jsonl(path):
+def read_jsonl(path, kind=None):
+    """The JSON lines of a file ([] if it is missing). With kind, only the records of that
+    "kind": a trainer's --log holds "eval" lines (one per evaluation) and "step" lines (one
+    per --log-every steps); a line without "kind" (older logs) counts as "eval"."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return lines if kind is None else [e for e in lines if e.get("kind", "eval") == kind]
 
 
 def trainer_env(threads):
@@ -52,14 +56,16 @@ def trainer_env(threads):
 
 
 def run_trainer(cmd, name, log, ranks, env=None):
-    """Runs one training command; returns its final JSON line, metrics log and rank events."""
+    """Runs one training command; returns its final JSON line, its evaluation lines ("log"),
+    its --log-every lines ("steps") and its rank events."""
     print("results: " + " ".join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"results: {name} failed with exit code {proc.returncode}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"cmd": cmd, "result": result, "log": read_jsonl(log), "events": read_jsonl(ranks)}
+    return {"cmd": cmd, "result": result, "log": read_jsonl(log, "eval"), "steps": read_jsonl(log, "step"),
+            "events": read_jsonl(ranks)}
 
 
 def rank_series(run, name, start_rank, final_rank):

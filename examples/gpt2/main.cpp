@@ -23,6 +23,7 @@
 #include "common/method_cli.hpp"
 #include "common/run_identity.hpp"
 #include "common/start_mpi.hpp"
+#include "common/step_lines.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -64,6 +65,7 @@ struct Config {
     std::vector<std::string> resume_allow;  // settings a --resume may change on purpose
     bool quiet = false;
     lowrank::examples::MethodConfig method{};
+    lowrank::examples::StepLineConfig step_lines{.every = 10};
     nlohmann::json identity;  // the command line's settings that a resume must keep
 };
 
@@ -143,6 +145,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     // same numbers as an uninterrupted one.
     double interval_loss = 0.0;
     std::int64_t interval_steps = 0;
+    Json saved_step_lines;  // the step lines' interval, from the checkpoint
     if (!cfg.resume.empty()) {
         // A setting allowed to change also allows what the run derives from it.
         std::vector<std::string> allow = cfg.resume_allow;
@@ -161,6 +164,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
         };
         interval_loss = number("interval_loss");
         interval_steps = static_cast<std::int64_t>(number("interval_steps"));
+        if (const auto it = mine.find("step_lines"); it != mine.end()) saved_step_lines = *it;
     }
     // The metrics log: on a resume, its lines past the checkpoint's step (written before a
     // crash) go, so each evaluation appears once.
@@ -225,6 +229,22 @@ int train(Config cfg, const lowrank::Communicator& world) {
     const lowrank::Index tokens_per_step = cfg.batch * cfg.context;
     auto& progress = run.attach<lowrank::ProgressCallback<float>>(lowrank::ProgressCallback<float>::Options{
         .bar = {.enabled = !cfg.quiet, .unit = "tokens"}, .samples_per_step = tokens_per_step});
+    // A line every --log-every steps. Training FLOPs per token: three times the forward's
+    // (backward costs two forwards): every projection's flops_per_token(), the tied LM head
+    // (2 C V) and attention's two products over the context (4 T C a layer); docs/training.md.
+    const auto flops_per_token = [&] {
+        double forward = 2.0 * static_cast<double>(mc.n_embd) * static_cast<double>(mc.vocab_size) +
+                         4.0 * static_cast<double>(cfg.context) * static_cast<double>(mc.n_embd) *
+                             static_cast<double>(mc.n_layer);
+        for (const auto& s : model.layer_slots()) forward += s.layer->flops_per_token();
+        return 3.0 * forward;
+    };
+    const bool step_lines_on = cfg.step_lines.every > 0 && root && (log || !cfg.quiet);
+    lowrank::MetricsEvery<float>* step_lines = lowrank::examples::attach_step_lines(
+        run, cfg.step_lines, log ? &*log : nullptr, cfg.quiet || !root, progress.bar(), "tokens",
+        [&] { return static_cast<double>(tokens_per_step); }, flops_per_token,
+        step_lines_on ? lowrank::examples::peak_flops(cfg.step_lines, cfg.threads, world.size()) : 0.0);
+    if (step_lines != nullptr && !saved_step_lines.is_null()) step_lines->restore(saved_step_lines);
     double train_seconds = 0.0, eval_seconds = 0.0, val_loss = std::nan(""), train_loss = std::nan("");
     const std::int64_t first_step = run.global_step();
     std::int64_t interval_first = first_step;  // for tokens/s: the steps timed in this process
@@ -262,6 +282,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
             for (const auto& s : model.layer_slots()) ranks.push_back(s.layer->rank());
             if (log)
                 log->write(lowrank::JsonLine()
+                               .field("kind", "eval")
                                .field("step", r.step)
                                .field("train_loss", train_loss)
                                .field("val_loss", val_loss)
@@ -278,7 +299,9 @@ int train(Config cfg, const lowrank::Communicator& world) {
         }
         if (!cfg.save.empty() && root &&
             ((cfg.save_every > 0 && r.step % cfg.save_every == 0) || r.step == last_step))
-            run.save(cfg.save, Json{{"interval_loss", interval_loss}, {"interval_steps", interval_steps}});
+            run.save(cfg.save, Json{{"interval_loss", interval_loss},
+                                    {"interval_steps", interval_steps},
+                                    {"step_lines", step_lines ? step_lines->state() : Json(nullptr)}});
     }
     run.finish();
     if (run.global_step() == first_step) val_loss = evaluate();  // nothing left to train
@@ -429,10 +452,13 @@ int main(int argc, char** argv) {
                    "Projections the method applies to, comma-separated from attn_qkv, attn_proj, mlp_fc, "
                    "mlp_proj (default: the config's, mlp_fc,mlp_proj)")
         ->delimiter(',');
-    app.add_option("--log", cfg.log, "Write one JSON line per evaluation to this file");
+    app.add_option("--log", cfg.log,
+                   "Write one JSON line per evaluation (\"kind\": \"eval\") and per --log-every steps "
+                   "(\"kind\": \"step\") to this file");
     app.add_option("--rank-log", cfg.rank_log,
                    "Write the rank policy's decisions here (default lowrank-gpt2-<method>.ranks.jsonl)");
     app.add_flag("--quiet,-q", cfg.quiet, "No progress bar or evaluation lines on stderr");
+    lowrank::examples::add_step_line_options(app, cfg.step_lines, "tokens/s");
     lowrank::examples::add_method_options(app, cfg.method, "n_embd / 4");
     app.get_option("--inrank-stage1-steps")
         ->description(
@@ -454,7 +480,8 @@ int main(int argc, char** argv) {
     // Every setting but where output goes and what is printed must match on --resume.
     cfg.identity = lowrank::examples::options_identity(
         app, {"--vocab", "--save", "--save-every", "--resume", "--resume-allow", "--stop-at", "--sample",
-              "--prompt", "--temperature", "--top-k", "--log", "--rank-log", "--quiet", "--eval-windows"});
+              "--prompt", "--temperature", "--top-k", "--log", "--rank-log", "--quiet", "--eval-windows",
+              "--log-every", "--peak-gflops"});
     cfg.identity["gemm"] = kGemm;
     // With several processes an error ends the job (the others would wait for this one).
     const auto fail = [&](const std::string& message) {

@@ -32,10 +32,10 @@ args=("${common[@]}" "${split[@]}")
 [[ -f split.safetensors ]] && args+=(--resume split.safetensors)
 "$gpt2" "${args[@]}" > split.out
 
-strip() { sed -E 's/"tokens_per_second":[^,}]*//' "$1"; }
+strip() { sed -E 's/"(tokens_per_second|ms_per_step|flops_per_second|mfu)":[^,}]*//g' "$1"; }  # timings
 fail() { echo "after kills and resumes: $*" >&2; exit 1; }
 cmp whole.safetensors split.safetensors || fail "the final checkpoint differs from the uninterrupted run's"
 cmp whole.ranks split.ranks || fail "the rank log differs from the uninterrupted run's"
 diff <(strip whole.jsonl) <(strip split.jsonl) || fail "the evaluation lines differ (or repeat)"
 if compgen -G "*.tmp-*" > /dev/null; then fail "temporary files were left: $(echo *.tmp-*)"; fi
-echo "killed and resumed: $(wc -l < split.jsonl) evaluation lines, each once; final checkpoint and rank log identical; no temporary file left"
+echo "killed and resumed: $(wc -l < split.jsonl) evaluation and step lines, each once; final checkpoint and rank log identical; no temporary file left"

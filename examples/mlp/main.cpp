@@ -31,6 +31,7 @@
 #include "common/method_cli.hpp"
 #include "common/run_identity.hpp"
 #include "common/start_mpi.hpp"
+#include "common/step_lines.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -70,6 +71,7 @@ struct Config {
     // InRank's threshold: 0.97, not the authors' 0.9, which on this MLP stops the ranks at 4
     // and 22 and loses 5.8 points of test accuracy (docs/results.md gives the command).
     lowrank::examples::MethodConfig method{.inrank = {.threshold = 0.97}};
+    lowrank::examples::StepLineConfig step_lines{};
     nlohmann::json identity;  // the command line's settings that a checkpoint must keep
 };
 
@@ -176,8 +178,23 @@ int train(const Config& cfg, const lowrank::Communicator& world) {
                      cfg.method.method.c_str(), static_cast<long long>(params), static_cast<long long>(trainable),
                      static_cast<long long>(steps_per_epoch), world.size(), cfg.threads);
     }
-    run.attach<lowrank::ProgressCallback<float>>(lowrank::ProgressCallback<float>::Options{
+    auto& progress = run.attach<lowrank::ProgressCallback<float>>(lowrank::ProgressCallback<float>::Options{
         .bar = {.enabled = !quiet}, .samples_per_step = cfg.batch, .epochs = cfg.epochs});
+    // A line every --log-every steps. Training FLOPs per sample: three times the forward's
+    // (backward costs two forwards), the layers' flops_per_token() as they are now: 6 m n
+    // (+ 3 m for a bias) for a dense m x n layer; docs/training.md.
+    double step_samples = 0.0;  // the global batch of the step under way (an epoch's last is smaller)
+    const auto flops_per_sample = [&] {
+        double forward = 0.0;
+        for (const auto& layer : model.layers()) forward += layer.flops_per_token();
+        return 3.0 * forward;
+    };
+    lowrank::examples::attach_step_lines(
+        run, cfg.step_lines, log ? &*log : nullptr, quiet, progress.bar(), "samples", [&] { return step_samples; },
+        flops_per_sample,
+        cfg.step_lines.every > 0 && root && (log || !quiet)
+            ? lowrank::examples::peak_flops(cfg.step_lines, cfg.threads, world.size())
+            : 0.0);
 
     lowrank::ClassifierEvaluator<float> evaluator(1000);
     lowrank::Matrix<float> xb;
@@ -195,6 +212,7 @@ int train(const Config& cfg, const lowrank::Communicator& world) {
             const auto mine = idx.subspan(static_cast<std::size_t>(shard.begin), static_cast<std::size_t>(shard.count));
             lowrank::gather_rows(data.train.images, mine, xb);
             lowrank::gather_rows(data.train.labels, mine, yb);
+            step_samples = static_cast<double>(idx.size());
             const lowrank::StepResult r = run.step(
                 [&](lowrank::Graph<float>& g) { return lowrank::cross_entropy(g, model.forward(g, g.input(xb)), yb); });
             lr_now = r.lr;
@@ -227,6 +245,7 @@ int train(const Config& cfg, const lowrank::Communicator& world) {
                          epoch_seconds, static_cast<double>(seen) / epoch_seconds);
         if (log)
             log->write(lowrank::JsonLine()
+                           .field("kind", "eval")
                            .field("epoch", epoch + 1)
                            .field("step", run.global_step())
                            .field("train_loss", train_loss)
@@ -329,8 +348,11 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--data", cfg.data, "Directory with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]")
         ->capture_default_str();
-    app.add_option("--log", cfg.log, "Write one JSON line per epoch to this file");
+    app.add_option("--log", cfg.log,
+                   "Write one JSON line per epoch (\"kind\": \"eval\") and per --log-every steps "
+                   "(\"kind\": \"step\") to this file");
     app.add_flag("--quiet,-q", cfg.quiet, "No progress bar or per-epoch summaries on stderr");
+    lowrank::examples::add_step_line_options(app, cfg.step_lines, "samples/s");
     lowrank::examples::add_method_options(app, cfg.method, "hidden / 4");
     app.add_option("--rank-log", cfg.rank_log,
                    "Write the rank policy's decisions here, one JSON line each (default "
@@ -343,7 +365,7 @@ int main(int argc, char** argv) {
         return code == 0 ? 0 : 2;
     }
 
-    cfg.identity = lowrank::examples::options_identity(app, {"--log", "--quiet", "--rank-log"});
+    cfg.identity = lowrank::examples::options_identity(app, {"--log", "--quiet", "--rank-log", "--log-every", "--peak-gflops"});
     // With several processes an error ends the job (the others would wait for this one).
     const auto fail = [&](const std::string& message) {
         if (mpi->world().size() > 1) mpi->fail("lowrank-mlp: " + message);

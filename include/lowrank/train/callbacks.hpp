@@ -88,17 +88,58 @@ private:
     std::int64_t done_ = 0;
 };
 
-/// One JSON line every `every` steps to a MetricsLog: the step, the epoch, the mean loss
-/// and the mean step time over the interval, the last gradient norm and lr, the skipped
-/// steps, and whatever `fields(run, line)` adds.
+/// What MetricsEvery measured over its last interval of steps. Rates are NaN where the
+/// options gave nothing to compute them from.
+struct IntervalMetrics {
+    std::int64_t step = 0;   // the run's step count after the interval's last step
+    std::int64_t epoch = 0;  // the epoch that step ran in, 0-based
+    std::int64_t steps = 0;  // steps timed in the interval (in this process; a resume restarts it)
+    std::int64_t skipped_steps = 0;
+    double train_loss = std::numeric_limits<double>::quiet_NaN();  // mean over the interval's steps
+    double grad_norm = std::numeric_limits<double>::quiet_NaN();   // the last step's, before clipping
+    double lr = 0.0;
+    double ms_per_step = 0.0;  // mean wall time of a step (forward, backward, update)
+    double samples_per_second = std::numeric_limits<double>::quiet_NaN();
+    double flops_per_second = std::numeric_limits<double>::quiet_NaN();
+    double mfu = std::numeric_limits<double>::quiet_NaN();  // flops_per_second / peak_flops
+};
+
+/// One line every `every` steps: the step, the epoch, the mean loss and the mean step time
+/// over the interval, the last gradient norm and lr, the skipped steps, the rate, FLOP/s
+/// and MFU when the options say how to count them, and whatever `fields(run, line)` adds;
+/// to a MetricsLog and/or to `on_line` (a human-readable line, a progress bar's status).
 template <class T>
 class MetricsEvery : public RunCallback<T> {
 public:
     using Fields = std::function<void(TrainingRun<T>&, JsonLine&)>;
 
+    struct Options {
+        std::int64_t every = 1;
+        /// Where the lines go (null: only to on_line).
+        MetricsLog* log = nullptr;
+        /// Samples (or tokens) the step that just ended consumed (empty: no rate).
+        std::function<double()> samples = {};
+        /// The rate's key in the line: "samples_per_second", "tokens_per_second", ...
+        std::string rate_key = "samples_per_second";
+        /// Training FLOPs per sample (forward and backward) as the model is now (empty: no
+        /// FLOP/s, no MFU).
+        std::function<double()> flops_per_sample = {};
+        /// The FLOP/s MFU divides by (0: no MFU).
+        double peak_flops = 0.0;
+        /// Written first as "kind" when not empty, to tell these lines from others in a log.
+        std::string kind = {};
+        Fields fields = {};
+        std::function<void(TrainingRun<T>&, const IntervalMetrics&)> on_line = {};
+    };
+
     MetricsEvery(MetricsLog& log, std::int64_t every, Fields fields = {})
-        : log_(&log), every_(every), fields_(std::move(fields)) {
-        check(every >= 1, "MetricsEvery", "expected every >= 1, got ", every);
+        : MetricsEvery(Options{.every = every, .log = &log, .fields = std::move(fields)}) {}
+
+    explicit MetricsEvery(Options options) : options_(std::move(options)) {
+        constexpr std::string_view what = "MetricsEvery";
+        check(options_.every >= 1, what, "expected every >= 1, got ", options_.every);
+        check(std::isfinite(options_.peak_flops) && options_.peak_flops >= 0.0, what,
+              "expected peak_flops >= 0 (0: no MFU), got ", options_.peak_flops);
     }
 
     void on_step_end(TrainingRun<T>& run, const StepResult& r) override {
@@ -107,30 +148,68 @@ public:
             ++counted_;
         }
         seconds_ += r.seconds;
+        if (options_.samples) samples_ += options_.samples();
         ++steps_;
-        if (r.step % every_ != 0 || r.skipped) return;
-        JsonLine line;
-        line.field("step", r.step)
-            .field("epoch", r.epoch)
-            .field("train_loss", loss_sum_ / static_cast<double>(std::max<std::int64_t>(1, counted_)))
-            .field("grad_norm", r.grad_norm)
-            .field("lr", r.lr)
-            .field("ms_per_step", 1e3 * seconds_ / static_cast<double>(steps_))
-            .field("skipped_steps", run.skipped_steps());
-        if (fields_) fields_(run, line);
-        log_->write(line);
+        if (r.step % options_.every != 0 || r.skipped) return;
+        IntervalMetrics& m = last_;
+        m.step = r.step;
+        m.epoch = r.epoch;
+        m.steps = steps_;
+        m.skipped_steps = run.skipped_steps();
+        m.train_loss = loss_sum_ / static_cast<double>(std::max<std::int64_t>(1, counted_));
+        m.grad_norm = r.grad_norm;
+        m.lr = r.lr;
+        m.ms_per_step = 1e3 * seconds_ / static_cast<double>(steps_);
+        constexpr double nan = std::numeric_limits<double>::quiet_NaN();
+        m.samples_per_second = options_.samples && seconds_ > 0.0 ? samples_ / seconds_ : nan;
+        m.flops_per_second = options_.flops_per_sample ? m.samples_per_second * options_.flops_per_sample() : nan;
+        m.mfu = options_.peak_flops > 0.0 ? m.flops_per_second / options_.peak_flops : nan;
+        if (options_.log != nullptr) {
+            JsonLine line;
+            if (!options_.kind.empty()) line.field("kind", options_.kind);
+            line.field("step", m.step)
+                .field("epoch", m.epoch)
+                .field("train_loss", m.train_loss)
+                .field("grad_norm", m.grad_norm)
+                .field("lr", m.lr)
+                .field("ms_per_step", m.ms_per_step)
+                .field("skipped_steps", m.skipped_steps);
+            if (options_.samples) line.field(options_.rate_key, m.samples_per_second);
+            if (options_.flops_per_sample) line.field("flops_per_second", m.flops_per_second);
+            if (options_.peak_flops > 0.0) line.field("mfu", m.mfu);
+            if (options_.fields) options_.fields(run, line);
+            options_.log->write(line);
+        }
+        if (options_.on_line) options_.on_line(run, m);
         loss_sum_ = 0.0;
         seconds_ = 0.0;
+        samples_ = 0.0;
         counted_ = 0;
         steps_ = 0;
     }
 
+    /// The last interval's numbers.
+    const IntervalMetrics& last() const { return last_; }
+
+    /// The interval's loss so far, for a checkpoint: a run resumed from it reports the same
+    /// train_loss as one that was not interrupted (the timings restart).
+    nlohmann::json state() const { return {{"loss_sum", loss_sum_}, {"loss_steps", counted_}}; }
+    /// Takes back what state() returned (the step count must be the checkpoint's).
+    void restore(const nlohmann::json& state) {
+        check(state.is_object() && state.contains("loss_sum") && state["loss_sum"].is_number() &&
+                  state.contains("loss_steps") && state["loss_steps"].is_number_integer(),
+              "MetricsEvery::restore", "expected {\"loss_sum\": number, \"loss_steps\": integer}, got ",
+              state.dump());
+        loss_sum_ = state["loss_sum"].get<double>();
+        counted_ = state["loss_steps"].get<std::int64_t>();
+    }
+
 private:
-    MetricsLog* log_;
-    std::int64_t every_;
-    Fields fields_;
+    Options options_;
+    IntervalMetrics last_;
     double loss_sum_ = 0.0;
     double seconds_ = 0.0;
+    double samples_ = 0.0;
     std::int64_t counted_ = 0;
     std::int64_t steps_ = 0;
 };

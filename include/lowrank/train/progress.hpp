@@ -3,8 +3,9 @@
 // steps, its rate in the unit the loop counts (samples, tokens):
 //
 //     epoch 3/10 [#########.........]  234/469  loss 0.4312  14.2k samples/s  00:05<00:04
-//     step [###...............]  150/1000  loss 6.1032  612 tokens/s  04:05<23:10
+//     step [###...............]  150/1000  loss 6.1032  612 tokens/s  04:05<23:10  <status>
 //
+// (a status the loop sets, such as its last metrics line, follows the bar's own text).
 // It draws only when its stream is a terminal (so logs and pipes stay clean), redraws at
 // most every min_interval seconds (drawing costs a write system call; a step can take
 // less than a millisecond), and erases itself when cleared so that a summary line can take
@@ -18,6 +19,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <utility>
 
 #if __has_include(<unistd.h>)
 #include <unistd.h>
@@ -134,6 +136,11 @@ public:
     /// Ends the epoch's bar: erases it.
     void finish() { clear(); }
 
+    /// Text the bar shows after its own, until replaced ("grad_norm 0.83  12.1 ms/step"):
+    /// a trainer's metrics line, on a terminal. Shown from the next redraw.
+    void set_status(std::string status) { status_ = std::move(status); }
+    const std::string& status() const { return status_; }
+
     /// Whether the bar draws at all (enabled, and the stream is a terminal or forced).
     bool visible() const { return visible_; }
     /// The sample-weighted mean loss of the epoch so far.
@@ -159,6 +166,7 @@ private:
                       detail::format_rate(rate).c_str(), options_.unit.c_str(),
                       detail::format_duration(elapsed).c_str(), detail::format_duration(eta).c_str());
         line += buf;
+        if (!status_.empty()) line += "  " + status_;
         std::fputs(line.c_str(), options_.stream);
         std::fflush(options_.stream);
         shown_ = true;
@@ -166,6 +174,7 @@ private:
     }
 
     ProgressOptions options_;
+    std::string status_;
     bool visible_ = false;
     bool shown_ = false;
     bool drawn_once_ = false;
