@@ -456,6 +456,38 @@ TEST_CASE("Gpt2 loss on the tape equals an independent Eigen forward", "[models]
     }
 }
 
+TEST_CASE("Gpt2 loss (the fused head) equals cross_entropy of forward's logits, gradients too",
+          "[models][gpt2]") {
+    // 12 x 6 = 72 tokens: two chunks of the fused head, the second ragged; one row ignored.
+    const bool bias = GENERATE(true, false);
+    INFO("bias " << bias);
+    Rng rng(17);
+    Gpt2<double> model(small_config(bias), rng);
+    randomise(model, 18);
+    const Index batch = 12, seq_len = 6;
+    const auto ids = random_ids(72, 13, 19);
+    auto targets = random_ids(72, 13, 20);
+    targets[70] = lowrank::kIgnoreIndex;
+    const auto params = model.parameters();
+    auto loss_and_grads = [&](bool fused) {
+        for (auto* p : params) p->grad.setZero(p->value.rows(), p->value.cols());
+        Graph<double> g;
+        const auto loss = fused ? model.loss(g, ids, targets, batch, seq_len)
+                                : lowrank::cross_entropy(g, model.forward(g, ids, batch, seq_len), targets);
+        g.backward(loss);
+        std::vector<MatrixD> grads;
+        for (auto* p : params) grads.push_back(p->grad);
+        return std::pair{loss.item(), grads};
+    };
+    const auto [fused_loss, fused_grads] = loss_and_grads(true);
+    const auto [loss, grads] = loss_and_grads(false);
+    CHECK(std::abs(fused_loss - loss) < 1e-13);
+    for (std::size_t k = 0; k < params.size(); ++k) {
+        INFO(params[k]->name());
+        CHECK((fused_grads[k] - grads[k]).cwiseAbs().maxCoeff() <= 1e-12 * grads[k].cwiseAbs().maxCoeff());
+    }
+}
+
 TEST_CASE("Gpt2 gradients of every parameter pass gradcheck in double", "[models][gpt2]") {
     const bool bias = GENERATE(true, false);
     const double p = GENERATE(0.0, 0.2);

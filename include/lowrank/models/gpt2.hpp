@@ -11,6 +11,7 @@
 #include <lowrank/autograd/ops_attention.hpp>
 #include <lowrank/autograd/ops_basic.hpp>
 #include <lowrank/autograd/ops_linear.hpp>
+#include <lowrank/autograd/ops_linear_cross_entropy.hpp>
 #include <lowrank/autograd/ops_loss.hpp>
 #include <lowrank/autograd/ops_norm.hpp>
 #include <lowrank/core/init.hpp>
@@ -163,12 +164,15 @@ public:
     }
 
     /// Mean cross-entropy of the next-token predictions against `targets` (B*T ids; rows
-    /// whose target is kIgnoreIndex are skipped).
+    /// whose target is kIgnoreIndex are skipped). The head and the loss are one node
+    /// (linear_cross_entropy): the (B*T x V) logits are never stored whole, only a chunk of
+    /// tokens at a time. Equal to cross_entropy(forward(...)) within rounding.
     Var<T> loss(Graph<T>& g, std::span<const std::int32_t> ids, std::span<const std::int32_t> targets,
                 Index batch, Index seq_len) {
         check(static_cast<Index>(targets.size()) == batch * seq_len, "Gpt2::loss", "expected B*T = ", batch,
               "*", seq_len, " = ", batch * seq_len, " targets, got ", targets.size());
-        return cross_entropy(g, forward(g, ids, batch, seq_len), targets);
+        const Var<T> wte = g.param(w_->wte);
+        return linear_cross_entropy(g, hidden(g, wte, ids, batch, seq_len), wte, targets);
     }
 
     /// Every parameter in the order of a PyTorch GPT-2's state_dict (the tied head has no
