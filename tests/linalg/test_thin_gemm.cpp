@@ -1,5 +1,5 @@
-// The thin-product kernels (linalg/thin_gemm.hpp) against Eigen's product, over shapes that
-// reach every tail: rows past the last 6-row tile, columns past the last whole packet and
+// The thin-product kernels (linalg/thin_gemm.hpp) against Eigen's product and a naive one,
+// over shapes that reach every tail: rows past the last 6-row tile, columns past the last whole packet and
 // past a 256-column panel, inner dimensions past a 256-step block, and empty ones.
 #include <catch2/catch.hpp>
 
@@ -114,6 +114,43 @@ void check_views(double tol) {
     M want = big_c;
     want.block(2, 3, 17, 21) += big_a.block(0, 0, 40, 17).transpose() * big_c.block(0, 0, 40, 21);
     CHECK(rel_err<T>(c, want) <= tol);
+}
+
+template <class T>
+Matrix<T> naive_product(const Matrix<T>& a, const Matrix<T>& b) {
+    Matrix<T> c = Matrix<T>::Zero(a.rows(), b.cols());
+    for (Index i = 0; i < a.rows(); ++i)
+        for (Index j = 0; j < b.cols(); ++j)
+            for (Index k = 0; k < a.cols(); ++k) c(i, j) += a(i, k) * b(k, j);
+    return c;
+}
+
+TEST_CASE("every register tile and packed panel shape equals a naive product in double", "[linalg]") {
+    // Rows 1-13 (every tile height the balanced split makes, one tile or two), columns over
+    // every count of whole packets in a panel group and the single packets after it, up to
+    // past one 256-column panel, and depths across a 256-step block: against a triple loop,
+    // not Eigen, so that an error shared with Eigen's product cannot hide.
+    using T = double;
+    constexpr Index w = linalg::detail::kPacket<T>, group = linalg::detail::kTilePackets * w;
+    std::vector<Index> cols;
+    for (Index p = 1; p <= 2 * linalg::detail::kTilePackets + 1; ++p) cols.push_back(p * w);
+    cols.push_back(group + w + 1);  // and a column past the last whole packet
+    cols.push_back(linalg::detail::kNBlock + group + w);
+    std::uint64_t seed = 500;
+    for (Index m = 1; m <= 13; ++m)
+        for (const Index n : cols)
+            for (const Index k : {Index(1), Index(7), linalg::detail::kKBlock + 3}) {
+                if (n > linalg::detail::kNBlock && m > 3) continue;  // the wide panel once per small height
+                INFO("m " << m << ", k " << k << ", n " << n);
+                const Matrix<T> a = gaussian(m, k, ++seed), at = a.transpose(), b = gaussian(k, n, ++seed);
+                const Matrix<T> c0 = gaussian(m, n, ++seed), want = naive_product<T>(a, b);
+                Matrix<T> c = c0;
+                linalg::gemm_nn<T>(c, a, b, T(1), false);
+                CHECK(rel_err<T>(c, want) <= 1e-13);
+                c = c0;
+                linalg::gemm_tn<T>(c, at, b, T(-0.5), true);
+                CHECK(rel_err<T>(c, Matrix<T>(c0 - 0.5 * want)) <= 1e-13);
+            }
 }
 
 TEST_CASE("thin products read and write blocks of larger matrices in place", "[linalg]") {

@@ -8,18 +8,23 @@
 // of the N x d activation is copied to be used in only 2r FLOPs), and on this project's
 // machine its micro kernel reached 105-125 GFLOP/s on these shapes against 190-210 for the
 // kernel below (docs/performance.md, "Thin products"). Here each tile of C is R <= 6 rows by
-// up to 4 SIMD packets (64 floats with AVX-512) held in registers (3 rows where the
-// register file has 16 SIMD registers); per step of the inner
-// dimension it loads that many packets of one row of B, contiguous in a row-major matrix,
-// and broadcasts one entry of A per row, so neither operand is copied. The inner dimension
-// is walked in blocks of kKBlock so that the rows of B in use stay in cache.
+// up to 4 SIMD packets (64 floats with AVX-512; 2 packets, 16 floats, where the register
+// file has 16 SIMD registers, as with AVX2) held in registers; per step of the inner
+// dimension it loads that many packets of one row of B and broadcasts one entry of A per
+// row, so A is never copied. The inner dimension is walked in blocks of kKBlock and the
+// columns in panels of kNBlock; each such block of B is first copied into a contiguous
+// per-thread buffer in the order the tiles read it (pack_panel), so that its rows, 4 KiB
+// apart in a 1024-wide matrix, do not all fall into the same few sets of L1. B is the
+// small factor in x V and (x V) U^T; in dy^T (x V) it is dy or x, copied once per pass.
 //
 // Any scalar type Eigen vectorises takes this path (float and double alike, so the
 // double-precision gradient checks run it); the columns past the last whole packet, and
 // scalar types Eigen does not vectorise, go through Eigen's coefficient-wise lazyProduct
 // instead (one dot product per entry: slow, so a feature size that is not a multiple of the
-// packet width, 16 floats with AVX-512, pays for its last columns). Results do not depend on the thread count: threads split the rows or columns of
-// C, never a sum over k, and the left-over columns never use Eigen's threaded product.
+// packet width, 16 floats with AVX-512, pays for its last columns). Results do not depend
+// on the thread count nor on the tile shape: threads and tiles split the rows or columns of
+// C, never a sum over k (each entry's sum runs over k in order), and the left-over columns
+// never use Eigen's threaded product.
 
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/parallel.hpp>
@@ -28,6 +33,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <memory>
 
 namespace lowrank::linalg {
 
@@ -42,11 +48,14 @@ namespace detail {
 inline constexpr Index kKBlock = 256;  // steps of the inner dimension per pass over a tile
 inline constexpr Index kNBlock = 256;  // columns of C per panel (a multiple of every packet width)
 
-// Tile sizes that keep the accumulators, one row of B and a broadcast in the SIMD register
-// file: 24 accumulators with AVX-512's 32 registers, 12 or 8 with AVX2's or SSE's 16.
+// Tile sizes that keep the accumulators, the packets of one row of B and a broadcast in the
+// SIMD register file: 6 rows by 4 packets (24 accumulators + 4 + 1 of AVX-512's 32
+// registers), or 6 rows by 2 packets where there are 16 (AVX2, SSE: 12 + 2 + 1). Six rows
+// keep the broadcasts (one load each) at half the FMAs, and 12 accumulators or more hide
+// the FMA latency (4 cycles, 2 units: 8 in flight at least).
 inline constexpr bool kWideRegisterFile = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
-inline constexpr int kTileRows = kWideRegisterFile ? 6 : 3;  // rows of C per register tile
-inline constexpr int kTilePackets = 4;                       // SIMD packets of C per tile row
+inline constexpr int kTileRows = 6;                          // rows of C per register tile
+inline constexpr int kTilePackets = kWideRegisterFile ? 4 : 2;  // SIMD packets of C per tile row
 inline constexpr int kDotRows = kWideRegisterFile ? 3 : 2;   // rows of C per dot-product tile
 inline constexpr int kDotCols = kWideRegisterFile ? 8 : 4;   // columns per dot-product tile
                                                              // (dot_row covers the last 1-7)
@@ -94,28 +103,58 @@ void tile(const T* a, Index a_row, Index a_k, const T* b, Index ldb, T* c, Index
         }
 }
 
-/// One block of R rows of C over the columns [0, cols) that fill whole packets.
+/// One block of R rows of C over the columns [0, cols) that fill whole packets, B packed
+/// by pack_panel: the group of columns at j, w wide, is depth x w contiguous at bp + depth * j.
 template <class T, int R>
-void tile_row(const T* a, Index a_row, Index a_k, const T* b, Index ldb, T* c, Index ldc, Index depth,
-              Index cols, T alpha, bool add) {
+void tile_row(const T* a, Index a_row, Index a_k, const T* bp, T* c, Index ldc, Index depth, Index cols,
+              T alpha, bool add) {
     constexpr int W = kPacket<T>;
     Index j = 0;
     for (; j + kTilePackets * W <= cols; j += kTilePackets * W)
-        tile<T, R, kTilePackets>(a, a_row, a_k, b + j, ldb, c + j, ldc, depth, alpha, add);
-    for (; j + W <= cols; j += W) tile<T, R, 1>(a, a_row, a_k, b + j, ldb, c + j, ldc, depth, alpha, add);
+        tile<T, R, kTilePackets>(a, a_row, a_k, bp + depth * j, kTilePackets * W, c + j, ldc, depth, alpha, add);
+    for (; j + W <= cols; j += W) tile<T, R, 1>(a, a_row, a_k, bp + depth * j, W, c + j, ldc, depth, alpha, add);
+}
+
+/// Copies the depth x cols block of B (row-major, leading dimension ldb; cols whole packets)
+/// into bp in tile_row's order: each tile's rows of B become one contiguous stream. Read
+/// in place, the rows of B are ldb apart (4 KiB for 1024 floats), so all of a tile's rows
+/// fall into the same few sets of L1 and are fetched from L2 at every tile; packed, they
+/// stay in L1 and the hardware prefetcher sees one stream. Costs one copy of the block per
+/// pass, against the row tiles' 2 * rows FLOPs per entry.
+template <class T>
+void pack_panel(const T* b, Index ldb, Index depth, Index cols, T* bp) {
+    constexpr int W = kPacket<T>;
+    Index j = 0;
+    auto group = [&](Index width) {
+        T* out = bp + depth * j;
+        for (Index k = 0; k < depth; ++k)
+            std::copy(b + k * ldb + j, b + k * ldb + j + width, out + k * width);
+        j += width;
+    };
+    while (j + kTilePackets * W <= cols) group(kTilePackets * W);
+    while (j + W <= cols) group(W);
 }
 
 template <class T>
-void tile_rows(Index rows, const T* a, Index a_row, Index a_k, const T* b, Index ldb, T* c, Index ldc,
-               Index depth, Index cols, T alpha, bool add) {
+void tile_rows(Index rows, const T* a, Index a_row, Index a_k, const T* bp, T* c, Index ldc, Index depth,
+               Index cols, T alpha, bool add) {
     switch (rows) {
-        case 6: tile_row<T, 6>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
-        case 5: tile_row<T, 5>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
-        case 4: tile_row<T, 4>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
-        case 3: tile_row<T, 3>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
-        case 2: tile_row<T, 2>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
-        default: tile_row<T, 1>(a, a_row, a_k, b, ldb, c, ldc, depth, cols, alpha, add); break;
+        case 6: tile_row<T, 6>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
+        case 5: tile_row<T, 5>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
+        case 4: tile_row<T, 4>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
+        case 3: tile_row<T, 3>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
+        case 2: tile_row<T, 2>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
+        default: tile_row<T, 1>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
     }
+}
+
+/// The calling thread's buffer for one packed block of B (kKBlock x kNBlock), allocated at
+/// its first product and kept: a training step allocates nothing here.
+template <class T>
+T* panel_buffer() {
+    thread_local std::unique_ptr<T[]> buffer;
+    if (!buffer) buffer = std::make_unique<T[]>(static_cast<std::size_t>(kKBlock * kNBlock));
+    return buffer.get();
 }
 
 /// C[:, :vec_cols] (+)= alpha * op(A) B where op(A)(i, k) = a[i * a_row + k * a_k], on one
@@ -135,9 +174,16 @@ void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index 
         const bool add = accumulate || k0 > 0;
         for (Index j0 = 0; j0 < vec_cols; j0 += kNBlock) {
             const Index nd = std::min(kNBlock, vec_cols - j0);
-            for (Index i = 0; i < rows; i += kTileRows)
-                tile_rows<T>(std::min<Index>(kTileRows, rows - i), a + i * a_row + k0 * a_k, a_row, a_k,
-                             b + k0 * ldb + j0, ldb, c + i * ldc + j0, ldc, kd, nd, alpha, add);
+            T* bp = panel_buffer<T>();
+            pack_panel<T>(b + k0 * ldb + j0, ldb, kd, nd, bp);
+            // Rows in tiles of equal height (6 and 5, say, not 6 and 1): a tile of one or two
+            // rows has too few accumulators to keep the FMA units busy.
+            const Index tiles = (rows + kTileRows - 1) / kTileRows;
+            for (Index t = 0; t < tiles; ++t) {
+                const Index i = rows * t / tiles, h = rows * (t + 1) / tiles - i;
+                tile_rows<T>(h, a + i * a_row + k0 * a_k, a_row, a_k, bp, c + i * ldc + j0, ldc, kd, nd, alpha,
+                             add);
+            }
         }
     }
 }
