@@ -20,6 +20,7 @@
 #include <lowrank/lowrank.hpp>
 
 #include "common/cli_checks.hpp"
+#include "common/kept_checkpoints.hpp"
 #include "common/method_cli.hpp"
 #include "common/run_identity.hpp"
 #include "common/start_mpi.hpp"
@@ -34,7 +35,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <filesystem>
 #include <iostream>
+#include <limits>
 #include <new>
 #include <optional>
 #include <span>
@@ -61,6 +64,9 @@ struct Config {
     std::uint64_t seed = 0;
     std::string data = "data/text/corpus", vocab = "data/gpt2", save, resume, init_from, prompt = "\n", log,
                 rank_log;
+    std::string out_dir;  // every output's default folder
+    int keep_last = 0;
+    bool keep_best = false;
     std::vector<std::string> roles;         // empty: the config's low_rank_roles
     std::vector<std::string> resume_allow;  // settings a --resume may change on purpose
     bool quiet = false;
@@ -90,14 +96,25 @@ int train(Config cfg, const lowrank::Communicator& world) {
                    mc.block_size, " of config '", mc.name, "'");
     const std::vector<std::string> roles = cfg.roles.empty() ? mc.low_rank_roles : cfg.roles;
 
-    // Everything the run will read or write is checked before anything is trained.
+    // Everything the run will read or write is checked before anything is trained. With
+    // --out-dir every output not given its own path goes into that folder, and nothing
+    // outside it: DIR/metrics.jsonl, DIR/ranks.jsonl, DIR/checkpoint.safetensors, ...
+    const auto in_out_dir = [&](const char* name) { return (std::filesystem::path(cfg.out_dir) / name).string(); };
+    if (!cfg.out_dir.empty()) {
+        if (root) lowrank::make_writable_dir(cfg.out_dir, "--out-dir");
+        if (cfg.log.empty()) cfg.log = in_out_dir("metrics.jsonl");
+        if (cfg.save.empty()) cfg.save = in_out_dir("checkpoint.safetensors");
+        if (cfg.rank_log.empty() && cfg.method.method != "dense") cfg.rank_log = in_out_dir("ranks.jsonl");
+    }
     const std::string rank_log = cfg.rank_log.empty() && cfg.method.method != "dense"
                                      ? "lowrank-gpt2-" + cfg.method.method + ".ranks.jsonl"
                                      : cfg.rank_log;
     if (!cfg.save.empty() && root) lowrank::check_writable(cfg.save, "--save");
     if (!rank_log.empty() && root) lowrank::check_writable(rank_log, "--rank-log");
-    lowrank::check(!cfg.save.empty() || (cfg.save_every == 0 && cfg.stop_at == 0), "--save-every / --stop-at",
-                   "they need --save (where the checkpoints go)");
+    lowrank::check(!cfg.save.empty() || (cfg.save_every == 0 && cfg.stop_at == 0 && cfg.keep_last == 0 && !cfg.keep_best),
+                   "--save-every / --stop-at / --keep-last / --keep-best",
+                   "they need --save or --out-dir (where the checkpoints go)");
+    lowrank::examples::KeptCheckpoints kept(cfg.save, cfg.keep_last);
     if (!cfg.log.empty() && root) lowrank::check_writable(cfg.log, "--log");
     // --sample's vocabulary is read now, not after the run it would come at the end of.
     std::optional<lowrank::Gpt2Tokenizer> tok;
@@ -146,6 +163,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     double interval_loss = 0.0;
     std::int64_t interval_steps = 0;
     Json saved_step_lines;  // the step lines' interval, from the checkpoint
+    double best_val_loss = std::numeric_limits<double>::infinity();  // --keep-best's so far
     if (!cfg.resume.empty()) {
         // A setting allowed to change also allows what the run derives from it.
         std::vector<std::string> allow = cfg.resume_allow;
@@ -165,6 +183,8 @@ int train(Config cfg, const lowrank::Communicator& world) {
         interval_loss = number("interval_loss");
         interval_steps = static_cast<std::int64_t>(number("interval_steps"));
         if (const auto it = mine.find("step_lines"); it != mine.end()) saved_step_lines = *it;
+        if (const auto it = mine.find("best_val_loss"); it != mine.end() && it->is_number())
+            best_val_loss = it->get<double>();
     }
     // The metrics log: on a resume, its lines past the checkpoint's step (written before a
     // crash) go, so each evaluation appears once.
@@ -249,6 +269,14 @@ int train(Config cfg, const lowrank::Communicator& world) {
     const std::int64_t first_step = run.global_step();
     std::int64_t interval_first = first_step;  // for tokens/s: the steps timed in this process
     auto interval_start = Clock::now();
+    // A checkpoint of the run as it is after the step just taken: --save's file, or with
+    // --keep-last a step file that --save's file then becomes.
+    const auto save = [&](const std::string& path) {
+        run.save(path, Json{{"interval_loss", interval_loss},
+                            {"interval_steps", interval_steps},
+                            {"step_lines", step_lines ? step_lines->state() : Json(nullptr)},
+                            {"best_val_loss", std::isfinite(best_val_loss) ? Json(best_val_loss) : Json(nullptr)}});
+    };
     std::vector<std::int32_t> x, y;
     const std::int64_t last_step = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
     while (run.global_step() < last_step) {
@@ -294,14 +322,23 @@ int train(Config cfg, const lowrank::Communicator& world) {
             if (!rank_log.empty() && root) run.rank_log().write_jsonl(rank_log);
             interval_loss = 0.0;
             interval_steps = 0;
+            // --keep-best: a copy of the run at its best validation loss so far.
+            if (cfg.keep_best && root && val_loss < best_val_loss) {
+                best_val_loss = val_loss;
+                save(kept.best_path().string());
+            }
             interval_start = Clock::now();
             interval_first = r.step;
         }
         if (!cfg.save.empty() && root &&
-            ((cfg.save_every > 0 && r.step % cfg.save_every == 0) || r.step == last_step))
-            run.save(cfg.save, Json{{"interval_loss", interval_loss},
-                                    {"interval_steps", interval_steps},
-                                    {"step_lines", step_lines ? step_lines->state() : Json(nullptr)}});
+            ((cfg.save_every > 0 && r.step % cfg.save_every == 0) || r.step == last_step)) {
+            if (kept.keep_last() == 0) {
+                save(cfg.save);
+            } else {
+                save(kept.step_path(r.step).string());
+                kept.saved(r.step);
+            }
+        }
     }
     run.finish();
     if (run.global_step() == first_step) val_loss = evaluate();  // nothing left to train
@@ -310,10 +347,12 @@ int train(Config cfg, const lowrank::Communicator& world) {
         std::vector<std::int32_t> prompt = tok->encode(cfg.prompt);
         if (prompt.empty()) prompt.push_back(tok->eot());
         lowrank::Rng sample_rng(cfg.seed + 1);
-        std::cout << tok->decode(lowrank::gpt2_sample(model, std::move(prompt), cfg.sample,
-                                                     {.temperature = cfg.temperature, .top_k = cfg.top_k},
-                                                     sample_rng))
-                  << "\n";
+        const std::string text = tok->decode(lowrank::gpt2_sample(
+            model, std::move(prompt), cfg.sample, {.temperature = cfg.temperature, .top_k = cfg.top_k}, sample_rng));
+        std::cout << text << "\n";
+        if (!cfg.out_dir.empty())
+            lowrank::write_file_atomically(in_out_dir("sample.txt"), "--out-dir",
+                                           [&](const auto& put) { put(text.data(), text.size()); });
     }
 
     nlohmann::ordered_json final_ranks = nlohmann::ordered_json::object();
@@ -333,6 +372,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
         {"params_at_start", params},
         {"trainable_params", run.parameter_count(true)},
         {"final_ranks", final_ranks},
+        {"out_dir", cfg.out_dir.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(cfg.out_dir)},
         {"rank_log", rank_log.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(rank_log)},
         {"rank_events", run.rank_log().size()},
         {"steps", run.global_step()},
@@ -358,6 +398,11 @@ int train(Config cfg, const lowrank::Communicator& world) {
         {"eval_seconds", eval_seconds},
         {"wall_seconds", seconds_since(wall_start)}};
     if (root) std::cout << result.dump() << std::endl;
+    if (root && !cfg.out_dir.empty()) {
+        const std::string text = result.dump() + "\n";
+        lowrank::write_file_atomically(in_out_dir("result.json"), "--out-dir",
+                                       [&](const auto& put) { put(text.data(), text.size()); });
+    }
     return 0;
 }
 
@@ -424,6 +469,17 @@ int main(int argc, char** argv) {
     app.add_option("--save-every", cfg.save_every, "Steps between checkpoints (0: only at the end)")
         ->check(nonneg)
         ->capture_default_str();
+    app.add_option("--out-dir", cfg.out_dir,
+                   "Write everything the run writes into this folder (created if missing): metrics.jsonl, "
+                   "ranks.jsonl, checkpoint.safetensors (always at the end), sample.txt, result.json; an "
+                   "explicit --log, --rank-log or --save is used as given");
+    app.add_option("--keep-last", cfg.keep_last,
+                   "Also keep the K newest checkpoints beside --save's file as <stem>-step<N>.safetensors, "
+                   "removing older ones once a new one is complete (0: only --save's file, the newest)")
+        ->check(CLI::Range(0, 1 << 20))
+        ->capture_default_str();
+    app.add_flag("--keep-best", cfg.keep_best,
+                 "Also keep the checkpoint of the best validation loss so far as <stem>-best.safetensors");
     app.add_option("--resume-allow", cfg.resume_allow,
                    "Settings a --resume may change on purpose, comma-separated (--resume-allow=--steps "
                    "extends a run); the run then differs from the saved one's, by choice")
@@ -481,7 +537,7 @@ int main(int argc, char** argv) {
     cfg.identity = lowrank::examples::options_identity(
         app, {"--vocab", "--save", "--save-every", "--resume", "--resume-allow", "--stop-at", "--sample",
               "--prompt", "--temperature", "--top-k", "--log", "--rank-log", "--quiet", "--eval-windows",
-              "--log-every", "--peak-gflops"});
+              "--log-every", "--peak-gflops", "--out-dir", "--keep-last", "--keep-best"});
     cfg.identity["gemm"] = kGemm;
     // With several processes an error ends the job (the others would wait for this one).
     const auto fail = [&](const std::string& message) {

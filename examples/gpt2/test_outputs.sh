@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # ctest gpt2/outputs: what a run writes. --log-every N puts a "kind": "step" line in --log
 # every N steps (the step, a finite loss and gradient norm, lr, ms/step, tokens/s, MFU)
-# beside the "kind": "eval" lines, and on stderr when it is not a terminal.
+# beside the "kind": "eval" lines, and on stderr when it is not a terminal. A run with
+# --out-dir DIR, started in an empty folder, writes into DIR only; --keep-last K leaves
+# exactly K step checkpoints beside the newest; a run resumed from DIR's checkpoint with
+# --out-dir DIR ends where the uninterrupted run does.
 #   test_outputs.sh LOWRANK_GPT2 LOWRANK_TOKENIZE VOCAB_DIR TEXT_FILE WORK_DIR [CONFIG]
 source "$(dirname "${BASH_SOURCE[0]}")/test_setup.sh" "$@"
 fail() { echo "$*" >&2; exit 1; }
@@ -35,3 +38,34 @@ PY
 "$gpt2" "${common[@]}" --log-every 0 --quiet --log none.jsonl > none.out
 [[ "$(grep -c '"kind":"step"' none.jsonl || true)" == 0 ]] || fail "--log-every 0 wrote step lines"
 echo "--quiet: no step lines on stderr; --log-every 0: none in the log"
+
+# --out-dir from an empty working folder: every file of the run (LoRA: a rank log too) in it.
+mkdir empty && cd empty
+"$gpt2" "${common[@]}" --method lora --rank 4 --save-every 4 --keep-last 2 --keep-best --sample 2 \
+    --vocab "$vocab" --out-dir run --quiet > ../outdir.out
+cd ..
+outside="$(cd empty && find . -path ./run -prune -o -type f -print)"
+[[ -z "$outside" ]] || fail "--out-dir: files written outside it: $outside"
+got="$(cd empty/run && ls | tr '\n' ' ')"
+want="checkpoint-best.safetensors checkpoint-step00000008.safetensors checkpoint-step00000012.safetensors checkpoint.safetensors metrics.jsonl ranks.jsonl result.json sample.txt "
+[[ "$got" == "$want" ]] || fail "--out-dir with --keep-last 2: expected $want, got $got"
+cmp empty/run/checkpoint.safetensors empty/run/checkpoint-step00000012.safetensors ||
+    fail "--keep-last: the checkpoint file is not the newest step's"
+echo "--out-dir run --keep-last 2 --keep-best from an empty folder: only run/ written: $got"
+
+# Resumed from the folder's checkpoint: the same evaluation lines and final checkpoint.
+strip() { sed -E 's/"(tokens_per_second|ms_per_step|flops_per_second|mfu)":[^,}]*//g' "$1"; }
+"$gpt2" "${common[@]}" --out-dir whole --quiet > whole.out
+"$gpt2" "${common[@]}" --out-dir split --quiet --stop-at 5 > first.out
+"$gpt2" "${common[@]}" --out-dir split --quiet --resume split/checkpoint.safetensors > second.out
+diff <(strip whole/metrics.jsonl) <(strip split/metrics.jsonl) || fail "--out-dir resume: the log lines differ"
+cmp whole/checkpoint.safetensors split/checkpoint.safetensors || fail "--out-dir resume: the checkpoints differ"
+echo "--out-dir split --stop-at 5, then --resume split/checkpoint.safetensors: $(wc -l < split/metrics.jsonl) lines and the checkpoint identical"
+
+# Refused before the first step: --out-dir on a file; --keep-last without a place to save.
+touch afile
+if "$gpt2" "${common[@]}" --out-dir afile/x --quiet > bad.out 2> bad.err; then fail "--out-dir under a file was accepted"; fi
+grep -q -- "--out-dir: 'afile/x'" bad.err || { cat bad.err >&2; fail "the refused --out-dir does not name it"; }
+if "$gpt2" "${common[@]}" --keep-last 2 --quiet > bad.out 2> bad.err; then fail "--keep-last without --save was accepted"; fi
+grep -q -- "need --save or --out-dir" bad.err || { cat bad.err >&2; fail "the refused --keep-last does not say why"; }
+echo "--out-dir under a file, --keep-last without --save or --out-dir: refused ($(head -c 100 bad.err))"

@@ -42,6 +42,19 @@ inline void check_writable(const std::filesystem::path& path, std::string_view w
         throw Error(detail::concat(where, ": the folder '", dir.string(), "' is not writable"));
 }
 
+/// Creates the folder `dir` (and its parents) unless it exists, and throws unless it is a
+/// folder that takes new files. `what` names the option in the message.
+inline void make_writable_dir(const std::filesystem::path& dir, std::string_view what) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    const std::string where = detail::concat(what, ": '", dir.string(), "'");
+    check(!dir.empty(), what, "expected a folder, got an empty path");
+    fs::create_directories(dir, ec);
+    if (ec) throw Error(detail::concat(where, ": cannot create the folder: ", ec.message()));
+    if (!fs::is_directory(dir, ec)) throw Error(detail::concat(where, ": expected a folder, got a file"));
+    if (::access(dir.c_str(), W_OK) != 0) throw Error(detail::concat(where, ": the folder is not writable"));
+}
+
 /// The progress bar (train/progress.hpp) driven by the run: one bar an epoch when the run
 /// knows its epochs, one bar of steps for the whole run otherwise ("step [...] 150/1000").
 template <class T>
