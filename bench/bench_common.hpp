@@ -41,6 +41,15 @@ inline bool setup() {
                                                      std::to_string(EIGEN_MAJOR_VERSION) + "." +
                                                      std::to_string(EIGEN_MINOR_VERSION));
     benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+    // The widest vector ISA the build compiles for (Eigen's string says "AVX" for AVX2 too):
+    // which FMA peak of bench/bench_machine.cpp its figures are held to.
+#if defined(__AVX512F__)
+    benchmark::AddCustomContext("simd_isa", "avx512");
+#elif defined(__AVX2__) && defined(__FMA__)
+    benchmark::AddCustomContext("simd_isa", "avx2");
+#else
+    benchmark::AddCustomContext("simd_isa", "other");
+#endif
 #ifdef EIGEN_USE_BLAS
     benchmark::AddCustomContext("gemm_backend", "BLAS (EIGEN_USE_BLAS)");
 #else

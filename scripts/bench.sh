@@ -9,6 +9,10 @@
 # Options:
 #   --build-dir DIR   configure a private Release tree in DIR (no tests or examples) instead of
 #                     the shared build/release preset tree
+#   --march ISA       build lowrank's targets with -march=ISA (LOWRANK_MARCH) instead of native,
+#                     in a private tree (build/bench-ISA unless --build-dir): x86-64-v3 measures the
+#                     AVX2 + FMA code paths on an AVX-512 machine. --write-docs then writes only
+#                     that ISA's machine block; the docs' tables stay those of the native build
 #   --gxx             build by hand with g++ instead of CMake (see the command below)
 #   --no-build        use the binaries already built
 #   --threads N       LOWRANK_THREADS for lowrank-bench and --threads for PyTorch (default 1)
@@ -22,6 +26,14 @@
 #                     the environment as found (OPENBLAS_CORETYPE=Haswell too), to show what its
 #                     best-case settings are worth
 #   --write-docs      update docs/performance.md
+#   --machine-only    with --write-docs, write only this machine's block (implied by --march other
+#                     than native): a filtered or loaded run leaves the docs' full tables alone
+#
+# Every run also measures the machine (bench/bench_machine.cpp: the FP32 FMA peak with AVX2 and,
+# where the CPU has it, AVX-512, and the memory bandwidth, on 1 thread and on all), prints each
+# GFLOP/s figure as a fraction of that peak, and (with --write-docs) writes a block for this
+# machine and ISA into docs/performance.md's "Machines measured" (CPU, flags, peaks, date,
+# load and this command line).
 #
 # Results land in build/bench/: lowrank.rN.json, lowrank_openblas.rN.json, pytorch.rN.json,
 # (pytorch_malloc.rN.json, pytorch_asis.rN.json) for rounds N = 1.., alloc_probe.txt, table.md. Each sample is the
@@ -43,6 +55,8 @@ cd "$root"
 
 build_dir=build/release
 mode=preset
+march=native
+command_line="bash scripts/bench.sh${*:+ $*}"
 threads=1
 rounds=5
 filter=.
@@ -50,9 +64,11 @@ run_pytorch=1
 run_openblas=1
 run_asis=0
 write_docs=0
+machine_only=0
 while (($#)); do
     case "$1" in
         --build-dir) build_dir="$2"; mode=private; shift ;;
+        --march) march="$2"; [[ "$mode" == private ]] || build_dir="build/bench-$2"; mode=private; shift ;;
         --gxx) mode=gxx ;;
         --no-build) mode=none ;;
         --threads) threads="$2"; shift ;;
@@ -62,6 +78,7 @@ while (($#)); do
         --no-openblas) run_openblas=0 ;;
         --pytorch-as-is) run_asis=1 ;;
         --write-docs) write_docs=1 ;;
+        --machine-only) machine_only=1 ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "bench: unknown option '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -78,7 +95,7 @@ setup_args=(--no-data)
 bash scripts/setup.sh "${setup_args[@]}" >&2
 
 # --- build ------------------------------------------------------------------------------
-flags=(-std=c++20 -O3 -march=native -fopenmp -DNDEBUG -I include -isystem /usr/include/eigen3)
+flags=(-std=c++20 -O3 "-march=$march" -fopenmp -DNDEBUG -I include -isystem /usr/include/eigen3)
 targets=(lowrank-bench lowrank-alloc-probe)
 ((run_openblas)) && targets+=(lowrank-bench-openblas lowrank-alloc-probe-openblas)  # where OpenBLAS is found
 if [[ "$mode" == preset ]] && { ! command -v cmake >/dev/null || [[ ! -f CMakePresets.json ]]; }; then
@@ -94,8 +111,10 @@ case "$mode" in
         bin_dir="$build_dir/bench" ;;
     private)
         [[ -f "$build_dir/build.ninja" ]] ||
-            cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+            cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOWRANK_MARCH="$march" \
                 -DLOWRANK_BUILD_TESTS=OFF -DLOWRANK_BUILD_EXAMPLES=OFF >/dev/null
+        grep -q "^LOWRANK_MARCH:STRING=$march\$" "$build_dir/CMakeCache.txt" ||
+            { say "$build_dir is configured with another LOWRANK_MARCH than $march"; exit 1; }
         say "building ${targets[*]} in $build_dir"
         cmake --build "$build_dir" --target "${targets[@]}" >"$out/build.log" 2>&1 ||
             { tail -40 "$out/build.log" >&2; exit 1; }
@@ -137,20 +156,21 @@ python=/usr/bin/python3
 have_openblas=0
 ((run_openblas)) && [[ -x "$openblas_bin" ]] && have_openblas=1
 
-gbench() {  # gbench <binary> <json> [env assignments...]
-    local bin="$1" json="$2"
-    shift 2
-    env "$@" LOWRANK_THREADS="$threads" "$bin" --benchmark_filter="$filter" \
+gbench() {  # gbench <binary> <json> <filter> [env assignments...]
+    local bin="$1" json="$2" regex="$3"
+    shift 3
+    env "$@" LOWRANK_THREADS="$threads" "$bin" --benchmark_filter="$regex" \
         --benchmark_out="$json" --benchmark_out_format=json >"$json.log" 2>&1 ||
         { cat "$json.log" >&2; exit 1; }
 }
 
 for ((round = 1; round <= rounds; round++)); do
     say "round $round/$rounds: lowrank-bench"
-    gbench "$bench_bin" "$out/lowrank.r$round.json"
+    # The machine probes run whatever the filter: every figure is shown against them.
+    gbench "$bench_bin" "$out/lowrank.r$round.json" "($filter)|^BM_(Peak_FMA|Bandwidth)_"
     if ((have_openblas)); then
         say "round $round/$rounds: lowrank-bench-openblas (EIGEN_USE_BLAS, OPENBLAS_CORETYPE unset)"
-        gbench "$openblas_bin" "$out/lowrank_openblas.r$round.json" -u OPENBLAS_CORETYPE OPENBLAS_NUM_THREADS="$threads"
+        gbench "$openblas_bin" "$out/lowrank_openblas.r$round.json" "$filter" -u OPENBLAS_CORETYPE OPENBLAS_NUM_THREADS="$threads"
     fi
     if ((run_pytorch)); then
         say "round $round/$rounds: pytorch_bench.py (PyTorch's best environment)"
@@ -187,7 +207,8 @@ if [[ -x "$probe_bin" ]]; then
 fi
 
 # --- tables -----------------------------------------------------------------------------
-table_args=(--lowrank "$out"/lowrank.r*.json)
+table_args=(--lowrank "$out"/lowrank.r*.json --command "$command_line")
+[[ "$march" == native && "$machine_only" == 0 ]] || table_args+=(--machine-only)
 ((run_pytorch)) && table_args+=(--pytorch "$out"/pytorch.r*.json)
 ((have_openblas)) && table_args+=(--openblas "$out"/lowrank_openblas.r*.json)
 ((run_pytorch && run_asis)) &&

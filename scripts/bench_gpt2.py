@@ -17,6 +17,12 @@ tokens a step. The figure is tokens/s over the steps after the first --warm step
 size and first-touch every buffer): for lowrank the second interval of its metrics log
 (--eval-every --warm), whose time excludes evaluation; for PyTorch its own timed steps after
 --warmup-steps. The table shows the median over rounds and the min-max range.
+
+The machine is measured in the same run: before the rounds, lowrank-bench's probes
+(bench/bench_machine.cpp: the FP32 FMA peak with AVX2 and AVX-512 where the CPU has it, and
+the memory bandwidth, on 1 thread and on all), and each step's achieved GFLOP/s (tokens/s x
+the model's FLOPs per token, 6 per matmul weight and 12 L T C for attention, forward and
+backward) is shown as a fraction of the widest peak at its thread count (MFU).
 """
 
 import argparse
@@ -33,6 +39,34 @@ from results_common import ROOT, build, cpu_name, replace_block, trainer_env
 
 BEGIN, END = "<!-- bench-gpt2:begin -->", "<!-- bench-gpt2:end -->"
 PROGRAMS = ["lowrank", "lowrank+openblas", "pytorch"]
+CONFIGS = {"tiny": (4, 256), "mini": (2, 128)}  # (layers, width): models/gpt2.hpp's gpt2_config
+VOCAB = 50257
+
+
+def flops_per_token(config, context):
+    """Forward + backward FLOPs of a training step per token: 6 per weight of every matmul
+    (attention, MLP and the tied head) and 12 L T C for the attention scores and values."""
+    layers, width = CONFIGS[config]
+    return 6 * (12 * layers * width * width + VOCAB * width) + 12 * layers * context * width
+
+
+def machine_probe(binary):
+    """{(isa or "bandwidth", "1" or "all"): rate} from lowrank-bench's machine probes, or {}."""
+    if not Path(binary).exists():
+        print(f"bench_gpt2: no {binary}: no peak probe in this run", file=sys.stderr)
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "machine.json"
+        subprocess.run([binary, "--benchmark_filter=^BM_(Peak_FMA|Bandwidth)_", f"--benchmark_out={out}",
+                        "--benchmark_out_format=json"], check=True, stdout=subprocess.DEVNULL)
+        rates = {}
+        for b in json.loads(out.read_text())["benchmarks"]:
+            name, threads = b["name"].split("/")[0], b["name"].split("threads:")[1].split("/")[0]
+            if name.startswith("BM_Peak_FMA_"):
+                rates[(name[len("BM_Peak_FMA_"):], threads)] = b["GFLOPs"]
+            else:
+                rates[("bandwidth", threads)] = b["GBps"]
+        return rates
 
 
 def parse_args():
@@ -98,7 +132,10 @@ def main():
         for p in programs:
             if p in targets:
                 build(targets[p])
+        build("lowrank-bench")
     binaries = {"lowrank": str(folder / "lowrank-gpt2"), "lowrank+openblas": str(folder / "lowrank-gpt2-openblas")}
+    probe = machine_probe(str(ROOT / "build" / "release" / "bench" / "lowrank-bench"))
+    flops = flops_per_token(args.config, args.context)
 
     samples = {(p, t): [] for p in programs for t in threads_list}
     load_start = os.getloadavg()[0]
@@ -115,14 +152,30 @@ def main():
               f"1-minute load average {load_start:.2f} at the start and {os.getloadavg()[0]:.2f} at the end; "
               f"PyTorch {torch_version()}. Config `{args.config}`, B = {args.batch}, T = {args.context}, dense; "
               f"tokens/s over {args.steps} steps after {args.warm} untimed ones.")
-    rows = ["| threads | program | tokens/s (median) | min - max | vs PyTorch |", "|---:|---|---:|---:|---:|"]
+    peaks = {}
+    for t in threads_list:
+        key = "1" if t == 1 else "all"
+        found = [probe[(isa, key)] for isa in ("avx2", "avx512") if (isa, key) in probe]
+        peaks[t] = max(found) if found and (t == 1 or t == os.cpu_count()) else None
+    if probe:
+        cells = ", ".join(f"{'AVX-512' if isa == 'avx512' else 'AVX2' if isa == 'avx2' else 'triad bandwidth'} "
+                          f"{rate:.1f} {'GB/s' if isa == 'bandwidth' else 'GFLOP/s'} on {t} thread(s)"
+                          for (isa, t), rate in sorted(probe.items()))
+        header += (f" Machine probes of the same run (lowrank-bench, bench/bench_machine.cpp): {cells}; "
+                   f"{flops / 1e6:.1f} MFLOP a token (fwd+bwd); MFU = tokens/s x that over the widest FP32 FMA "
+                   "peak at the thread count.")
+    rows = ["| threads | program | tokens/s (median) | min - max | vs PyTorch | GFLOP/s | MFU |",
+            "|---:|---|---:|---:|---:|---:|---:|"]
     for t in threads_list:
         base = statistics.median(samples[("pytorch", t)]) if ("pytorch", t) in samples else None
         for p in programs:
             s = samples[(p, t)]
             med = statistics.median(s)
             ratio = f"{med / base:.2f}x" if base else ""
-            rows.append(f"| {t} | {p} | {med:,.0f} | {min(s):,.0f} - {max(s):,.0f} | {ratio} |")
+            gflops = med * flops / 1e9
+            mfu = f"{gflops / peaks[t]:.0%}" if peaks.get(t) else "—"
+            rows.append(f"| {t} | {p} | {med:,.0f} | {min(s):,.0f} - {max(s):,.0f} | {ratio} | {gflops:.1f} "
+                        f"| {mfu} |")
     table = "\n".join(rows)
     print(header + "\n\n" + table)
     command = "python3 scripts/bench_gpt2.py --write-docs" + (f" --rounds {args.rounds}" if args.rounds != 5 else "")

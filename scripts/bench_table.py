@@ -26,6 +26,16 @@ With --write-docs, what lies between these markers in that file is replaced:
     <!-- bench-table:begin --> ... <!-- bench-table:end -->        (if the run has dense rows)
     <!-- alloc-probe:begin --> ... <!-- alloc-probe:end -->        (with them, and --probe)
     <!-- bench-low-rank:begin --> ... <!-- bench-low-rank:end -->  (if it has low-rank rows)
+    <!-- bench-machine:<cpu>-<isa>:begin --> ... <!-- bench-machine:<cpu>-<isa>:end -->
+                                                  (if it has the machine probes, bench/bench_machine.cpp;
+                                                  a new machine or ISA gets its block inserted before
+                                                  <!-- bench-machines:end -->)
+
+With --machine-only, only the machine block is written (scripts/bench.sh --march for a build
+other than -march=native: its tables stay in the run's output, the docs' tables stay those
+of the native build). Every GFLOP/s figure is also shown as a fraction of the FP32 FMA peak
+measured in the same run (BM_Peak_FMA_<isa>/threads:<1|all>), the ISA being the widest the
+build's Eigen uses, at lowrank's thread count; PyTorch's against the widest the CPU has.
 
 so the numbers in the docs always come from a real run, and a run filtered to one group
 (scripts/bench.sh --filter) leaves the other's block as it was.
@@ -40,7 +50,7 @@ import statistics
 import sys
 from pathlib import Path
 
-RATES = ("GFLOPs", "tokens_per_second", "samples_per_second")
+RATES = ("GFLOPs", "GBps", "tokens_per_second", "samples_per_second")
 PHASES = (("forward_ms", "forward (input, forward, loss)"), ("backward_ms", "zero_grad + backward"),
           ("optimizer_ms", "optimizer step (AdamW)"))
 THROUGHPUT = (("tokens_per_second", "tokens/s"), ("samples_per_second", "samples/s"))
@@ -55,6 +65,11 @@ LAYERS = (("LowRankLinear", "`LowRankLinear` (U Vᵀ, the fused node)"),
           ("DeepLowRankLinear", "`DeepLowRankLinear` (depth 3, compressed at rank r: inner width 2r)"))
 TARGET_RANKS = (64, 128, 256)  # forward+backward reaches 75% of the ideal ratio d / (2r)
 TARGET_FRACTION = 0.75
+# The machine probes (bench/bench_machine.cpp) and the GEMM-bound rows held to PEAK_TARGET.
+MACHINE = re.compile(r"^BM_(?:Peak_FMA_(?P<isa>avx2|avx512)|Bandwidth_triad)/threads:(?P<threads>1|all)$")
+GEMM_BOUND = re.compile(r"^BM_(?:Gemm|Linear_fwd|Linear_fwdbwd)/"
+                        r"|^BM_ThinProduct_\w+_kernel/d:\d+/N:4096/r:(?:64|128|256)$")
+PEAK_TARGET = 0.85
 
 
 class Result:
@@ -160,17 +175,36 @@ def throughput(r: Result | None) -> str:
     return "—"
 
 
-def main_table(lr: dict[str, Result], pt: dict[str, Result]) -> str:
+class Peaks:
+    """The FMA peaks of the run (GFLOP/s, median over rounds) and which one each side is held to."""
+
+    def __init__(self, machine: dict[str, Result], lr_ctx: list[dict]) -> None:
+        first = lr_ctx[0] if lr_ctx else {}
+        self.threads = "1" if str(first.get("lowrank_threads", "1")) == "1" else "all"
+        self.rates = {name: r.rate("GFLOPs") for name, r in machine.items() if r.rate("GFLOPs") is not None}
+        simd = str(first.get("simd_isa", first.get("eigen_simd", "")))
+        self.isa = "avx512" if "avx512" in simd.lower() else "avx2"
+        self.lowrank = self.rates.get(f"BM_Peak_FMA_{self.isa}/threads:{self.threads}")
+        widest = [self.rates.get(f"BM_Peak_FMA_{isa}/threads:{self.threads}") for isa in ("avx2", "avx512")]
+        self.widest = max((x for x in widest if x is not None), default=None)
+
+    @staticmethod
+    def of(rate: float | None, peak: float | None) -> str:
+        return f"{rate / peak:.0%}" if rate is not None and peak else "—"
+
+
+def main_table(lr: dict[str, Result], pt: dict[str, Result], peaks: Peaks) -> str:
     lines = [
-        "| benchmark | lowrank ms | PyTorch ms | lowrank GFLOP/s | PyTorch GFLOP/s "
+        "| benchmark | lowrank ms | PyTorch ms | lowrank GFLOP/s | of peak | PyTorch GFLOP/s | of peak "
         "| lowrank throughput | PyTorch throughput | lowrank speed-up | by CPU time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in list(lr) + [n for n in pt if n not in lr]:
         a, b = lr.get(name), pt.get(name)
+        ga, gb = (a.rate("GFLOPs") if a else None), (b.rate("GFLOPs") if b else None)
         lines.append(
             f"| `{name}` | {fmt_ms(a)} | {fmt_ms(b)} "
-            f"| {fmt_num(a.rate('GFLOPs') if a else None)} | {fmt_num(b.rate('GFLOPs') if b else None)} "
+            f"| {fmt_num(ga)} | {Peaks.of(ga, peaks.lowrank)} | {fmt_num(gb)} | {Peaks.of(gb, peaks.widest)} "
             f"| {throughput(a)} | {throughput(b)} "
             f"| {ratio(b.ms if b else None, a.ms if a else None)} "
             f"| {ratio(b.cpu_ms if b else None, a.cpu_ms if a else None)} |")
@@ -289,11 +323,11 @@ def target_met(layer: str, r: int, speedup: float | None, ideal: float | None) -
 
 
 def low_rank_layer_table(layer: str, lr: dict[str, Result], pt: dict[str, Result],
-                         lb: dict[str, Result]) -> str:
+                         lb: dict[str, Result], peaks: Peaks) -> str:
     with_pt = any(lr_name(layer, "fwdbwd", d, n, r) in pt for d, n, r in shapes(lr, layer))
     with_lb = any(lr_name(layer, "fwdbwd", d, n, r) in lb for d, n, r in shapes(lr, layer))
     with_target = layer in ("LowRankLinear", "IncrementalRankLinear")
-    head = ["d", "N", "r", "fwd ms", "fwd × dense", "fwd+bwd ms", "fwd+bwd GFLOP/s", "fwd+bwd × dense",
+    head = ["d", "N", "r", "fwd ms", "fwd × dense", "fwd+bwd ms", "fwd+bwd GFLOP/s", "of peak", "fwd+bwd × dense",
             "by CPU time", "ideal (FLOP ratio)", "of ideal"]
     if with_target:
         head.append(f"≥ {TARGET_FRACTION:.0%} of ideal (r ≥ {TARGET_RANKS[0]})")
@@ -307,7 +341,8 @@ def low_rank_layer_table(layer: str, lr: dict[str, Result], pt: dict[str, Result
         speed = b.ratio("speedup_vs_dense") if b else None
         ideal = b.ratio("flop_ratio") if b else None
         cells = [str(d), str(n), str(r), fmt_ms(f), fmt_x(f.ratio("speedup_vs_dense") if f else None), fmt_ms(b),
-                 fmt_num(b.rate("GFLOPs") if b else None), fmt_x(speed),
+                 fmt_num(b.rate("GFLOPs") if b else None),
+                 Peaks.of(b.rate("GFLOPs") if b else None, peaks.lowrank), fmt_x(speed),
                  fmt_x(b.ratio("speedup_vs_dense_cpu") if b else None), fmt_x(ideal),
                  f"{speed / ideal:.0%}" if speed is not None and ideal else "—"]
         if with_target:
@@ -412,11 +447,11 @@ def describe_low_rank(lr_ctx: list[dict], pt_ctx: list[dict], lr: dict[str, Resu
 
 
 def low_rank_body(lr_ctx: list[dict], pt_ctx: list[dict], lr: dict[str, Result], pt: dict[str, Result],
-                  lb: dict[str, Result]) -> str:
-    parts = [describe_low_rank(lr_ctx, pt_ctx, lr)]
+                  lb: dict[str, Result], peaks: Peaks) -> str:
+    parts = [describe_low_rank(lr_ctx, pt_ctx, lr) + "\n" + peak_line(peaks)]
     for layer, title in LAYERS:
         if shapes(lr, layer):
-            parts.append(f"{title}:\n\n" + low_rank_layer_table(layer, lr, pt, lb))
+            parts.append(f"{title}:\n\n" + low_rank_layer_table(layer, lr, pt, lb, peaks))
     summary = targets_summary(lr)
     if summary:
         parts.insert(1, "Targets, from this run (wall-clock medians):\n\n" + summary)
@@ -426,6 +461,104 @@ def low_rank_body(lr_ctx: list[dict], pt_ctx: list[dict], lr: dict[str, Result],
                      "(`BM_LowRankLinear_gemm_fwdbwd`: threshold 0, the four whole-matrix GEMMs; "
                      "`BM_LowRankLinear_onepass_fwdbwd`: the token-tiled one-pass kernel at any rank):\n\n" + table)
     return "\n\n".join(parts)
+
+
+# --- the machine (bench/bench_machine.cpp) ------------------------------------------------------
+
+def peak_line(peaks: Peaks) -> str:
+    if peaks.lowrank is None:
+        return "*of peak*: no FMA-peak probe in this run."
+    return (f"*of peak* = GFLOP/s over the FP32 FMA peak measured in the same run at the same thread count: "
+            f"lowrank's against the {'AVX-512' if peaks.isa == 'avx512' else 'AVX2'} peak its build uses "
+            f"({peaks.lowrank:.1f} GFLOP/s), PyTorch's against the widest the CPU has "
+            f"({peaks.widest:.1f}); both by wall clock, so a loaded machine lowers both alike.")
+
+
+def cpu_info() -> dict[str, str]:
+    """Model, family, model number and the SIMD flags of the first processor in /proc/cpuinfo."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "flags") and key not in info:
+                info[key] = value.strip()
+            if not line.strip() and info:
+                break
+    except OSError:
+        pass
+    simd = re.compile(r"^(?:sse\S*|ssse3|avx\S*|fma|f16c|amx\S*)$")
+    info["simd"] = " ".join(f for f in info.get("flags", "").split() if simd.match(f))
+    return info
+
+
+def machine_slug(info: dict[str, str], peaks: Peaks) -> str:
+    model = re.sub(r"[^a-z0-9]+", "-", info.get("model name", "cpu").lower()).strip("-")
+    return f"{model}-f{info.get('cpu family', '?')}m{info.get('model', '?')}-{peaks.isa}"
+
+
+def machine_body(machine: dict[str, Result], lr_ctx: list[dict], lr: dict[str, Result], pt: dict[str, Result],
+                 lr_low: dict[str, Result], pt_low: dict[str, Result], peaks: Peaks, command: str) -> str:
+    first = lr_ctx[0] if lr_ctx else {}
+    info = cpu_info()
+    loads = [c["load_avg"][0] for c in lr_ctx if isinstance(c.get("load_avg"), list) and c["load_avg"]]
+    load_text = f"{min(loads):.2f}–{max(loads):.2f}" if loads else "?"
+    cores = int(first.get("num_cpus", 0) or 0)
+    lines = [
+        f"**{info.get('model name', '?')}** (family {info.get('cpu family', '?')}, model {info.get('model', '?')}), "
+        f"{cores or '?'} vCPUs at {first.get('mhz_per_cpu', '?')} MHz; build for {first.get('simd_isa', '?')} "
+        f"(Eigen: {first.get('eigen_simd', '?')}); run {first.get('date', '?')}, {len(lr_ctx)} interleaved round(s), "
+        f"1-minute load average {load_text} (2 vCPUs shared: above ~1 the figures are low and noisy); "
+        f"command `{command}`.",
+        "",
+        f"CPU SIMD flags: `{info.get('simd', '?')}`.",
+        "",
+        "| probe (bench/bench_machine.cpp) | 1 thread | all threads |",
+        "|---|---:|---:|",
+    ]
+    for key, label, unit, counter in (("BM_Peak_FMA_avx2", "FP32 FMA peak, AVX2 (12 × `_mm256_fmadd_ps`)", "GFLOP/s",
+                                       "GFLOPs"),
+                                      ("BM_Peak_FMA_avx512", "FP32 FMA peak, AVX-512 (24 × `_mm512_fmadd_ps`)",
+                                       "GFLOP/s", "GFLOPs"),
+                                      ("BM_Bandwidth_triad", "memory bandwidth, triad over 3 × 64 MiB", "GB/s",
+                                       "GBps")):
+        one, every = machine.get(f"{key}/threads:1"), machine.get(f"{key}/threads:all")
+        if one is None and every is None:
+            continue
+        cells = [f"{r.work[counter] / r.ms:.1f} {unit}" if r and counter in r.work else "—" for r in (one, every)]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    bound = [(n, r) for n, r in lr.items() if GEMM_BOUND.search(n) and r.rate("GFLOPs") is not None]
+    if bound and peaks.lowrank:
+        lines += ["", f"GEMM-bound figures of the same run against the peak lowrank's build uses "
+                      f"({peaks.lowrank:.1f} GFLOP/s, {'AVX-512' if peaks.isa == 'avx512' else 'AVX2'}, "
+                      f"{peaks.threads} thread(s)); target ≥ {PEAK_TARGET:.0%}:", "",
+                  "| benchmark | lowrank GFLOP/s | of peak | PyTorch GFLOP/s | of peak (its widest) |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, r in bound:
+            g = r.rate("GFLOPs")
+            p = pt.get(name)
+            gp = p.rate("GFLOPs") if p else None
+            mark = "" if g / peaks.lowrank >= PEAK_TARGET else " (**below target**)"
+            lines.append(f"| `{name}` | {fmt_num(g)} | {Peaks.of(g, peaks.lowrank)}{mark} | {fmt_num(gp)} "
+                         f"| {Peaks.of(gp, peaks.widest)} |")
+    summary = targets_summary(lr_low)
+    if summary:
+        lines += ["", "Low-rank targets in this build (wall-clock medians):", "", summary]
+    for layer, title in LAYERS[:2]:
+        if shapes(lr_low, layer):
+            lines += ["", f"{title}, this build (columns as in the low-rank tables below):", "",
+                      low_rank_layer_table(layer, lr_low, pt_low, {}, peaks)]
+    return "\n".join(lines)
+
+
+def write_machine_block(text: str, slug: str, body: str) -> str:
+    tag = f"bench-machine:{slug}"
+    if f"<!-- {tag}:begin -->" in text:
+        return replace_block(text, tag, body)
+    anchor = "<!-- bench-machines:end -->"
+    if anchor not in text:
+        raise SystemExit(f"bench_table: marker {anchor} not found")
+    return text.replace(anchor, f"<!-- {tag}:begin -->\n{body}\n<!-- {tag}:end -->\n\n{anchor}", 1)
 
 
 def replace_block(text: str, tag: str, body: str) -> str:
@@ -448,15 +581,21 @@ def main() -> int:
                    help="pytorch_bench.py --as-is results (the environment as found): for the third table")
     p.add_argument("--write-docs", metavar="FILE", help="replace the marked blocks in FILE")
     p.add_argument("--probe", metavar="FILE", help="lowrank-alloc-probe output for the alloc-probe block")
+    p.add_argument("--machine-only", action="store_true",
+                   help="with --write-docs, write only the machine block (a build other than -march=native)")
+    p.add_argument("--command", default="bash scripts/bench.sh", help="the command the machine block names")
     args = p.parse_args()
 
     lr_ctx, lr_all = load(args.lowrank)
+    machine = {k: v for k, v in lr_all.items() if MACHINE.match(k)}
+    lr_all = {k: v for k, v in lr_all.items() if not MACHINE.match(k)}
+    peaks = Peaks(machine, lr_ctx)
     pt_ctx, pt_all = load(args.pytorch)
     lr, lr_low = split_low_rank(lr_all)
     pt, pt_low = split_low_rank(pt_all)
     lb_all = load(args.openblas)[1] if args.openblas else {}
     lb, lb_low = split_low_rank(lb_all)
-    body = describe(lr_ctx, pt_ctx, lr, pt) + "\n\n" + main_table(lr, pt)
+    body = describe(lr_ctx, pt_ctx, lr, pt) + "\n" + peak_line(peaks) + "\n\n" + main_table(lr, pt, peaks)
     if lb:
         body += ("\n\nThe same lowrank code built with `EIGEN_USE_BLAS` and linked to OpenBLAS "
                  "(`lowrank-bench-openblas`, OPENBLAS_CORETYPE unset, OPENBLAS_NUM_THREADS="
@@ -479,7 +618,10 @@ def main() -> int:
     phases = phase_table(columns)
     if phases:
         body += "\n\n" + phases
-    low_body = low_rank_body(lr_ctx, pt_ctx, lr_low, pt_low, lb_low) if lr_low else ""
+    low_body = low_rank_body(lr_ctx, pt_ctx, lr_low, pt_low, lb_low, peaks) if lr_low else ""
+    machine_text = machine_body(machine, lr_ctx, lr, pt, lr_low, pt_low, peaks, args.command) if machine else ""
+    if machine_text:
+        print(machine_text + "\n")
     if lr:
         print(body)
     if low_body:
@@ -488,6 +630,10 @@ def main() -> int:
     if args.write_docs:
         path = Path(args.write_docs)
         text = path.read_text()
+        if machine_text:
+            text = write_machine_block(text, machine_slug(cpu_info(), peaks), machine_text)
+        if args.machine_only:
+            lr, low_body = {}, ""
         if lr:
             text = replace_block(text, "bench-table", body)
             if args.probe:
