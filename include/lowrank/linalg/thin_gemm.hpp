@@ -181,8 +181,18 @@ void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index 
             const Index tiles = (rows + kTileRows - 1) / kTileRows;
             for (Index t = 0; t < tiles; ++t) {
                 const Index i = rows * t / tiles, h = rows * (t + 1) / tiles - i;
-                tile_rows<T>(h, a + i * a_row + k0 * a_k, a_row, a_k, bp, c + i * ldc + j0, ldc, kd, nd, alpha,
-                             add);
+                const T* at = a + i * a_row + k0 * a_k;
+                if (a_k == 1) {  // A B: the tile's rows of A are contiguous already
+                    tile_rows<T>(h, at, a_row, 1, bp, c + i * ldc + j0, ldc, kd, nd, alpha, add);
+                    continue;
+                }
+                // A^T B: the tile's entries of op(A) are a few of each row of A, a row apart,
+                // and would be fetched from L2 again for every group of columns; copied
+                // into one stream (ap[k * h + row]) they stay in L1.
+                alignas(64) T ap[kKBlock * kTileRows];
+                for (Index k = 0; k < kd; ++k)
+                    for (Index row = 0; row < h; ++row) ap[k * h + row] = at[row * a_row + k * a_k];
+                tile_rows<T>(h, ap, 1, h, bp, c + i * ldc + j0, ldc, kd, nd, alpha, add);
             }
         }
     }
