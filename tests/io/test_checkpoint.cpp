@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <set>
@@ -217,6 +219,41 @@ TEMPLATE_TEST_CASE("a checkpoint stores weights under their own names, biases 1-
     CHECK(doc.at("optimizer").at("groups")[0].at("weight_decay") == 0.1);
     CHECK(doc.at("optimizer").at("groups")[1].at("params") == nlohmann::json::array({"fc1.bias", "fc2.bias"}));
     CHECK(doc.at("parameters")[0].at("active_cols") == 3);
+    CHECK(r.metadata().at("format") == "pt");  // what transformers' loaders ask of a file
+}
+
+TEST_CASE("a checkpoint written before \"format\": \"pt\" was added still loads", "[io][checkpoint]") {
+    TempDir dir;
+    const std::string path = dir / "ckpt.safetensors", old = dir / "old.safetensors";
+    TinyModel<double> m(3);
+    Rng data(1);
+    m.step(data);
+    save_checkpoint<double>(path, m.parameters(), &m.opt, 1, {{"run", "x"}});
+
+    // The same bytes with "format" taken out of the header, as an older writer wrote them.
+    std::ifstream in(path, std::ios::binary);
+    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::uint64_t n = 0;
+    for (int i = 0; i < 8; ++i) n |= static_cast<std::uint64_t>(static_cast<unsigned char>(bytes[i])) << (8 * i);
+    auto header = nlohmann::json::parse(std::string(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(n)));
+    REQUIRE(header.at("__metadata__").at("format") == "pt");
+    header.at("__metadata__").erase("format");
+    std::string text = header.dump();
+    text.append((8 - text.size() % 8) % 8, ' ');
+    {
+        std::ofstream out(old, std::ios::binary);
+        for (int i = 0; i < 8; ++i) out.put(static_cast<char>(static_cast<std::uint64_t>(text.size()) >> (8 * i)));
+        out << text;
+        out.write(bytes.data() + 8 + n, static_cast<std::streamsize>(bytes.size() - 8 - n));
+    }
+    REQUIRE(SafetensorsReader(old).metadata().count("format") == 0);
+
+    CHECK(read_checkpoint_extra(old) == nlohmann::json{{"run", "x"}});
+    TinyModel<double> other(4);
+    const CheckpointInfo info = load_checkpoint<double>(old, other.parameters(), &other.opt);
+    CHECK(info.step == 1);
+    CHECK(same_bits(other.fc1.weight.value, m.fc1.weight.value));
+    CHECK(load_parameters(SafetensorsReader(old), other.parameters()).ok());
 }
 
 TEST_CASE("rng states round-trip exactly through JSON text", "[io][checkpoint]") {

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -185,7 +186,7 @@ TEST_CASE("safetensors writes the documented layout", "[io][safetensors]") {
     CHECK(header["b"]["dtype"] == "F64");
     CHECK(header["b"]["shape"] == nlohmann::json::array({4}));
     CHECK(header["b"]["data_offsets"] == nlohmann::json::array({24, 56}));
-    CHECK(header["__metadata__"] == nlohmann::json{{"k", "v"}});
+    CHECK(header["__metadata__"] == nlohmann::json{{"format", "pt"}, {"k", "v"}});
 
     const std::size_t base = 8 + n;
     auto f32_at = [&](std::size_t i) {
@@ -398,6 +399,27 @@ TEST_CASE("safetensors reader rejects malformed files with a message naming the 
                    Contains(missing) && Contains("does not exist"));
         CHECK_THAT(format_error([&] { SafetensorsReader r(dir.path().string()); }), Contains("got a directory"));
     }
+}
+
+TEST_CASE("safetensors files say \"format\": \"pt\" unless told otherwise", "[io][safetensors]") {
+    TempDir dir;
+    SafetensorsWriter plain;
+    Matrix<float> a(1, 2);
+    a << 1, 2;
+    plain.add("a", a);
+    CHECK(plain.metadata() == std::map<std::string, std::string>{{"format", "pt"}});
+    plain.write(dir / "plain.safetensors");
+    const Bytes bytes = read_bytes(dir / "plain.safetensors");
+    REQUIRE(bytes.size() > 8);
+    std::uint64_t n = 0;
+    for (int i = 0; i < 8; ++i) n |= static_cast<std::uint64_t>(bytes[static_cast<std::size_t>(i)]) << (8 * i);
+    const auto header = nlohmann::json::parse(std::string(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(n)));
+    CHECK(header.at("__metadata__") == nlohmann::json{{"format", "pt"}});
+
+    SafetensorsWriter other;
+    other.set_metadata("format", "np");
+    other.write(dir / "np.safetensors");
+    CHECK(SafetensorsReader(dir / "np.safetensors").metadata().at("format") == "np");
 }
 
 TEST_CASE("safetensors reader accepts a header-only file and a file with only metadata", "[io][safetensors]") {

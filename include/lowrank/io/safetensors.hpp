@@ -3,7 +3,7 @@
 //
 // Layout: an 8-byte little-endian header length N, N bytes of a JSON object
 //   {"<name>": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [begin, end]}, ...,
-//    "__metadata__": {"<key>": "<string value>", ...}}
+//    "__metadata__": {"format": "pt", "<key>": "<string value>", ...}}
 // (padded with spaces), then the byte buffer. Offsets are relative to the buffer's start;
 // elements are little-endian, in row-major (C) order, which is also Matrix<T>'s order.
 //
@@ -403,7 +403,11 @@ private:
     std::map<std::string, std::string> metadata_;
 };
 
-/// Collects tensors and metadata, then writes them as one safetensors file.
+/// Collects tensors and metadata, then writes them as one safetensors file. The metadata
+/// starts as {"format": "pt"}: transformers' from_pretrained refuses a file whose metadata
+/// "format" is not one of its frameworks ("pt", "tf", "flax", ...), and ours are laid out
+/// as PyTorch's tensors are. Readers, ours included, do not require it: files written
+/// before it was added still load.
 class SafetensorsWriter {
 public:
     /// Copies the data now, in row-major order. The dtype follows the scalar (float -> F32,
@@ -424,7 +428,7 @@ public:
         add_with_shape(name, m, {});
     }
 
-    /// Sets (or replaces) a "__metadata__" entry.
+    /// Sets (or replaces) a "__metadata__" entry ("format" is "pt" unless replaced).
     void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
 
     const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -508,7 +512,7 @@ private:
 
     std::vector<Tensor> tensors_;
     std::set<std::string> names_;
-    std::map<std::string, std::string> metadata_;
+    std::map<std::string, std::string> metadata_{{"format", "pt"}};
 };
 
 }  // namespace lowrank
