@@ -458,16 +458,17 @@ TEST_CASE("Gpt2 loss on the tape equals an independent Eigen forward", "[models]
 
 TEST_CASE("Gpt2 loss (the fused head) equals cross_entropy of forward's logits, gradients too",
           "[models][gpt2]") {
-    // 12 x 6 = 72 tokens: two chunks of the fused head, the second ragged; one row ignored.
+    // 24 x 6 = 144 tokens: two chunks of the fused head (128 rows), the second ragged; one
+    // row ignored.
     const bool bias = GENERATE(true, false);
     INFO("bias " << bias);
     Rng rng(17);
     Gpt2<double> model(small_config(bias), rng);
     randomise(model, 18);
-    const Index batch = 12, seq_len = 6;
-    const auto ids = random_ids(72, 13, 19);
-    auto targets = random_ids(72, 13, 20);
-    targets[70] = lowrank::kIgnoreIndex;
+    const Index batch = 24, seq_len = 6;
+    const auto ids = random_ids(144, 13, 19);
+    auto targets = random_ids(144, 13, 20);
+    targets[140] = lowrank::kIgnoreIndex;
     const auto params = model.parameters();
     auto loss_and_grads = [&](bool fused) {
         for (auto* p : params) p->grad.setZero(p->value.rows(), p->value.cols());

@@ -19,11 +19,11 @@ namespace lowrank {
 struct LinearCrossEntropyOptions {
     /// Targets equal to this are skipped and not counted in the mean, as in cross_entropy.
     std::int32_t ignore_index = kIgnoreIndex;
-    /// Tokens per chunk: the node holds one (chunk_rows x V) block of logits. Large enough
-    /// that the weight-gradient GEMM, which reads and writes all of dW once per chunk, is
-    /// not bound by memory; small enough that the block stays near the cache
-    /// (docs/performance.md, "Fused LM head").
-    Index chunk_rows = 64;
+    /// Tokens per chunk: the node holds one (chunk_rows x V) block of logits. Each chunk's
+    /// three products pass over all of W (two packings) and dW (a read and a write), so
+    /// small chunks are slower; 128 rows of GPT-2's vocabulary in float (25.7 MB) still fit
+    /// a 32 MB L3 (docs/performance.md, "Fused LM head").
+    Index chunk_rows = 128;
 };
 
 namespace detail {
