@@ -32,6 +32,18 @@ public:
         }
     }
 
+    /// A layer holding the given weight (out x in) and, if given, bias (1 x out): a merged
+    /// factorised layer (nn/merge.hpp) or weights read from a file.
+    static Linear from_weight(const std::string& name, const ConstMatrixRef<T>& w, const Matrix<T>* b = nullptr) {
+        check(w.rows() > 0 && w.cols() > 0, name, "from_weight expects a non-empty weight, got ",
+              shape_string(w.rows(), w.cols()));
+        if (b) check_shape(*b, 1, w.rows(), name + ": from_weight bias");
+        Linear l(name, b != nullptr);
+        l.weight = Parameter<T>(name + ".weight", Matrix<T>(w));
+        if (b) l.bias = Parameter<T>(name + ".bias", *b);
+        return l;
+    }
+
     /// x (N x in) -> (N x out).
     Var<T> forward(Graph<T>& g, const Var<T>& x) {
         check(x.cols() == in_features(), name_, "expected input with ", in_features(), " features, got ",
@@ -65,6 +77,8 @@ public:
     Parameter<T> bias;  // (1 x out); empty without bias
 
 private:
+    Linear(const std::string& name, bool has_bias) : name_(name), has_bias_(has_bias) {}
+
     std::string name_;
     bool has_bias_ = true;
 };

@@ -272,6 +272,25 @@ public:
         return l;
     }
 
+    /// The layer s U V^T (+ b) with the given factors U (out x r), V (in x r), no base: a
+    /// factorised layer in its inference form (nn/merge.hpp) or factors read from a file.
+    static LowRankLinear from_factors(const std::string& name, Matrix<T> u, Matrix<T> v, double scale = 1.0,
+                                      const Matrix<T>* b = nullptr) {
+        check(u.rows() > 0 && v.rows() > 0, name, "from_factors expects non-empty factors, got U ", shape_string(u),
+              " and V ", shape_string(v));
+        check(u.cols() == v.cols(), name, "from_factors expects U and V of the same rank (columns), got U ",
+              shape_string(u), " and V ", shape_string(v));
+        check_rank_named(name, u.cols(), v.rows(), u.rows());
+        check(std::isfinite(scale), name, "scale must be finite, got ", scale);
+        if (b) check_shape(*b, 1, u.rows(), name + ": from_factors bias");
+        LowRankLinear l(name);
+        l.options_ = LowRankOptions{.rank = u.cols(), .bias = b != nullptr, .scale = scale};
+        l.U = Parameter<T>(name + ".U", std::move(u));
+        l.V = Parameter<T>(name + ".V", std::move(v));
+        if (b) l.bias = Parameter<T>(name + ".bias", *b);
+        return l;
+    }
+
     /// x (N x in) -> (N x out).
     Var<T> forward(Graph<T>& g, const Var<T>& x) {
         check(x.cols() == in_features(), name_, "expected input with ", in_features(), " features, got ",
