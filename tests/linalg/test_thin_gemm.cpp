@@ -128,19 +128,21 @@ Matrix<T> naive_product(const Matrix<T>& a, const Matrix<T>& b) {
 TEST_CASE("every register tile and packed panel shape equals a naive product in double", "[linalg]") {
     // Rows 1-13 (every tile height the balanced split makes, one tile or two), columns over
     // every count of whole packets in a panel group and the single packets after it, up to
-    // past one 256-column panel, and depths across a 256-step block: against a triple loop,
-    // not Eigen, so that an error shared with Eigen's product cannot hide.
+    // past the widest panel, and depths across a k-block: against a triple loop, not Eigen,
+    // so that an error shared with Eigen's product cannot hide.
     using T = double;
     constexpr Index w = linalg::detail::kPacket<T>, group = linalg::detail::kTilePackets * w;
     std::vector<Index> cols;
     for (Index p = 1; p <= 2 * linalg::detail::kTilePackets + 1; ++p) cols.push_back(p * w);
     cols.push_back(group + w + 1);  // and a column past the last whole packet
-    cols.push_back(linalg::detail::kNBlock + group + w);
+    // Past the widest panel (at the shortest k-block), so that a pass takes two panels.
+    const Index widest = linalg::detail::kPanelElements / linalg::detail::kMinKBlock;
+    cols.push_back(widest + group + w);
     std::uint64_t seed = 500;
     for (Index m = 1; m <= 13; ++m)
         for (const Index n : cols)
             for (const Index k : {Index(1), Index(7), linalg::detail::kKBlock + 3}) {
-                if (n > linalg::detail::kNBlock && m > 3) continue;  // the wide panel once per small height
+                if (n > widest && (m > 3 || k < linalg::detail::kMinKBlock)) continue;  // once per small height
                 INFO("m " << m << ", k " << k << ", n " << n);
                 const Matrix<T> a = gaussian(m, k, ++seed), at = a.transpose(), b = gaussian(k, n, ++seed);
                 const Matrix<T> c0 = gaussian(m, n, ++seed), want = naive_product<T>(a, b);

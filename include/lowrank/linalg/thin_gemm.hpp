@@ -11,8 +11,8 @@
 // up to 4 SIMD packets (64 floats with AVX-512; 2 packets, 16 floats, where the register
 // file has 16 SIMD registers, as with AVX2) held in registers; per step of the inner
 // dimension it loads that many packets of one row of B and broadcasts one entry of A per
-// row, so A is never copied. The inner dimension is walked in blocks of kKBlock and the
-// columns in panels of kNBlock; each such block of B is first copied into a contiguous
+// row, so A is never copied. The inner dimension is walked in blocks and the columns in
+// panels (k_block below); each such block of B is first copied into a contiguous
 // per-thread buffer in the order the tiles read it (pack_panel), so that its rows, 4 KiB
 // apart in a 1024-wide matrix, do not all fall into the same few sets of L1. B is the
 // small factor in x V and (x V) U^T; in dy^T (x V) it is dy or x, copied once per pass.
@@ -45,8 +45,15 @@ using ConstRowMajorView = Eigen::Ref<const Matrix<T>, 0, Eigen::OuterStride<>>;
 
 namespace detail {
 
-inline constexpr Index kKBlock = 256;  // steps of the inner dimension per pass over a tile
-inline constexpr Index kNBlock = 256;  // columns of C per panel (a multiple of every packet width)
+// The inner dimension goes in blocks of kMinKBlock to kKBlock steps and the columns in panels
+// such that one packed block of B holds at most kPanelElements (256 KiB of floats: in L2).
+// The k-block is as long as a panel of all of C's columns allows: a panel as wide as C keeps
+// each pass over C, and the copy of B, on whole rows (contiguous; a 256-column piece of a
+// 1024-wide row every 4 KiB defeats the hardware prefetcher). It depends on the product's
+// shape only, never on the thread count, since it decides how each sum is split.
+inline constexpr Index kKBlock = 256;            // most steps of the inner dimension per pass
+inline constexpr Index kMinKBlock = 64;          // fewest (a pass adds its sums into C)
+inline constexpr Index kPanelElements = 65536;   // entries of one packed block of B
 
 // Tile sizes that keep the accumulators, the packets of one row of B and a broadcast in the
 // SIMD register file: 6 rows by 4 packets (24 accumulators + 4 + 1 of AVX-512's 32
@@ -148,32 +155,43 @@ void tile_rows(Index rows, const T* a, Index a_row, Index a_k, const T* bp, T* c
     }
 }
 
-/// The calling thread's buffer for one packed block of B (kKBlock x kNBlock), allocated at
-/// its first product and kept: a training step allocates nothing here.
+/// The calling thread's buffer for one packed block of B (kPanelElements), allocated at its
+/// first product and kept: a training step allocates nothing here.
 template <class T>
 T* panel_buffer() {
     thread_local std::unique_ptr<T[]> buffer;
-    if (!buffer) buffer = std::make_unique<T[]>(static_cast<std::size_t>(kKBlock * kNBlock));
+    if (!buffer) buffer = std::make_unique<T[]>(static_cast<std::size_t>(kPanelElements));
     return buffer.get();
+}
+
+/// Steps of the inner dimension per pass, from the whole product's columns (never a
+/// thread's share of them): as many as a panel of all of them allows, within
+/// [kMinKBlock, kKBlock].
+template <class T>
+Index k_block(Index vec_cols) {
+    return std::clamp<Index>(kPanelElements / std::max<Index>(vec_cols, 1), kMinKBlock, kKBlock);
 }
 
 /// C[:, :vec_cols] (+)= alpha * op(A) B where op(A)(i, k) = a[i * a_row + k * a_k], on one
 /// thread: the register-tiled part of both products. The inner dimension goes in blocks of
-/// kKBlock and the columns in panels of kNBlock, so that the block of B in use (at most
-/// 256 x 256) stays in L2 while every row block of C passes over it.
+/// kblock steps and the columns in panels of at most kPanelElements / kblock (whole tile
+/// groups), so that the packed block of B stays in L2 while every row block of C passes
+/// over it.
 template <class T>
 void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index a_row, Index a_k, const T* b,
-                 Index ldb, Index depth, T alpha, bool accumulate) {
+                 Index ldb, Index depth, Index kblock, T alpha, bool accumulate) {
     if (depth == 0) {
         if (!accumulate)
             for (Index i = 0; i < rows; ++i) std::fill(c + i * ldc, c + i * ldc + vec_cols, T(0));
         return;
     }
-    for (Index k0 = 0; k0 < depth; k0 += kKBlock) {
-        const Index kd = std::min(kKBlock, depth - k0);
+    constexpr Index group = kTilePackets * kPacket<T>;
+    for (Index k0 = 0; k0 < depth; k0 += kblock) {
+        const Index kd = std::min(kblock, depth - k0);
         const bool add = accumulate || k0 > 0;
-        for (Index j0 = 0; j0 < vec_cols; j0 += kNBlock) {
-            const Index nd = std::min(kNBlock, vec_cols - j0);
+        const Index panel = std::max<Index>(group, kPanelElements / kd / group * group);
+        for (Index j0 = 0; j0 < vec_cols; j0 += panel) {
+            const Index nd = std::min(panel, vec_cols - j0);
             T* bp = panel_buffer<T>();
             pack_panel<T>(b + k0 * ldb + j0, ldb, kd, nd, bp);
             // Rows in tiles of equal height (6 and 5, say, not 6 and 1): a tile of one or two
@@ -208,6 +226,7 @@ void tiled_product(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Inde
     const Index unit = by_rows ? kTileRows : kPacket<T>;
     const Index units = ((by_rows ? rows : vec_cols) + unit - 1) / unit;
     const Index parts = std::min<Index>(lowrank::detail::available_threads(), units);
+    const Index kblock = k_block<T>(vec_cols);
     lowrank::detail::parallel_for(parts, rows * vec_cols * std::max<Index>(depth, 1) / std::max<Index>(parts, 1),
                                   [&](Index p) {
         const Index first = units * p / parts * unit, last = units * (p + 1) / parts * unit;
@@ -215,11 +234,12 @@ void tiled_product(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Inde
             const Index r = std::min(last, rows) - first;
             if (r > 0)
                 tiled_block<T>(c + first * ldc, ldc, r, vec_cols, a + first * a_row, a_row, a_k, b, ldb, depth,
-                               alpha, accumulate);
+                               kblock, alpha, accumulate);
         } else {
             const Index n = std::min(last, vec_cols) - first;
             if (n > 0)
-                tiled_block<T>(c + first, ldc, rows, n, a, a_row, a_k, b + first, ldb, depth, alpha, accumulate);
+                tiled_block<T>(c + first, ldc, rows, n, a, a_row, a_k, b + first, ldb, depth, kblock, alpha,
+                               accumulate);
         }
     });
 }
