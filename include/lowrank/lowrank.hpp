@@ -22,6 +22,7 @@
 #include <lowrank/linalg/svd.hpp>
 #include <lowrank/linalg/thin_gemm.hpp>
 #include <lowrank/models/gpt2.hpp>
+#include <lowrank/models/gpt2_export.hpp>
 #include <lowrank/models/gpt2_sample.hpp>
 #include <lowrank/models/gpt2_weights.hpp>
 #include <lowrank/models/mlp.hpp>
@@ -30,6 +31,7 @@
 #include <lowrank/nn/incremental_rank_linear.hpp>
 #include <lowrank/nn/linear.hpp>
 #include <lowrank/nn/low_rank_linear.hpp>
+#include <lowrank/nn/merge.hpp>
 #include <lowrank/nn/module.hpp>
 #include <lowrank/nn/spectral_linear.hpp>
 #include <lowrank/optim/optim.hpp>
