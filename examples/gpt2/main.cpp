@@ -67,6 +67,7 @@ struct Config {
     std::string out_dir;  // every output's default folder
     int keep_last = 0;
     bool keep_best = false;
+    std::string export_path, export_layout = "hf";  // --export, --export-layout
     std::vector<std::string> roles;         // empty: the config's low_rank_roles
     std::vector<std::string> resume_allow;  // settings a --resume may change on purpose
     bool quiet = false;
@@ -111,6 +112,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
                                      : cfg.rank_log;
     if (!cfg.save.empty() && root) lowrank::check_writable(cfg.save, "--save");
     if (!rank_log.empty() && root) lowrank::check_writable(rank_log, "--rank-log");
+    if (!cfg.export_path.empty() && root) lowrank::check_writable(cfg.export_path, "--export");
     lowrank::check(!cfg.save.empty() || (cfg.save_every == 0 && cfg.stop_at == 0 && cfg.keep_last == 0 && !cfg.keep_best),
                    "--save-every / --stop-at / --keep-last / --keep-best",
                    "they need --save or --out-dir (where the checkpoints go)");
@@ -343,6 +345,15 @@ int train(Config cfg, const lowrank::Communicator& world) {
     run.finish();
     if (run.global_step() == first_step) val_loss = evaluate();  // nothing left to train
 
+    // --export: the model as it ends, weights only (models/gpt2_export.hpp). A --resume of a
+    // finished run trains nothing, so this also exports a checkpoint.
+    if (!cfg.export_path.empty() && root) {
+        lowrank::save_gpt2_weights(model, cfg.export_path, lowrank::parse_gpt2_export_layout(cfg.export_layout));
+        if (!cfg.quiet)
+            std::cerr << "lowrank-gpt2: exported the model (" << cfg.export_layout << " layout, "
+                      << std::filesystem::file_size(cfg.export_path) << " bytes) to " << cfg.export_path << "\n";
+    }
+
     if (tok) {
         std::vector<std::int32_t> prompt = tok->encode(cfg.prompt);
         if (prompt.empty()) prompt.push_back(tok->eot());
@@ -511,6 +522,15 @@ int main(int argc, char** argv) {
     app.add_option("--log", cfg.log,
                    "Write one JSON line per evaluation (\"kind\": \"eval\") and per --log-every steps "
                    "(\"kind\": \"step\") to this file");
+    app.add_option("--export", cfg.export_path,
+                   "At the end, write the model's weights alone to this safetensors file (--export-layout)")
+        ->type_name("PATH");
+    app.add_option("--export-layout", cfg.export_layout,
+                   "hf: Hugging Face's GPT2LMHeadModel (Conv1D), nanogpt: nn.Linear, both with every "
+                   "low-rank layer merged into its dense weight; lowrank: the factors kept "
+                   "(load_gpt2_low_rank)")
+        ->check(CLI::IsMember({"hf", "nanogpt", "lowrank"}))
+        ->capture_default_str();
     app.add_option("--rank-log", cfg.rank_log,
                    "Write the rank policy's decisions here (default lowrank-gpt2-<method>.ranks.jsonl)");
     app.add_flag("--quiet,-q", cfg.quiet, "No progress bar or evaluation lines on stderr");
@@ -539,6 +559,9 @@ int main(int argc, char** argv) {
               "--prompt", "--temperature", "--top-k", "--log", "--rank-log", "--quiet", "--eval-windows",
               "--log-every", "--peak-gflops", "--out-dir", "--keep-last", "--keep-best"});
     cfg.identity["gemm"] = kGemm;
+    // What the run exports is not what it trains.
+    cfg.identity.erase("--export");
+    cfg.identity.erase("--export-layout");
     // With several processes an error ends the job (the others would wait for this one).
     const auto fail = [&](const std::string& message) {
         if (mpi->world().size() > 1) mpi->fail("lowrank-gpt2: " + message);
