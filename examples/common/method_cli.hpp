@@ -29,6 +29,9 @@ struct MethodConfig {
     InRankOptions inrank{};
     std::string inrank_cadence = "forward_calls";
     CuttlefishOptions cuttlefish{};
+    std::string cuttlefish_preset = "none";
+    std::string cuttlefish_rank_rule = "scaled";
+    std::string cuttlefish_track_pattern;  // empty: track the factorizable layers
     SstOptions sst{};
     std::string sst_sampling = "mixed";
     DeepLoraOptions deeplora{};
@@ -131,6 +134,28 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
                            "cuttlefish: factorize a layer only if dense / low-rank FLOPs reach this")
         ->check(CLI::NonNegativeNumber)
         ->capture_default_str();
+    cuttlefish->add_option("--cuttlefish-preset", m.cuttlefish_preset,
+                           "cuttlefish: the authors' detector: cifar (w 15, L 11, tau 0.1) or imagenet (w 5, "
+                           "L 5, tau 0.33, rank >= d / 5), both with the initial weight in the history and "
+                           "tracking per epoch; none: the options as given")
+        ->check(CLI::IsMember({"none", "cifar", "imagenet"}))
+        ->capture_default_str();
+    cuttlefish->add_flag("--cuttlefish-init-in-history", m.cuttlefish.init_in_history,
+                         "cuttlefish: start each stable-rank history with the initial weight (as the authors)");
+    cuttlefish->add_option("--cuttlefish-rank-rule", m.cuttlefish_rank_rule,
+                           "cuttlefish: scaled (ceil(srank * xi), the paper's) or vanilla (floor(srank))")
+        ->check(CLI::IsMember({"scaled", "vanilla"}))
+        ->capture_default_str();
+    cuttlefish->add_option("--cuttlefish-track-pattern", m.cuttlefish_track_pattern,
+                           "cuttlefish: regex of the layer names whose stable ranks decide the switch (any "
+                           "role); empty: the factorized layers");
+    cuttlefish->add_option("--cuttlefish-factor-lr-scale", m.cuttlefish.factor_lr_scale,
+                           "cuttlefish: the factors' lr after the switch as a multiple of their dense group's")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    cuttlefish->add_flag("--cuttlefish-reset-optimizer", m.cuttlefish.reset_optimizer_at_switch,
+                         "cuttlefish: zero every parameter's optimizer state at the switch (the authors build a "
+                         "new optimizer)");
 
     CLI::Option_group* sst = app.add_option_group("sst", "SST (docs/methods/sst.md)");
     sst->add_option("--sst-sampling", m.sst_sampling, "sst: how the active singular vectors are drawn")
@@ -196,6 +221,17 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
                      "paper)");
 }
 
+/// m.cuttlefish with the options bound as text (preset, rank rule, tracked layers) applied.
+inline CuttlefishOptions cuttlefish_options(const MethodConfig& m) {
+    CuttlefishOptions o = m.cuttlefish;
+    o.preset = m.cuttlefish_preset == "cifar"      ? CuttlefishPreset::cifar
+               : m.cuttlefish_preset == "imagenet" ? CuttlefishPreset::imagenet
+                                                   : CuttlefishPreset::none;
+    o.rank_rule = m.cuttlefish_rank_rule == "vanilla" ? CuttlefishRankRule::vanilla : CuttlefishRankRule::scaled;
+    if (!m.cuttlefish_track_pattern.empty()) o.track_select = LayerSelector{.pattern = m.cuttlefish_track_pattern};
+    return o;
+}
+
 /// m.inrank with the options bound as text (the cadence) applied.
 inline InRankOptions inrank_options(const MethodConfig& m) {
     InRankOptions o = m.inrank;
@@ -231,7 +267,7 @@ PolicyList<T> make_policies(const MethodConfig& m, Index default_rank, const Lay
         o.seed = seed;
         list.template add<InRank<T>>(o);
     } else if (m.method == "cuttlefish") {
-        auto o = m.cuttlefish;  // its ranks come from the stable ranks
+        auto o = cuttlefish_options(m);  // its ranks come from the stable ranks
         o.select = select;
         list.template add<Cuttlefish<T>>(o);
     } else if (m.method == "sst") {

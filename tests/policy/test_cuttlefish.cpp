@@ -452,4 +452,233 @@ TEST_CASE("Cuttlefish rejects bad options and layers it cannot start from", "[po
                       Catch::Contains("'layers.1' must be dense") && Catch::Contains("low_rank"));
 }
 
+
+TEST_CASE("Cuttlefish's presets are the authors' CIFAR and ImageNet detectors", "[policy][cuttlefish]") {
+    const CuttlefishOptions c = CF::preset_options(CuttlefishPreset::cifar);
+    CHECK(c.window == 15);
+    CHECK(c.tail == 11);
+    CHECK(c.threshold == 0.1);
+    CHECK(c.relax_two == 2.5);
+    CHECK(c.relax_one == 5.0);
+    CHECK(c.relax_two_upto == 2);
+    CHECK(c.relax_one_upto == 1);
+    CHECK(c.init_in_history);
+    CHECK(c.rank_floor == 0.0);
+    CHECK(c.track_every_steps == 0);  // once per epoch
+    const CuttlefishOptions i = CF::preset_options(CuttlefishPreset::imagenet);
+    CHECK(i.window == 5);
+    CHECK(i.tail == 5);
+    CHECK(i.threshold == 0.33);
+    CHECK(i.relax_two == 2.5);
+    CHECK(i.relax_one == 5.0);
+    CHECK(i.relax_two_upto == 6);
+    CHECK(i.relax_one_upto == 3);
+    CHECK(i.init_in_history);
+    CHECK(i.rank_floor == 0.2);
+    // The constructor applies the preset; the other options pass through.
+    const CF policy(CuttlefishOptions{.preset = CuttlefishPreset::cifar, .min_speedup = 2.0});
+    CHECK(policy.options().window == 15);
+    CHECK(policy.options().min_speedup == 2.0);
+    // A detector field set to another value than the preset's is a conflict, not overwritten.
+    CHECK_THROWS_WITH(CF(CuttlefishOptions{.preset = CuttlefishPreset::cifar, .window = 7}),
+                      Catch::Contains("option window = 7 conflicts with preset cifar") &&
+                          Catch::Contains("which sets 15"));
+    CHECK_NOTHROW(CF(CuttlefishOptions{.preset = CuttlefishPreset::imagenet, .tail = 5}));
+    CHECK(CF::relaxed_threshold(0.33, 3, 2.5, 5.0, 6, 3) == Approx(1.65));
+    CHECK(CF::relaxed_threshold(0.33, 6, 2.5, 5.0, 6, 3) == Approx(0.825));
+    CHECK(CF::relaxed_threshold(0.33, 7, 2.5, 5.0, 6, 3) == 0.33);
+}
+
+namespace {
+
+// Three tracked 12 x 12 hidden layers whose initial weights have floor(srank) = `init` and
+// whose stable ranks at tracking point p are history(layer, p); tracked per epoch until the
+// switch. Returns the epoch of the switch (-1: none within `points`).
+template <class History>
+std::int64_t switch_epoch_on(CF& policy, Fixture& f, Index init, History history, int points = 30) {
+    for (std::size_t i = 0; i < 3; ++i) f.weight(i) = with_stable_rank(12, 12, init, 300 + 2 * i);
+    policy.on_train_begin(f.ctx());
+    for (int p = 0; p < points && !policy.switched(); ++p) {
+        Access::set_counters(f.ctx(), 0, p);
+        for (std::size_t i = 0; i < 3; ++i)
+            f.weight(i) = with_stable_rank(12, 12, history(i, p), 400 + 10 * static_cast<std::uint64_t>(p) + 2 * i);
+        policy.on_epoch_end(f.ctx());
+    }
+    return policy.switch_epoch();
+}
+
+}  // namespace
+
+TEST_CASE("Cuttlefish's CIFAR preset switches on a constructed history where the authors' rule does",
+          "[policy][cuttlefish]") {
+    // A and B stay at 3 (their init too); C jumps from 3 to 6 at point 9. The authors' rule
+    // (EMA of span 15, numpy.gradient, mean of the last 11, tau 0.1, x5 with one layer left;
+    // worked out independently): A and B pass at point 13, when their histories (the
+    // initial weight first) reach 15 entries; C's statistic is 0.159 at point 14, above 0.1
+    // but below the relaxed 0.5, so the switch comes there.
+    Fixture f({12, 12, 12, 12, 3});
+    CF policy(CuttlefishOptions{.preset = CuttlefishPreset::cifar, .min_speedup = 0.1});
+    const auto history = [](std::size_t i, int p) -> Index { return i < 2 || p < 9 ? 3 : 6; };
+    CHECK(switch_epoch_on(policy, f, 3, history) == 14);
+    const auto stable = f.events("stable");
+    REQUIRE(stable.size() == 3);
+    CHECK(stable[0].epoch == 13);
+    CHECK(stable[1].epoch == 13);
+    CHECK(stable[2].layer == "layers.2");
+    CHECK(stable[2].epoch == 14);
+    REQUIRE(policy.layers()[0].history.size() == 16);
+    CHECK(policy.layers()[0].history.front() == 3);  // the initial weight
+    std::vector<double> c(policy.layers()[2].history.begin(), policy.layers()[2].history.end());
+    CHECK(CF::convergence_statistic(span_of(c), 15, 11) == Approx(0.1591).epsilon(1e-3));
+}
+
+TEST_CASE("Cuttlefish's ImageNet preset relaxes by the authors' counts and floors the rank at d / 5",
+          "[policy][cuttlefish]") {
+    // Initial floor(srank) 6 (xi = 2); A and B train to 2, C to 2 and then 4 from point 3.
+    // With three layers unstable the ImageNet rule already relaxes x5 (1.65): all pass at
+    // point 3, the first with w = 5 entries. The CIFAR counts (x5 for one, x2.5 for two)
+    // keep tau = 0.33 there: C passes at 5 and A, B at 6.
+    const auto history = [](std::size_t i, int p) -> Index { return i < 2 || p < 3 ? 2 : 4; };
+    for (const auto rule : {CuttlefishRankRule::scaled, CuttlefishRankRule::vanilla}) {
+        INFO("rank rule " << to_string(rule));
+        Fixture f({12, 12, 12, 12, 3});
+        CF policy(CuttlefishOptions{.preset = CuttlefishPreset::imagenet, .min_speedup = 0.1, .rank_rule = rule});
+        CHECK(switch_epoch_on(policy, f, 6, history) == 3);
+        // scaled: ceil(2 * 2) = 4 and ceil(4 * 2) = 8; vanilla: 2 and 4; the floor ceil(0.2 * 12) = 3.
+        const bool scaled = rule == CuttlefishRankRule::scaled;
+        CHECK(policy.layers()[0].rank == (scaled ? 4 : 3));
+        CHECK(policy.layers()[2].rank == (scaled ? 8 : 4));
+        CHECK(f.layer(2).rank() == policy.layers()[2].rank);
+    }
+    Fixture f({12, 12, 12, 12, 3});
+    CF counts(CuttlefishOptions{
+        .window = 5, .tail = 5, .threshold = 0.33, .min_speedup = 0.1, .init_in_history = true});
+    CHECK(switch_epoch_on(counts, f, 6, history) == 6);
+}
+
+TEST_CASE("Cuttlefish's vanilla rank is floor(srank), the scaled one ceil(floor(srank) * xi)",
+          "[policy][cuttlefish]") {
+    // A 10 x 8 weight with singular values {2, 1, 1, 1}: srank = 7 / 4 = 1.75, floor 1.
+    const MatrixD w = with_singular_values(10, 8, {2, 1, 1, 1}, 51);
+    const auto s = static_cast<Index>(std::floor(reference_stable_rank(w)));
+    REQUIRE(s == 1);
+    CHECK(CF::vanilla_rank(s, 8) == 1);
+    CHECK(CF::switch_rank(s, 2, 8) == 4);  // xi = 8 / 2
+    CHECK(CF::vanilla_rank(s, 8, 0.3) == 3);
+    CHECK(CF::vanilla_rank(0, 8) == 1);
+    CHECK(CF::vanilla_rank(12, 8) == 8);
+}
+
+TEST_CASE("Cuttlefish starts the history with the initial weight when asked", "[policy][cuttlefish]") {
+    Fixture f({8, 10, 6, 3});
+    const double init = reference_stable_rank(f.weight(0));
+    CF policy(CuttlefishOptions{.init_in_history = true});
+    policy.on_train_begin(f.ctx());
+    CHECK(policy.layers()[0].history == std::vector<Index>{static_cast<Index>(std::floor(init))});
+    f.weight(0) = with_stable_rank(10, 8, 1, 5);
+    policy.on_epoch_end(f.ctx());
+    CHECK(policy.layers()[0].history == std::vector<Index>{static_cast<Index>(std::floor(init)), 1});
+}
+
+TEST_CASE("Cuttlefish tracks a set of layers other than the one it factorizes", "[policy][cuttlefish]") {
+    // layers.0 (factorized) stays at 1; layers.1 (tracked only) goes 2, 4, 4, 4. With w = 2,
+    // L = 1, tau = 0.3 layers.0 alone switches at point 1; tracking layers.1 as well waits
+    // for it: |EMA'| at its last entry is 0.44 at point 2 and 0.15 at point 3.
+    const auto run = [](std::optional<LayerSelector> track) {
+        Fixture f({12, 12, 12, 3});
+        CF policy(CuttlefishOptions{.select = {.pattern = "layers\\.0", .roles = {"hidden"}},
+                                    .track_select = std::move(track),
+                                    .window = 2,
+                                    .tail = 1,
+                                    .threshold = 0.3,
+                                    .relax_two = 1.0,
+                                    .relax_one = 1.0,
+                                    .min_speedup = 0.1});
+        policy.on_train_begin(f.ctx());
+        const Index b[] = {2, 4, 4, 4};
+        for (int p = 0; p < 4 && !policy.switched(); ++p) {
+            Access::set_counters(f.ctx(), 0, p);
+            f.weight(0) = with_stable_rank(12, 12, 1, 500 + 2 * static_cast<std::uint64_t>(p));
+            f.weight(1) = with_stable_rank(12, 12, b[p], 600 + 2 * static_cast<std::uint64_t>(p));
+            policy.on_epoch_end(f.ctx());
+        }
+        return std::make_pair(policy.switch_epoch(), std::vector<CuttlefishLayer>(policy.layers()));
+    };
+    const auto [alone, alone_layers] = run(std::nullopt);
+    CHECK(alone == 1);
+    CHECK(alone_layers.size() == 1);
+    const auto [both, layers] = run(LayerSelector{.pattern = "layers\\.[01]"});
+    CHECK(both == 3);
+    REQUIRE(layers.size() == 2);
+    CHECK(layers[0].factorizable);
+    CHECK(layers[0].factorized);
+    CHECK_FALSE(layers[1].factorizable);
+    CHECK_FALSE(layers[1].factorized);  // read, never replaced
+    CHECK(layers[1].history == std::vector<Index>{2, 4, 4, 4});
+    // A factorized layer that is not tracked gets the rank of its stable rank at the switch.
+    const auto [other, other_layers] = run(LayerSelector{.pattern = "layers\\.1"});
+    CHECK(other == 3);
+    REQUIRE(other_layers.size() == 2);
+    CHECK_FALSE(other_layers[0].tracked);
+    CHECK(other_layers[0].factorized);
+    CHECK(other_layers[0].rank == CF::switch_rank(1, other_layers[0].init_stable_rank, 12));
+}
+
+TEST_CASE("Cuttlefish's lr scale after the switch acts on the factors' group alone, and the reset on every state",
+          "[policy][cuttlefish]") {
+    for (const bool reset : {false, true}) {
+        INFO("reset_optimizer_at_switch = " << reset);
+        Fixture f({6, 6, 6, 3}, {.steps_per_epoch = 1});
+        auto& policy = f.run->add<CF>({.select = {.pattern = "layers\\.0", .roles = {"hidden"}},
+                                       .window = 1,
+                                       .tail = 1,
+                                       .min_speedup = 0.1,
+                                       .frobenius_decay = 0.0,
+                                       .rewarm_steps = 0,
+                                       .factor_lr_scale = 0.5,
+                                       .reset_optimizer_at_switch = reset});
+        f.run->begin();
+        f.weight(0) = with_stable_rank(6, 6, 1, 61);
+        const MatrixD x = gaussian(10, 6, 62), target = gaussian(10, 3, 63);
+        const auto loss = [&](Graph<double>& g) { return mse(g, f.model.forward(g, g.input(x)), target); };
+        const double dense_lr = f.opt->group(0).options.lr, bias_lr = f.opt->group(1).options.lr;
+        f.run->step(loss);  // its epoch end switches
+        REQUIRE(policy.switched());
+        auto& low = f.layer(0).get<LowRankLinear<double>>();
+        REQUIRE(policy.factor_group().has_value());  // without Frobenius decay: the lr scale asks for it
+        const auto& g = f.opt->group(*policy.factor_group()).options;
+        CHECK(g.lr == 0.5 * dense_lr);
+        CHECK(g.weight_decay == 0.1);  // no Frobenius decay: the dense group's decay stays
+        CHECK(f.opt->group_of(low.U) == *policy.factor_group());
+        CHECK(f.opt->group(0).options.lr == dense_lr);  // the dense layers' group is untouched
+        CHECK(f.opt->group(1).options.lr == bias_lr);
+        CHECK(f.opt->group_of(f.layer(1).get<Linear<double>>().weight) == 0);
+        const auto* w1 = f.opt->state_of(f.layer(1).get<Linear<double>>().weight);
+        const auto* b1 = f.opt->state_of(f.layer(1).get<Linear<double>>().bias);
+        REQUIRE(w1 != nullptr);
+        REQUIRE(b1 != nullptr);
+        CHECK(w1->step == (reset ? 0 : 1));
+        CHECK(b1->step == (reset ? 0 : 1));  // in the no-decay group
+        for (const auto moment : f.opt->moment_names())
+            CHECK((w1->moment(moment).norm() == 0.0) == reset);
+        CHECK(f.events("reset_optimizer").size() == (reset ? 1u : 0u));
+        f.run->step(loss);  // and training goes on
+        CHECK(f.opt->state_of(low.U)->step == 1);
+    }
+}
+
+TEST_CASE("Cuttlefish rejects bad values of its newer options", "[policy][cuttlefish][errors]") {
+    using O = CuttlefishOptions;
+    CHECK_THROWS_WITH(CF(O{.factor_lr_scale = 0.0}), Catch::Contains("factor_lr_scale") && Catch::Contains("got 0"));
+    CHECK_THROWS_WITH(CF(O{.relax_two_upto = 1, .relax_one_upto = 2}),
+                      Catch::Contains("relax_one_upto") && Catch::Contains("got 2 and 1"));
+    CHECK_THROWS_WITH(CF(O{.preset = static_cast<CuttlefishPreset>(9)}),
+                      Catch::Contains("option preset") && Catch::Contains("got the value 9"));
+    CHECK_THROWS_WITH(CF(O{.rank_rule = static_cast<CuttlefishRankRule>(7)}),
+                      Catch::Contains("option rank_rule") && Catch::Contains("got the value 7"));
+    Fixture f({6, 8, 8, 3});
+    CHECK_THROWS_WITH(CF(O{.track_select = LayerSelector{.pattern = "nothing"}}).on_train_begin(f.ctx()),
+                      Catch::Contains("track_select") && Catch::Contains("'nothing'"));
+}
+
 }  // namespace test_cuttlefish

@@ -288,6 +288,33 @@ Setup cuttlefish_setup(std::int64_t track_every_steps) {
                 }};
 }
 
+// The newer options: the initial weight in the history, the vanilla rank, the output layer
+// tracked but not factorized, the factors at twice the lr and every state reset at the switch.
+Setup cuttlefish_options_setup(double factor_lr_scale = 2.0) {
+    return {.name = "cuttlefish-options",
+            .sizes = {16, 16, 16, 4},
+            .lr = 1e-3,
+            .steps_per_epoch = 3,
+            .policies =
+                [factor_lr_scale](PolicyList<double>& l) {
+                    l.add<Cuttlefish<double>>(CuttlefishOptions{.track_select = LayerSelector{.pattern = ".*"},
+                                                                .window = 2,
+                                                                .tail = 1,
+                                                                .track_every_steps = 2,
+                                                                .rewarm_steps = 2,
+                                                                .init_in_history = true,
+                                                                .rank_rule = CuttlefishRankRule::vanilla,
+                                                                .factor_lr_scale = factor_lr_scale,
+                                                                .reset_optimizer_at_switch = true});
+                },
+            .prepare =
+                [](Mlp<double>& m) {
+                    m.layers()[0].get<Linear<double>>().weight.value = stable_rank_one(16, 16, 41);
+                    m.layers()[1].get<Linear<double>>().weight.value = stable_rank_one(16, 16, 43);
+                    m.layers()[2].get<Linear<double>>().weight.value = stable_rank_one(4, 16, 45);
+                }};
+}
+
 Setup sst_setup() {
     return {.name = "sst", .sizes = {8, 12, 12, 3}, .policies = [](PolicyList<double>& l) {
                 l.add<Sst<double>>(SstOptions{
@@ -398,6 +425,31 @@ TEST_CASE("Cuttlefish resumes exactly before and after its switch, tracking by s
         REQUIRE(policy.factor_group().has_value());
         CHECK(o.resumed->opt->group(*policy.factor_group()).options.name == "cuttlefish.factors");
     }
+}
+
+TEST_CASE("Cuttlefish resumes exactly with its newer options, before and after the switch",
+          "[policy][resume][cuttlefish]") {
+    for (const std::int64_t k : {std::int64_t{3}, std::int64_t{9}}) {
+        INFO("saved after " << k << " steps");
+        const Outcome o = check_resume(cuttlefish_options_setup(), k, 6);
+        auto& policy = dynamic_cast<Cuttlefish<double>&>(o.resumed->policies()[0]);
+        REQUIRE(policy.switched());
+        REQUIRE(policy.layers().size() == 3);
+        CHECK(policy.layers()[0].factorized);
+        CHECK(policy.layers()[0].rank == 1);  // vanilla: floor(1.5)
+        CHECK_FALSE(policy.layers()[2].factorizable);
+        CHECK(std::string(o.resumed->model.layers()[2].kind()) == "dense");
+        REQUIRE(policy.factor_group().has_value());
+        CHECK(o.resumed->opt->group(*policy.factor_group()).options.lr == 2e-3);
+    }
+}
+
+TEST_CASE("Cuttlefish refuses a resume under other options", "[policy][resume][cuttlefish][errors]") {
+    Run original(cuttlefish_options_setup(2.0));
+    original.steps(1);
+    const TempCheckpoint file("cuttlefish-other-scale");
+    CHECK_THROWS_WITH(save_and_resume(original, cuttlefish_options_setup(1.0), file),
+                      Catch::Matchers::Contains("option factor_lr_scale is 1.0 here but 2.0 in the saved run"));
 }
 
 TEST_CASE("Sst resumes exactly mid-iteration after a re-SVD and at an iteration start",
