@@ -7,9 +7,12 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <charconv>
+#include <cstdint>
 #include <cstdlib>
 #include <set>
 #include <string>
+#include <system_error>
 #include <vector>
 
 namespace lowrank::examples {
@@ -26,7 +29,9 @@ inline void all_options(const CLI::App& app, std::vector<const CLI::Option*>& ou
 
 /// {"--option": value, ...} for every option of `app` and its option groups not in
 /// `ignore` (and not --help). A value that reads as a number is stored as one, so "1e-3"
-/// and "0.001" agree.
+/// and "0.001" agree; a whole number as an integer, so that 64-bit seeds differing in their
+/// last digits do not compare equal as doubles (an integer equals the same number saved as
+/// a double by an older checkpoint).
 inline nlohmann::json options_identity(const CLI::App& app, const std::set<std::string>& ignore) {
     nlohmann::json out = nlohmann::json::object();
     std::vector<const CLI::Option*> options;
@@ -40,9 +45,21 @@ inline nlohmann::json options_identity(const CLI::App& app, const std::set<std::
         } else {
             value = o->get_default_str();
         }
+        const char* first = value.data();
+        const char* last = first + value.size();
+        std::int64_t i = 0;
+        std::uint64_t u = 0;
         char* end = nullptr;
         const double number = std::strtod(value.c_str(), &end);
-        if (!value.empty() && end == value.c_str() + value.size())
+        const auto whole = [&](auto& n) {
+            const auto [ptr, ec] = std::from_chars(first, last, n);
+            return !value.empty() && ec == std::errc() && ptr == last;
+        };
+        if (whole(i))
+            out[name] = i;
+        else if (whole(u))
+            out[name] = u;
+        else if (!value.empty() && end == last)
             out[name] = number;
         else
             out[name] = value;

@@ -22,6 +22,7 @@
 #include "common/cli_checks.hpp"
 #include "common/kept_checkpoints.hpp"
 #include "common/method_cli.hpp"
+#include "common/resume_cli.hpp"
 #include "common/run_identity.hpp"
 #include "common/start_mpi.hpp"
 #include "common/step_lines.hpp"
@@ -40,6 +41,7 @@
 #include <limits>
 #include <new>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -51,6 +53,20 @@ constexpr const char* kGemm = "openblas";
 #else
 constexpr const char* kGemm = "eigen";
 #endif
+
+// The settings --resume-allow may change, and those that are not the run's identity (where
+// output goes, what is printed): the rest must match on --resume.
+const std::vector<std::string> kResumeAllowable{"--steps",     "--warmup-steps", "--min-lr-ratio",
+                                                "--grad-clip", "--threads",      "--data"};
+const std::set<std::string> kNotIdentity{
+    "--vocab",       "--save",      "--save-every",  "--resume",    "--resume-allow", "--stop-at", "--sample",
+    "--prompt",      "--temperature", "--top-k",     "--log",       "--rank-log",     "--quiet",   "--eval-windows",
+    "--log-every",   "--peak-gflops", "--out-dir",   "--keep-last", "--keep-best"};
+// Settings a checkpoint keeps beside the identity, taken from it on --resume when not given
+// and free to change: how often the run saves and logs, what it samples.
+const std::set<std::string> kCarried{"--vocab",       "--save-every", "--sample",    "--prompt",
+                                     "--temperature", "--top-k",      "--eval-windows", "--log-every",
+                                     "--peak-gflops", "--keep-last",  "--keep-best"};
 
 namespace {
 
@@ -73,6 +89,7 @@ struct Config {
     bool quiet = false;
     lowrank::examples::MethodConfig method{};
     lowrank::examples::StepLineConfig step_lines{.every = 10};
+    nlohmann::json settings;  // kCarried's values, kept in each checkpoint
     nlohmann::json identity;  // the command line's settings that a resume must keep
 };
 
@@ -277,7 +294,8 @@ int train(Config cfg, const lowrank::Communicator& world) {
         run.save(path, Json{{"interval_loss", interval_loss},
                             {"interval_steps", interval_steps},
                             {"step_lines", step_lines ? step_lines->state() : Json(nullptr)},
-                            {"best_val_loss", std::isfinite(best_val_loss) ? Json(best_val_loss) : Json(nullptr)}});
+                            {"best_val_loss", std::isfinite(best_val_loss) ? Json(best_val_loss) : Json(nullptr)},
+                            {"settings", cfg.settings}});
     };
     std::vector<std::int32_t> x, y;
     const std::int64_t last_step = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
@@ -495,10 +513,14 @@ int main(int argc, char** argv) {
                    "Settings a --resume may change on purpose, comma-separated (--resume-allow=--steps "
                    "extends a run); the run then differs from the saved one's, by choice")
         ->delimiter(',')
-        ->check(CLI::IsMember(
-            {"--steps", "--warmup-steps", "--min-lr-ratio", "--grad-clip", "--threads", "--data"}));
+        ->check(CLI::IsMember(kResumeAllowable));
     app.add_option("--resume", cfg.resume,
-                   "Continue the run saved in this checkpoint, exactly (every other setting must match it)");
+                   "Continue a saved run exactly: a checkpoint FILE, a run's folder DIR (its newest "
+                   "checkpoint; the run goes on writing there unless --out-dir or --save is given), or "
+                   "auto (the newest checkpoint of --out-dir, --save or ./checkpoint.safetensors; a new "
+                   "run if there is none). The settings come from the checkpoint; any given again must "
+                   "agree with it")
+        ->type_name("FILE|DIR|auto");
     app.add_option("--stop-at", cfg.stop_at,
                    "Stop (and --save) after this step, as if interrupted; --resume continues the same run")
         ->check(nonneg);
@@ -541,11 +563,26 @@ int main(int argc, char** argv) {
             "inrank: optimizer steps of rank growth before the cut to fixed rank (default: through the "
             "fourth rank check, unless --inrank-stage1-epochs is given)")
         ->default_str("");
+    // With several processes an error ends the job (the others would wait for this one).
+    const auto fail = [&](const std::string& message) {
+        if (mpi->world().size() > 1) mpi->fail("lowrank-gpt2: " + message);
+        std::cerr << "lowrank-gpt2: error: " << message << "\n";
+    };
     try {
         app.parse(argc, argv);
+        // --resume: the checkpoint it names, and every setting not given taken from it.
+        lowrank::examples::apply_resume(app, std::vector<std::string>(argv + 1, argv + argc), cfg.resume,
+                                        cfg.out_dir, cfg.save, cfg.resume_allow, kResumeAllowable,
+                                        "lowrank-gpt2", mpi->world().is_root());
     } catch (const CLI::ParseError& e) {
         const int code = app.exit(e);  // prints help to stdout, or the error to stderr
         return code == 0 ? 0 : 2;
+    } catch (const lowrank::FormatError& e) {  // a checkpoint that cannot be read
+        fail(e.what());
+        return 1;
+    } catch (const std::exception& e) {  // a setting that disagrees with the checkpoint
+        fail(e.what());
+        return 2;
     }
     // A language model has no epochs: unless told otherwise, InRank's stage 1 (rank growth)
     // lasts through its warm-up and four rank checks, then the cut to fixed rank follows.
@@ -554,19 +591,12 @@ int main(int argc, char** argv) {
         cfg.method.inrank.stage1_steps =
             lowrank::inrank_steps_for_checks(lowrank::examples::inrank_options(cfg.method), 4);
     // Every setting but where output goes and what is printed must match on --resume.
-    cfg.identity = lowrank::examples::options_identity(
-        app, {"--vocab", "--save", "--save-every", "--resume", "--resume-allow", "--stop-at", "--sample",
-              "--prompt", "--temperature", "--top-k", "--log", "--rank-log", "--quiet", "--eval-windows",
-              "--log-every", "--peak-gflops", "--out-dir", "--keep-last", "--keep-best"});
+    cfg.identity = lowrank::examples::options_identity(app, kNotIdentity);
+    cfg.settings = lowrank::examples::carried_settings(app, kCarried);
     cfg.identity["gemm"] = kGemm;
     // What the run exports is not what it trains.
     cfg.identity.erase("--export");
     cfg.identity.erase("--export-layout");
-    // With several processes an error ends the job (the others would wait for this one).
-    const auto fail = [&](const std::string& message) {
-        if (mpi->world().size() > 1) mpi->fail("lowrank-gpt2: " + message);
-        std::cerr << "lowrank-gpt2: error: " << message << "\n";
-    };
     try {
         return train(cfg, mpi->world());
     } catch (const std::bad_alloc&) {

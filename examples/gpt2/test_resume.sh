@@ -37,7 +37,7 @@ refused() {  # refused KEY ARGS...: the resume fails and its message names KEY
         echo "a resume with $key changed was accepted" >&2
         exit 1
     fi
-    if ! grep -q -- "'$key'" refused.err; then
+    if ! grep -q -- "'$key'\|trained with $key " refused.err; then
         echo "the refused resume does not name '$key':" >&2
         cat refused.err >&2
         exit 1
