@@ -135,14 +135,14 @@ TEST_CASE("every register tile and packed panel shape equals a naive product in 
     std::vector<Index> cols;
     for (Index p = 1; p <= 2 * linalg::detail::kTilePackets + 1; ++p) cols.push_back(p * w);
     cols.push_back(group + w + 1);  // and a column past the last whole packet
-    // Past the widest panel (at the shortest k-block), so that a pass takes two panels.
-    const Index widest = linalg::detail::kPanelElements / linalg::detail::kMinKBlock;
+    // Past the widest panel of a pass of 64 steps, so that such a pass takes two panels.
+    const Index widest = linalg::detail::kPanelElements / 64;
     cols.push_back(widest + group + w);
     std::uint64_t seed = 500;
     for (Index m = 1; m <= 13; ++m)
         for (const Index n : cols)
-            for (const Index k : {Index(1), Index(7), linalg::detail::kKBlock + 3}) {
-                if (n > widest && (m > 3 || k < linalg::detail::kMinKBlock)) continue;  // once per small height
+            for (const Index k : {Index(1), Index(7), Index(64), linalg::detail::kKBlock + 3}) {
+                if (n > widest && m > 3) continue;  // the widest panels once per small height
                 INFO("m " << m << ", k " << k << ", n " << n);
                 const Matrix<T> a = gaussian(m, k, ++seed), at = a.transpose(), b = gaussian(k, n, ++seed);
                 const Matrix<T> c0 = gaussian(m, n, ++seed), want = naive_product<T>(a, b);

@@ -12,10 +12,11 @@
 // file has 16 SIMD registers, as with AVX2) held in registers; per step of the inner
 // dimension it loads that many packets of one row of B and broadcasts one entry of A per
 // row, so A is never copied. The inner dimension is walked in blocks and the columns in
-// panels (k_block below); each such block of B is first copied into a contiguous
+// panels (kKBlock, kPanelElements); each such block of B is first copied into a contiguous
 // per-thread buffer in the order the tiles read it (pack_panel), so that its rows, 4 KiB
-// apart in a 1024-wide matrix, do not all fall into the same few sets of L1. B is the
-// small factor in x V and (x V) U^T; in dy^T (x V) it is dy or x, copied once per pass.
+// apart in a 1024-wide matrix, do not all fall into the same few sets of L1. That is done
+// where B is the small factor, x V and (x V) U^T; in dy^T (x V) B is dy or x, read in place,
+// and the tile's entries of A are copied instead.
 //
 // Any scalar type Eigen vectorises takes this path (float and double alike, so the
 // double-precision gradient checks run it); the columns past the last whole packet, and
@@ -45,14 +46,13 @@ using ConstRowMajorView = Eigen::Ref<const Matrix<T>, 0, Eigen::OuterStride<>>;
 
 namespace detail {
 
-// The inner dimension goes in blocks of kMinKBlock to kKBlock steps and the columns in panels
-// such that one packed block of B holds at most kPanelElements (256 KiB of floats: in L2).
-// The k-block is as long as a panel of all of C's columns allows: a panel as wide as C keeps
-// each pass over C, and the copy of B, on whole rows (contiguous; a 256-column piece of a
-// 1024-wide row every 4 KiB defeats the hardware prefetcher). It depends on the product's
-// shape only, never on the thread count, since it decides how each sum is split.
-inline constexpr Index kKBlock = 256;            // most steps of the inner dimension per pass
-inline constexpr Index kMinKBlock = 64;          // fewest (a pass adds its sums into C)
+// The inner dimension goes in blocks of kKBlock steps and the columns in panels such that one
+// packed block of B holds at most kPanelElements (256 KiB of floats: in L2): a short inner
+// dimension (r in (x V) U^T) gets panels as wide as C, so that each pass over C, and the
+// copy of B, runs along whole rows (contiguous; 256-column pieces of 1024-wide rows, 4 KiB
+// apart, defeat the hardware prefetcher). The k-block is fixed: it decides how each sum is
+// split, which must depend on nothing but the operands.
+inline constexpr Index kKBlock = 256;            // steps of the inner dimension per pass
 inline constexpr Index kPanelElements = 65536;   // entries of one packed block of B
 
 // Tile sizes that keep the accumulators, the packets of one row of B and a broadcast in the
@@ -112,14 +112,17 @@ void tile(const T* a, Index a_row, Index a_k, const T* b, Index ldb, T* c, Index
 
 /// One block of R rows of C over the columns [0, cols) that fill whole packets, B packed
 /// by pack_panel: the group of columns at j, w wide, is depth x w contiguous at bp + depth * j.
+/// With ldb > 0, B is read in place instead (row-major, leading dimension ldb).
 template <class T, int R>
-void tile_row(const T* a, Index a_row, Index a_k, const T* bp, T* c, Index ldc, Index depth, Index cols,
-              T alpha, bool add) {
+void tile_row(const T* a, Index a_row, Index a_k, const T* bp, Index ldb, T* c, Index ldc, Index depth,
+              Index cols, T alpha, bool add) {
     constexpr int W = kPacket<T>;
+    auto at = [&](Index j) { return ldb > 0 ? bp + j : bp + depth * j; };
     Index j = 0;
     for (; j + kTilePackets * W <= cols; j += kTilePackets * W)
-        tile<T, R, kTilePackets>(a, a_row, a_k, bp + depth * j, kTilePackets * W, c + j, ldc, depth, alpha, add);
-    for (; j + W <= cols; j += W) tile<T, R, 1>(a, a_row, a_k, bp + depth * j, W, c + j, ldc, depth, alpha, add);
+        tile<T, R, kTilePackets>(a, a_row, a_k, at(j), ldb > 0 ? ldb : kTilePackets * W, c + j, ldc, depth, alpha,
+                                 add);
+    for (; j + W <= cols; j += W) tile<T, R, 1>(a, a_row, a_k, at(j), ldb > 0 ? ldb : W, c + j, ldc, depth, alpha, add);
 }
 
 /// Copies the depth x cols block of B (row-major, leading dimension ldb; cols whole packets)
@@ -143,15 +146,15 @@ void pack_panel(const T* b, Index ldb, Index depth, Index cols, T* bp) {
 }
 
 template <class T>
-void tile_rows(Index rows, const T* a, Index a_row, Index a_k, const T* bp, T* c, Index ldc, Index depth,
-               Index cols, T alpha, bool add) {
+void tile_rows(Index rows, const T* a, Index a_row, Index a_k, const T* bp, Index ldb, T* c, Index ldc,
+               Index depth, Index cols, T alpha, bool add) {
     switch (rows) {
-        case 6: tile_row<T, 6>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
-        case 5: tile_row<T, 5>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
-        case 4: tile_row<T, 4>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
-        case 3: tile_row<T, 3>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
-        case 2: tile_row<T, 2>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
-        default: tile_row<T, 1>(a, a_row, a_k, bp, c, ldc, depth, cols, alpha, add); break;
+        case 6: tile_row<T, 6>(a, a_row, a_k, bp, ldb, c, ldc, depth, cols, alpha, add); break;
+        case 5: tile_row<T, 5>(a, a_row, a_k, bp, ldb, c, ldc, depth, cols, alpha, add); break;
+        case 4: tile_row<T, 4>(a, a_row, a_k, bp, ldb, c, ldc, depth, cols, alpha, add); break;
+        case 3: tile_row<T, 3>(a, a_row, a_k, bp, ldb, c, ldc, depth, cols, alpha, add); break;
+        case 2: tile_row<T, 2>(a, a_row, a_k, bp, ldb, c, ldc, depth, cols, alpha, add); break;
+        default: tile_row<T, 1>(a, a_row, a_k, bp, ldb, c, ldc, depth, cols, alpha, add); break;
     }
 }
 
@@ -164,36 +167,37 @@ T* panel_buffer() {
     return buffer.get();
 }
 
-/// Steps of the inner dimension per pass, from the whole product's columns (never a
-/// thread's share of them): as many as a panel of all of them allows, within
-/// [kMinKBlock, kKBlock].
-template <class T>
-Index k_block(Index vec_cols) {
-    return std::clamp<Index>(kPanelElements / std::max<Index>(vec_cols, 1), kMinKBlock, kKBlock);
-}
-
 /// C[:, :vec_cols] (+)= alpha * op(A) B where op(A)(i, k) = a[i * a_row + k * a_k], on one
 /// thread: the register-tiled part of both products. The inner dimension goes in blocks of
-/// kblock steps and the columns in panels of at most kPanelElements / kblock (whole tile
-/// groups), so that the packed block of B stays in L2 while every row block of C passes
-/// over it.
+/// kKBlock steps and the columns in panels of at most kPanelElements / kKBlock-or-fewer
+/// steps (whole tile groups), so that the packed block of B stays in L2 while every row
+/// block of C passes over it.
 template <class T>
 void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index a_row, Index a_k, const T* b,
-                 Index ldb, Index depth, Index kblock, T alpha, bool accumulate) {
+                 Index ldb, Index depth, T alpha, bool accumulate) {
     if (depth == 0) {
         if (!accumulate)
             for (Index i = 0; i < rows; ++i) std::fill(c + i * ldc, c + i * ldc + vec_cols, T(0));
         return;
     }
     constexpr Index group = kTilePackets * kPacket<T>;
-    for (Index k0 = 0; k0 < depth; k0 += kblock) {
-        const Index kd = std::min(kblock, depth - k0);
+    for (Index k0 = 0; k0 < depth; k0 += kKBlock) {
+        const Index kd = std::min(kKBlock, depth - k0);
         const bool add = accumulate || k0 > 0;
         const Index panel = std::max<Index>(group, kPanelElements / kd / group * group);
         for (Index j0 = 0; j0 < vec_cols; j0 += panel) {
             const Index nd = std::min(panel, vec_cols - j0);
-            T* bp = panel_buffer<T>();
-            pack_panel<T>(b + k0 * ldb + j0, ldb, kd, nd, bp);
+            // A B packs its B (a factor, small, read by every row tile); A^T B reads its B in
+            // place: there B is dy or x, large and read by few row tiles (r rows of C), and
+            // its copy cost more than the copy saved (at r = 8 it halved the speed).
+            const bool packed = a_k == 1;
+            const T* bp = b + k0 * ldb + j0;
+            if (packed) {
+                T* buffer = panel_buffer<T>();
+                pack_panel<T>(b + k0 * ldb + j0, ldb, kd, nd, buffer);
+                bp = buffer;
+            }
+            const Index bld = packed ? 0 : ldb;
             // Rows in tiles of equal height (6 and 5, say, not 6 and 1): a tile of one or two
             // rows has too few accumulators to keep the FMA units busy.
             const Index tiles = (rows + kTileRows - 1) / kTileRows;
@@ -201,7 +205,7 @@ void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index 
                 const Index i = rows * t / tiles, h = rows * (t + 1) / tiles - i;
                 const T* at = a + i * a_row + k0 * a_k;
                 if (a_k == 1) {  // A B: the tile's rows of A are contiguous already
-                    tile_rows<T>(h, at, a_row, 1, bp, c + i * ldc + j0, ldc, kd, nd, alpha, add);
+                    tile_rows<T>(h, at, a_row, 1, bp, bld, c + i * ldc + j0, ldc, kd, nd, alpha, add);
                     continue;
                 }
                 // A^T B: the tile's entries of op(A) are a few of each row of A, a row apart,
@@ -210,7 +214,7 @@ void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index 
                 alignas(64) T ap[kKBlock * kTileRows];
                 for (Index k = 0; k < kd; ++k)
                     for (Index row = 0; row < h; ++row) ap[k * h + row] = at[row * a_row + k * a_k];
-                tile_rows<T>(h, ap, 1, h, bp, c + i * ldc + j0, ldc, kd, nd, alpha, add);
+                tile_rows<T>(h, ap, 1, h, bp, bld, c + i * ldc + j0, ldc, kd, nd, alpha, add);
             }
         }
     }
@@ -226,7 +230,6 @@ void tiled_product(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Inde
     const Index unit = by_rows ? kTileRows : kPacket<T>;
     const Index units = ((by_rows ? rows : vec_cols) + unit - 1) / unit;
     const Index parts = std::min<Index>(lowrank::detail::available_threads(), units);
-    const Index kblock = k_block<T>(vec_cols);
     lowrank::detail::parallel_for(parts, rows * vec_cols * std::max<Index>(depth, 1) / std::max<Index>(parts, 1),
                                   [&](Index p) {
         const Index first = units * p / parts * unit, last = units * (p + 1) / parts * unit;
@@ -234,12 +237,11 @@ void tiled_product(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Inde
             const Index r = std::min(last, rows) - first;
             if (r > 0)
                 tiled_block<T>(c + first * ldc, ldc, r, vec_cols, a + first * a_row, a_row, a_k, b, ldb, depth,
-                               kblock, alpha, accumulate);
+                               alpha, accumulate);
         } else {
             const Index n = std::min(last, vec_cols) - first;
             if (n > 0)
-                tiled_block<T>(c + first, ldc, rows, n, a, a_row, a_k, b + first, ldb, depth, kblock, alpha,
-                               accumulate);
+                tiled_block<T>(c + first, ldc, rows, n, a, a_row, a_k, b + first, ldb, depth, alpha, accumulate);
         }
     });
 }
