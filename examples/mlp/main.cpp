@@ -145,6 +145,13 @@ int train(Config cfg, const lowrank::Communicator& world) {
 
     lowrank::Batcher batcher(train_n, lowrank::BatcherOptions{.batch_size = cfg.batch, .seed = rng.next_u64()});
     const std::int64_t steps_per_epoch = batcher.batches_per_epoch();
+    // Every process steps on its share of every global batch, the epoch's last and partial
+    // one too: each needs at least one row of it.
+    const lowrank::Index last_batch = train_n % cfg.batch == 0 ? cfg.batch : train_n % cfg.batch;
+    lowrank::check(std::min(cfg.batch, last_batch) >= world.size(), "--batch",
+                   "every batch needs a sample per process (", world.size(), "), but --batch ", cfg.batch,
+                   " over ", train_n, " training samples leaves ", last_batch,
+                   " in the last batch of an epoch; choose a --batch that leaves 0 or >= ", world.size());
     const std::int64_t total_steps = steps_per_epoch * cfg.epochs;
     // A warm-up as long as the run (or longer) would leave no room to decay: shorten it.
     const std::int64_t warmup = std::min<std::int64_t>(cfg.warmup_steps, total_steps - 1);

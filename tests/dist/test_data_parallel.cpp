@@ -244,6 +244,8 @@ TEST_CASE("dp: every policy decides as one process does, identically on every pr
          0, true},
         {"deeplora", [](TrainingRun<double>& r) { r.add<DeepLora<double>>({.rank = 2, .compress = true}); },
          0, true},
+        // The trainers' default: uncompressed at full width, every factor trained.
+        {"deeplora wide", [](TrainingRun<double>& r) { r.add<DeepLora<double>>({}); }, 0, false},
         // The basis of the averaged gradient, refreshed at steps 0, 3, 6, 9.
         {"galore", [](TrainingRun<double>& r) { r.add<GaLore<double>>({.rank = 2, .gap = 3}); }, 0, true},
     };
