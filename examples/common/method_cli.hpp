@@ -34,6 +34,7 @@ struct MethodConfig {
     std::string cuttlefish_track_pattern;  // empty: track the factorizable layers
     SstOptions sst{};
     std::string sst_sampling = "mixed";
+    std::string sst_rewarm_scope = "all";
     DeepLoraOptions deeplora{};
     std::string deeplora_init = "orthogonal";
     double deeplora_weight_decay = 0.0;  // DeepLoraOptions::weight_decay (the authors': 0)
@@ -158,8 +159,17 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
                          "new optimizer)");
 
     CLI::Option_group* sst = app.add_option_group("sst", "SST (docs/methods/sst.md)");
-    sst->add_option("--sst-sampling", m.sst_sampling, "sst: how the active singular vectors are drawn")
-        ->check(CLI::IsMember({"sigma", "mixed", "uniform"}))
+    sst->add_option("--sst-sampling", m.sst_sampling,
+                    "sst: how the active singular vectors are chosen: drawn (sigma, mixed, uniform), the "
+                    "top r by sigma (top), or the next r in order (sequential)")
+        ->check(CLI::IsMember({"sigma", "mixed", "uniform", "top", "sequential"}))
+        ->capture_default_str();
+    sst->add_flag("--sst-sigma-only", m.sst.sigma_only,
+                  "sst: train the singular values alone (U, V frozen; no sampling, no re-SVD)");
+    sst->add_option("--sst-rewarm-scope", m.sst_rewarm_scope,
+                    "sst: what the re-warm-up at each iteration start ramps: all (the schedule, every "
+                    "group) or spectral (only the SST layers' U, V, sigma, in a group of their own)")
+        ->check(CLI::IsMember({"all", "spectral"}))
         ->capture_default_str();
     sst->add_option("--sst-iteration-steps", m.sst.iteration_steps, "sst: T3, optimizer steps per iteration")
         ->check(CLI::PositiveNumber)
@@ -273,9 +283,12 @@ PolicyList<T> make_policies(const MethodConfig& m, Index default_rank, const Lay
     } else if (m.method == "sst") {
         auto o = m.sst;
         o.rank = rank;
-        o.sampling = m.sst_sampling == "sigma"     ? SstSampling::sigma
-                     : m.sst_sampling == "uniform" ? SstSampling::uniform
-                                                   : SstSampling::mixed;
+        o.sampling = m.sst_sampling == "sigma"        ? SstSampling::sigma
+                     : m.sst_sampling == "uniform"    ? SstSampling::uniform
+                     : m.sst_sampling == "top"        ? SstSampling::top
+                     : m.sst_sampling == "sequential" ? SstSampling::sequential
+                                                      : SstSampling::mixed;
+        o.rewarm_scope = m.sst_rewarm_scope == "spectral" ? SstRewarmScope::spectral : SstRewarmScope::all;
         o.rewarm_steps = std::min(o.rewarm_steps, o.iteration_steps);  // a longer one never ends
         o.select = select;
         o.seed = seed;

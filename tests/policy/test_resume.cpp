@@ -322,6 +322,22 @@ Setup sst_setup() {
             }};
 }
 
+// The newer options: sequential sampling (whose pair numbering the state carries) with the
+// re-warm on the spectral group alone, and sigma alone.
+Setup sst_options_setup(SstSampling sampling = SstSampling::sequential, bool sigma_only = false) {
+    return {.name = sigma_only ? "sst-sigma-only" : "sst-options",
+            .sizes = {8, 12, 12, 3},
+            .policies = [sampling, sigma_only](PolicyList<double>& l) {
+                l.add<Sst<double>>(SstOptions{.rank = 2,
+                                              .sampling = sampling,
+                                              .iteration_steps = 3,
+                                              .rewarm_steps = 2,
+                                              .seed = 14,
+                                              .sigma_only = sigma_only,
+                                              .rewarm_scope = SstRewarmScope::spectral});
+            }};
+}
+
 Setup deep_lora_setup(double gamma = 0.01) {
     return {.name = gamma > 0.0 ? "deeplora" : "deeplora-gamma0",
             .sizes = {8, 12, 12, 3},
@@ -466,6 +482,39 @@ TEST_CASE("Sst resumes exactly mid-iteration after a re-SVD and at an iteration 
         auto& policy = dynamic_cast<Sst<double>&>(o.resumed->policies()[0]);
         CHECK(policy.sampled(0).size() == 2);
     }
+}
+
+TEST_CASE("Sst resumes exactly with sequential sampling, the spectral re-warm and sigma alone",
+          "[policy][resume][sst]") {
+    // T2 = ceil(8 / 2) = 4 and ceil(12 / 2) = 6: a re-SVD of layer 0 after step 12.
+    for (const std::int64_t k : {std::int64_t{4}, std::int64_t{10}, std::int64_t{13}}) {
+        INFO("saved after " << k << " steps");
+        const Outcome o = check_resume(sst_options_setup(), k, 6);
+        auto& policy = dynamic_cast<Sst<double>&>(o.resumed->policies()[0]);
+        REQUIRE(policy.spectral_group().has_value());
+        CHECK(o.resumed->opt->group(*policy.spectral_group()).options.lr ==
+              o.original->opt->group(*policy.spectral_group()).options.lr);
+    }
+    const Outcome o = check_resume(sst_options_setup(SstSampling::mixed, true), 4, 4);
+    CHECK(count(o.later, "sample") == 0);
+}
+
+TEST_CASE("Sst refuses a resume under other options", "[policy][resume][sst][errors]") {
+    Run original(sst_options_setup(SstSampling::sequential));
+    original.steps(4);
+    const TempCheckpoint file("sst-other-sampling");
+    CHECK_THROWS_WITH(save_and_resume(original, sst_options_setup(SstSampling::top), file),
+                      Catch::Matchers::Contains("option sampling is top here but sequential in the saved run"));
+    // sigma_only: the run refuses the checkpoint first (U, V trainable there, frozen here);
+    // the policy's own state names the option.
+    Run sigma(sst_options_setup(SstSampling::mixed, true));
+    sigma.steps(2);
+    const TempCheckpoint other("sst-other-sigma-only");
+    CHECK_THROWS_WITH(save_and_resume(sigma, sst_options_setup(SstSampling::mixed, false), other),
+                      Catch::Matchers::Contains("layers.0.U_active") && Catch::Matchers::Contains("[12,2,false]"));
+    Run trained(sst_options_setup(SstSampling::mixed, false));
+    CHECK_THROWS_WITH(trained.policies()[0].restore(trained.ctx(), sigma.policies()[0].state()),
+                      Catch::Matchers::Contains("option sigma_only is false here but true in the saved run"));
 }
 
 TEST_CASE("A resumed Sst without its restored generator draws other vectors", "[policy][resume][sst]") {

@@ -417,4 +417,188 @@ TEST_CASE("Sst trains a small MLP in double: the loss goes down", "[policy][sst]
     CHECK(count_events(f.log(), "resvd") == 5 + 4);
 }
 
+
+TEST_CASE("sst_top takes the largest sigma, sst_sequential the next r in order", "[policy][sst]") {
+    MatrixD sigma(1, 5);
+    sigma << 0.5, 3, 1, 3, 2;
+    CHECK(sst_top<double>(sigma, 3) == std::vector<Index>{1, 3, 4});  // tie at 3: the lower position first
+    CHECK(sst_top<double>(sigma, 0).empty());
+    CHECK(sst_sequential(0, 3, 8) == std::vector<Index>{0, 1, 2});
+    CHECK(sst_sequential(1, 3, 8) == std::vector<Index>{3, 4, 5});
+    CHECK(sst_sequential(2, 3, 8) == std::vector<Index>{6, 7, 0});  // wraps around d
+    CHECK_THROWS_WITH(sst_sequential(0, 9, 8), Catch::Contains("1 <= r <= d"));
+}
+
+namespace {
+
+// Which of the columns of `reference` (unit vectors) each column of `u` is, up to sign.
+std::set<Index> pairs_of(const MatrixD& u, const MatrixD& reference) {
+    std::set<Index> out;
+    for (Index c = 0; c < u.cols(); ++c) {
+        Index best = 0;
+        (reference.transpose() * u.col(c)).cwiseAbs().maxCoeff(&best);
+        CHECK(std::abs(reference.col(best).dot(u.col(c))) == Approx(1.0).epsilon(1e-9));
+        out.insert(best);
+    }
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("Sst's sequential sampling cycles through the pairs in order, round after round", "[policy][sst]") {
+    // d = 10, r = 3: T2 = 4 iterations of 2 steps; iteration j activates pairs 3j .. 3j + 2
+    // (mod 10) of the SVD's order, whatever positions the swaps have moved them to.
+    Fixture f({10, 12, 3});
+    const MatrixD x = gaussian(16, 10, 2);
+    const auto y = teacher_labels(x, 3, 3);
+    auto& sst = f.run->add<Sst<double>>({.rank = 3, .sampling = SstSampling::sequential, .iteration_steps = 2, .rewarm_steps = 1});
+    f.run->begin();
+    f.opt->set_group_lr(0, 0.0);  // the vectors stay put: each can be recognised
+    f.opt->set_group_lr(1, 0.0);
+    REQUIRE(sst.round_iterations(0) == 4);
+    const MatrixD reference = sst.layer(0).full_u();
+    for (int iteration = 0; iteration < 6; ++iteration) {
+        INFO("iteration " << iteration);
+        sst.before_forward(f.ctx());
+        const Index j = iteration % 4;
+        std::set<Index> expected;
+        for (Index t = 0; t < 3; ++t) expected.insert((3 * j + t) % 10);
+        CHECK(pairs_of(sst.layer(0).U_active.value, reference) == expected);
+        f.step(x, y);
+        f.step(x, y);
+    }
+    CHECK(count_events(f.log(), "resvd") == 1);  // after iteration 3; the order restarts
+}
+
+TEST_CASE("Sst's top sampling is deterministic, multinomial sampling follows the seed", "[policy][sst]") {
+    MatrixD s(1, 10);
+    s << 1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 5, 6, 7;
+    const auto first_draw = [&](SstSampling sampling, std::uint64_t seed) {
+        Fixture f({10, 12, 3});
+        Sst<double> sst({.rank = 3, .sampling = sampling, .seed = seed});
+        sst.on_train_begin(f.ctx());
+        sst.layer(0).sigma.value = s;
+        sst.before_forward(f.ctx());
+        const MatrixD active = sst.layer(0).sigma.value.leftCols(3);
+        return std::make_pair(sst.sampled(0), active);
+    };
+    for (const std::uint64_t seed : {1u, 2u}) {
+        const auto [sampled, active] = first_draw(SstSampling::top, seed);
+        CHECK(sampled == std::vector<Index>{9, 8, 7});
+        CHECK(std::set<double>(active.data(), active.data() + 3) == std::set<double>{5, 6, 7});
+    }
+    // Multinomial: the same seed draws the same positions, and those of sst_sample with a
+    // generator of that seed over the same p.
+    for (const SstSampling sampling : {SstSampling::sigma, SstSampling::mixed, SstSampling::uniform}) {
+        INFO("sampling " << to_string(sampling));
+        Rng rng(5);
+        const auto expected = sst_sample(sst_probabilities<double>(s, sampling), 3, rng);
+        CHECK(first_draw(sampling, 5).first == expected);
+        CHECK(first_draw(sampling, 5).first == first_draw(sampling, 5).first);
+    }
+    CHECK(first_draw(SstSampling::mixed, 5).first != first_draw(SstSampling::mixed, 6).first);
+}
+
+TEST_CASE("Sst's sigma_only trains sigma and leaves U and V exactly as they were", "[policy][sst]") {
+    Fixture f({10, 12, 3});
+    const MatrixD x = gaussian(16, 10, 2);
+    const auto y = teacher_labels(x, 3, 3);
+    auto& sst = f.run->add<Sst<double>>({.rank = 3, .iteration_steps = 2, .round_iterations = 1, .rewarm_steps = 1, .sigma_only = true});
+    f.run->begin();
+    auto& l = sst.layer(0);
+    const MatrixD ua = l.U_active.value, va = l.V_active.value, uf = l.U_frozen.value, vf = l.V_frozen.value,
+                  s0 = l.sigma.value;
+    CHECK_FALSE(l.U_active.trainable);
+    CHECK_FALSE(l.V_active.trainable);
+    for (int i = 0; i < 6; ++i) f.step(x, y);
+    CHECK(l.U_active.value == ua);
+    CHECK(l.V_active.value == va);
+    CHECK(l.U_frozen.value == uf);
+    CHECK(l.V_frozen.value == vf);
+    CHECK((l.sigma.value - s0).norm() > 1e-6);
+    CHECK(l.sigma.value.minCoeff() >= 0.0);
+    CHECK_FALSE(f.opt->has_state(l.U_active.id()));
+    CHECK(f.opt->has_state(l.sigma.id()));
+    CHECK(count_events(f.log(), "sample") == 0);
+    CHECK(count_events(f.log(), "resvd") == 0);
+    CHECK_FALSE(f.schedule().rewarm_state().active());
+}
+
+TEST_CASE("Sst's spectral re-warm ramps the SST layers' group alone; the default re-warms the schedule",
+          "[policy][sst]") {
+    const MatrixD x = gaussian(16, 10, 2);
+    const auto y = teacher_labels(x, 3, 3);
+    for (const SstRewarmScope scope : {SstRewarmScope::spectral, SstRewarmScope::all}) {
+        INFO("rewarm_scope " << to_string(scope));
+        Fixture f({10, 12, 12, 3});
+        auto& sst = f.run->add<Sst<double>>({.rank = 3,
+                                            .iteration_steps = 4,
+                                            .rewarm_steps = 2,
+                                            .select = {.pattern = "layers\\.0", .roles = {"hidden"}},
+                                            .rewarm_scope = scope});
+        f.run->begin();
+        const bool spectral = scope == SstRewarmScope::spectral;
+        REQUIRE(sst.spectral_group().has_value() == spectral);
+        const std::size_t groups = f.opt->groups().size();
+        CHECK(groups == (spectral ? 3u : 2u));
+        auto& l = sst.layer(0);
+        const double lr = 1e-2;
+        if (spectral) {
+            const std::size_t g = *sst.spectral_group();
+            CHECK(f.opt->group(g).options.name == "sst.spectral");
+            CHECK(f.opt->group(g).options.weight_decay == 0.01);  // as the weights' group
+            CHECK(f.opt->group_of(l.U_active) == g);
+            CHECK(f.opt->group_of(l.sigma) == g);
+            CHECK(f.opt->group_of(l.bias) == 1);
+            CHECK(f.opt->group_of(f.model.layers()[1].get<Linear<double>>().weight) == 0);  // dense
+        }
+        for (int i = 0; i < 4; ++i) f.step(x, y);
+        f.step(x, y);  // step 4: an iteration start, the ramp's first step
+        CHECK(f.opt->group(0).options.lr == lr);  // the dense layer's group never moves
+        CHECK(f.schedule().rewarm_state().active() == !spectral);
+        if (spectral) {
+            CHECK(f.opt->group(*sst.spectral_group()).options.lr == lr / 2);
+            f.step(x, y);  // step 5: the ramp's end
+            CHECK(f.opt->group(*sst.spectral_group()).options.lr == lr);
+            for (int i = 0; i < 3; ++i) f.step(x, y);  // step 8: the next iteration start
+            CHECK(f.opt->group(*sst.spectral_group()).options.lr == lr / 2);
+            CHECK(f.opt->group(0).options.lr == lr);
+        } else {
+            CHECK(f.schedule().rewarm_state() == LrSchedule::Rewarm{4, 2});
+        }
+    }
+}
+
+TEST_CASE("Sst's pruning zeroes exactly the singular values below the threshold", "[policy][sst]") {
+    Fixture f({6, 5, 3});
+    Sst<double> sst({.rank = 2});
+    sst.on_train_begin(f.ctx());
+    auto& l = sst.layer(0);
+    MatrixD s(1, 5);
+    s << 3, 0.5, 0.01, 0.2, 0;
+    l.sigma.value = s;
+    const MatrixD u = l.full_u(), v = l.full_v(), w = l.dense_weight();
+    CHECK(sst.prune(f.ctx(), 0.25) == 2);
+    MatrixD pruned(1, 5);
+    pruned << 3, 0.5, 0, 0, 0;
+    CHECK(l.sigma.value == pruned);
+    const MatrixD removed = 0.01 * u.col(2) * v.col(2).transpose() + 0.2 * u.col(3) * v.col(3).transpose();
+    CHECK((l.dense_weight() - (w - removed)).norm() < 1e-12);
+    const auto events = f.log().of_event("prune");
+    REQUIRE(events.size() == 1);
+    CHECK(events[0].old_rank == 4);
+    CHECK(events[0].new_rank == 2);
+    CHECK(events[0].value == 0.25);
+    CHECK(sst.prune(f.ctx(), 0.25) == 0);  // nothing left below it
+    CHECK_THROWS_WITH(sst_prune_sigma(l, -1.0), Catch::Contains("threshold >= 0, got -1"));
+}
+
+TEST_CASE("Sst rejects bad values of its newer options", "[policy][sst][errors]") {
+    CHECK_THROWS_WITH(Sst<double>({.sampling = static_cast<SstSampling>(9)}),
+                      Catch::Contains("option sampling must be sigma, mixed, uniform, top or sequential") &&
+                          Catch::Contains("got the value 9"));
+    CHECK_THROWS_WITH(Sst<double>({.rewarm_scope = static_cast<SstRewarmScope>(4)}),
+                      Catch::Contains("option rewarm_scope must be all or spectral, got the value 4"));
+}
+
 }  // namespace test_sst
