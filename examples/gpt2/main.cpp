@@ -183,6 +183,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     std::int64_t interval_steps = 0;
     Json saved_step_lines;  // the step lines' interval, from the checkpoint
     double best_val_loss = std::numeric_limits<double>::infinity();  // --keep-best's so far
+    Json params_at_start;  // the run's size before its first step, from the checkpoint
     if (!cfg.resume.empty()) {
         // A setting allowed to change also allows what the run derives from it.
         std::vector<std::string> allow = cfg.resume_allow;
@@ -204,6 +205,8 @@ int train(Config cfg, const lowrank::Communicator& world) {
         if (const auto it = mine.find("step_lines"); it != mine.end()) saved_step_lines = *it;
         if (const auto it = mine.find("best_val_loss"); it != mine.end() && it->is_number())
             best_val_loss = it->get<double>();
+        if (const auto it = mine.find("params_at_start"); it != mine.end() && it->is_number_integer())
+            params_at_start = *it;
     }
     // The metrics log: on a resume, its lines past the checkpoint's step (written before a
     // crash) go, so each evaluation appears once.
@@ -230,6 +233,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
                 cfg.method.method.c_str(), discarded.c_str());
     }
     const lowrank::Index params = run.parameter_count(), trainable = run.parameter_count(true);
+    if (params_at_start.is_null()) params_at_start = params;
     if (!cfg.quiet)
         std::fprintf(
             stderr,
@@ -295,7 +299,8 @@ int train(Config cfg, const lowrank::Communicator& world) {
                             {"interval_steps", interval_steps},
                             {"step_lines", step_lines ? step_lines->state() : Json(nullptr)},
                             {"best_val_loss", std::isfinite(best_val_loss) ? Json(best_val_loss) : Json(nullptr)},
-                            {"settings", cfg.settings}});
+                            {"settings", cfg.settings},
+                            {"params_at_start", params_at_start}});
     };
     std::vector<std::int32_t> x, y;
     const std::int64_t last_step = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
@@ -398,7 +403,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
         {"tokens_per_second",
          train_seconds > 0 ? steps_here * static_cast<double>(tokens_per_step) / train_seconds : 0.0},
         {"params", run.parameter_count()},
-        {"params_at_start", params},
+        {"params_at_start", params_at_start.get<lowrank::Index>()},
         {"trainable_params", run.parameter_count(true)},
         {"final_ranks", final_ranks},
         {"out_dir", cfg.out_dir.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(cfg.out_dir)},

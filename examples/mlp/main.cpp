@@ -11,8 +11,9 @@
 //
 // Under `mpirun -np P` (a build with LOWRANK_WITH_MPI) P processes train one model on the
 // same global batches of --batch samples, each its shard (docs/distributed.md); process 0
-// alone prints, logs and writes the rank log, and the result reports the bytes each step
-// all-reduced.
+// alone prints, logs and writes the rank log and checkpoints, and the result reports the
+// bytes each step all-reduced. A checkpoint (--save, --out-dir) holds the whole run: --resume
+// continues it bit for bit, mid-epoch too, on any number of processes.
 
 #include <lowrank/lowrank.hpp>
 #include <lowrank/data/batching.hpp>
@@ -28,7 +29,9 @@
 #include <lowrank/train/run.hpp>
 
 #include "common/cli_checks.hpp"
+#include "common/kept_checkpoints.hpp"
 #include "common/method_cli.hpp"
+#include "common/resume_cli.hpp"
 #include "common/run_identity.hpp"
 #include "common/start_mpi.hpp"
 #include "common/step_lines.hpp"
@@ -47,6 +50,7 @@
 #include <memory>
 #include <new>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -69,16 +73,32 @@ struct Config {
     bool quiet = false;
     std::string rank_log;
     std::string out_dir;  // every output's default folder
+    std::string save, resume;
+    std::int64_t save_every = 0, stop_at = 0;
+    int keep_last = 0;
+    std::vector<std::string> resume_allow;  // settings a --resume may change on purpose
     // The method and its options. The defaults are the policies' own (docs/methods/) except
     // InRank's threshold: 0.97, not the authors' 0.9, which on this MLP stops the ranks at 4
     // and 22 and loses 5.8 points of test accuracy (docs/results.md gives the command).
     lowrank::examples::MethodConfig method{.inrank = {.threshold = 0.97}};
     lowrank::examples::StepLineConfig step_lines{};
+    nlohmann::json settings;  // kCarried's values, kept in each checkpoint
     nlohmann::json identity;  // the command line's settings that a checkpoint must keep
 };
 
 using Clock = std::chrono::steady_clock;
 using Model = lowrank::Mlp<float>;
+using Json = nlohmann::json;
+
+// The settings --resume-allow may change, and those that are not the run's identity (where
+// output goes, what is printed): the rest must match on --resume.
+const std::vector<std::string> kResumeAllowable{"--epochs", "--warmup-steps", "--schedule", "--threads"};
+const std::set<std::string> kNotIdentity{"--log",     "--quiet",       "--rank-log", "--log-every",
+                                         "--peak-gflops", "--out-dir", "--save",     "--save-every",
+                                         "--stop-at", "--resume",      "--resume-allow", "--keep-last"};
+// Settings a checkpoint keeps beside the identity, taken from it on --resume when not given
+// and free to change: how often the run saves and logs, what it samples.
+const std::set<std::string> kCarried{"--save-every", "--keep-last", "--log-every", "--peak-gflops"};
 
 // Sizes as the layers report them (an InRank layer counts its active columns only).
 lowrank::Index parameter_count(const Model& model) {
@@ -111,16 +131,20 @@ int train(Config cfg, const lowrank::Communicator& world) {
     lowrank::set_num_threads(cfg.threads);
 
     // With --out-dir every output not given its own path goes into that folder, and nothing
-    // outside it: DIR/metrics.jsonl, DIR/ranks.jsonl, DIR/result.json.
+    // outside it: DIR/metrics.jsonl, DIR/ranks.jsonl, DIR/checkpoint.safetensors, DIR/result.json.
     const auto in_out_dir = [&](const char* name) { return (std::filesystem::path(cfg.out_dir) / name).string(); };
     if (!cfg.out_dir.empty()) {
         if (root) lowrank::make_writable_dir(cfg.out_dir, "--out-dir");
         if (cfg.log.empty()) cfg.log = in_out_dir("metrics.jsonl");
+        if (cfg.save.empty()) cfg.save = in_out_dir(lowrank::examples::kCheckpointName);
         if (cfg.rank_log.empty() && cfg.method.method != "dense") cfg.rank_log = in_out_dir("ranks.jsonl");
     }
-    // Open the log first, so that a bad path fails before seconds of loading.
-    std::optional<lowrank::MetricsLog> log;
-    if (!cfg.log.empty() && root) log.emplace(cfg.log);
+    // Every path is checked first, so that a bad one fails before seconds of loading.
+    if (!cfg.log.empty() && root) lowrank::check_writable(cfg.log, "--log");
+    if (!cfg.save.empty() && root) lowrank::check_writable(cfg.save, "--save");
+    lowrank::check(!cfg.save.empty() || (cfg.save_every == 0 && cfg.stop_at == 0 && cfg.keep_last == 0),
+                   "--save-every / --stop-at / --keep-last", "they need --save or --out-dir (where the checkpoints go)");
+    lowrank::examples::KeptCheckpoints kept(cfg.save, cfg.keep_last);
 
     const auto data = lowrank::load_mnist_like<float>(cfg.data);
     const lowrank::Index features = data.train.images.cols();
@@ -164,6 +188,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     // The run: it owns the step (the policies' hooks, the schedule, the counters) and ends
     // each epoch itself after steps_per_epoch steps. The method's policies convert the
     // hidden layers at begin().
+    cfg.identity["train_samples"] = train_n;
     lowrank::TrainingRun<float> run(model, opt,
                                     {.schedule = schedule,
                                      .steps_per_epoch = steps_per_epoch,
@@ -175,10 +200,51 @@ int train(Config cfg, const lowrank::Communicator& world) {
     // Data-parallel over the job's processes (one without MPI): each step's gradients are
     // averaged over the shards of the global batch; the replicas start from process 0's.
     lowrank::DataParallel<float> dp(run, world);
+    // A resume restores the run (weights, optimizer, policies, counters) and the epoch in
+    // progress: its loss so far and the step lines' interval.
+    Json saved;  // the trainer's part of the checkpoint
+    if (!cfg.resume.empty()) {
+        // A setting allowed to change also allows what the run derives from it.
+        std::vector<std::string> allow = cfg.resume_allow;
+        for (const auto& o : cfg.resume_allow) {
+            if (o == "--epochs") allow.insert(allow.end(), {"total_steps", "schedule"});
+            if (o == "--warmup-steps" || o == "--schedule") allow.push_back("schedule");
+        }
+        saved = run.resume(cfg.resume, {.allow_changed = allow});
+    }
+    const auto saved_number = [&](const char* key) {
+        const auto it = saved.find(key);
+        lowrank::check(it != saved.end() && it->is_number(), "--resume '" + cfg.resume + "'", "key 'user.", key,
+                       "': expected a number (the trainer's epoch statistics)");
+        return it->get<double>();
+    };
+    // The batcher's place: epoch and batch within it, from the run's step counter (the order
+    // of an epoch's batches is a function of the seed and the epoch).
+    const std::int64_t first_step = run.global_step();
+    const std::int64_t first_epoch = first_step / steps_per_epoch, first_batch = first_step % steps_per_epoch;
+    if (!cfg.resume.empty()) {
+        lowrank::check(saved_number("epoch") == static_cast<double>(first_epoch) &&
+                           saved_number("batch") == static_cast<double>(first_batch),
+                       "--resume '" + cfg.resume + "'", "the batcher's place (epoch ", saved_number("epoch"),
+                       ", batch ", saved_number("batch"), ") does not match the run's step ", first_step, " at ",
+                       steps_per_epoch, " steps an epoch");
+    }
+    // The metrics log: on a resume, its lines past the checkpoint's step (written before a
+    // crash) go, so each line appears once.
+    std::optional<lowrank::MetricsLog> log;
+    if (!cfg.log.empty() && root) {
+        if (!cfg.resume.empty()) lowrank::MetricsLog::truncate_after_step(cfg.log, first_step);
+        log.emplace(cfg.log, cfg.resume.empty() ? lowrank::MetricsLog::Mode::truncate
+                                                : lowrank::MetricsLog::Mode::append);
+    }
     dp.broadcast_parameters();  // runs begin()
     const std::int64_t rss_before_steps = lowrank::current_rss_bytes();  // data, model, policies set up
-    const lowrank::Index params = parameter_count(model);
-    const lowrank::Index trainable = trainable_count(model);
+    // A resumed run reports the sizes the run started with, as the uninterrupted run does.
+    const lowrank::Index params = cfg.resume.empty() ? parameter_count(model)
+                                                     : static_cast<lowrank::Index>(saved_number("params_at_start"));
+    const lowrank::Index trainable =
+        cfg.resume.empty() ? trainable_count(model)
+                           : static_cast<lowrank::Index>(saved_number("trainable_params_at_start"));
     const std::string rank_log_path =
         cfg.rank_log.empty() && cfg.method.method != "dense" ? "lowrank-mlp-" + cfg.method.method + ".ranks.jsonl" : cfg.rank_log;
     if (!rank_log_path.empty() && root) lowrank::check_writable(rank_log_path, "--rank-log");
@@ -190,10 +256,11 @@ int train(Config cfg, const lowrank::Communicator& world) {
             arch += (i ? "-" : "") + std::to_string(mlp_options.sizes[i]);
         std::fprintf(stderr,
                      "lowrank-mlp: %lld train / %lld test samples, model %s, method %s, %lld parameters "
-                     "(%lld trainable), %lld steps/epoch, %d process(es) x %d thread(s)\n",
+                     "(%lld trainable), %lld steps/epoch, %d process(es) x %d thread(s)%s\n",
                      static_cast<long long>(train_n), static_cast<long long>(data.test.size()), arch.c_str(),
                      cfg.method.method.c_str(), static_cast<long long>(params), static_cast<long long>(trainable),
-                     static_cast<long long>(steps_per_epoch), world.size(), cfg.threads);
+                     static_cast<long long>(steps_per_epoch), world.size(), cfg.threads,
+                     first_step > 0 ? (", resuming at step " + std::to_string(first_step)).c_str() : "");
     }
     auto& progress = run.attach<lowrank::ProgressCallback<float>>(lowrank::ProgressCallback<float>::Options{
         .bar = {.enabled = !quiet}, .samples_per_step = cfg.batch, .epochs = cfg.epochs});
@@ -206,24 +273,70 @@ int train(Config cfg, const lowrank::Communicator& world) {
         for (const auto& layer : model.layers()) forward += layer.flops_per_token();
         return 3.0 * forward;
     };
-    lowrank::examples::attach_step_lines(
+    lowrank::MetricsEvery<float>* step_lines = lowrank::examples::attach_step_lines(
         run, cfg.step_lines, log ? &*log : nullptr, quiet, progress.bar(), "samples", [&] { return step_samples; },
         flops_per_sample,
         cfg.step_lines.every > 0 && root && (log || !quiet)
             ? lowrank::examples::peak_flops(cfg.step_lines, cfg.threads, world.size())
             : 0.0);
+    if (step_lines != nullptr && saved.contains("step_lines") && !saved["step_lines"].is_null())
+        step_lines->restore(saved["step_lines"]);
 
     lowrank::ClassifierEvaluator<float> evaluator(1000);
+    // Each process evaluates its shard of the test set; the sums are combined.
+    const auto evaluate_test = [&] {
+        const lowrank::Shard part = lowrank::shard_of(data.test.size(), world.rank(), world.size());
+        return dp.combine(evaluator(
+            model, data.test.images.middleRows(part.begin, part.count),
+            std::span<const std::int32_t>(data.test.labels).subspan(static_cast<std::size_t>(part.begin),
+                                                                    static_cast<std::size_t>(part.count))));
+    };
     lowrank::Matrix<float> xb;
     std::vector<std::int32_t> yb;
 
     double train_seconds = 0.0, eval_seconds = 0.0, train_loss = 0.0, lr_now = 0.0;
     lowrank::EvalResult test;
-    for (int epoch = 0; epoch < cfg.epochs; ++epoch) {
+    bool evaluated = false;
+    // The epoch in progress: its loss so far, over `seen` samples (a checkpoint keeps them, so
+    // a run resumed mid-epoch reports the epoch's loss as an uninterrupted one does).
+    double loss_sum = 0.0;
+    std::int64_t seen = 0;
+    if (!cfg.resume.empty()) {
+        loss_sum = saved_number("epoch_loss_sum");
+        seen = static_cast<std::int64_t>(saved_number("epoch_samples"));
+        train_loss = saved_number("train_loss");
+    }
+    // A checkpoint of the run as it is after the step just taken: --save's file, or with
+    // --keep-last a step file that --save's file then becomes. Only process 0 writes.
+    const auto save = [&] {
+        if (!root) return;
+        const Json mine{{"epoch", run.global_step() / steps_per_epoch},
+                        {"batch", run.global_step() % steps_per_epoch},
+                        {"epoch_loss_sum", loss_sum},
+                        {"epoch_samples", seen},
+                        {"train_loss", train_loss},
+                        {"params_at_start", params},
+                        {"trainable_params_at_start", trainable},
+                        {"step_lines", step_lines ? step_lines->state() : Json(nullptr)},
+                        {"settings", cfg.settings}};
+        if (kept.keep_last() == 0) {
+            run.save(cfg.save, mine);
+        } else {
+            run.save(kept.step_path(run.global_step()), mine);
+            kept.saved(run.global_step());
+        }
+    };
+    const std::int64_t last_step = cfg.stop_at > 0 ? std::min(cfg.stop_at, total_steps) : total_steps;
+    const auto save_due = [&] {
+        return !cfg.save.empty() &&
+               ((cfg.save_every > 0 && run.global_step() % cfg.save_every == 0) || run.global_step() == last_step);
+    };
+    for (std::int64_t epoch = first_epoch; epoch < cfg.epochs && run.global_step() < last_step; ++epoch) {
         const auto epoch_start = Clock::now();
-        double loss_sum = 0.0;
-        std::int64_t seen = 0;
-        for (std::span<const lowrank::Index> idx : batcher.epoch(epoch)) {
+        batcher.set_epoch(epoch);
+        for (std::int64_t b = epoch == first_epoch ? first_batch : 0; b < steps_per_epoch && run.global_step() < last_step;
+             ++b) {
+            const std::span<const lowrank::Index> idx = batcher.batch(b);
             // Every process draws the same global batch and reads its own rows of it.
             const lowrank::Shard shard = dp.shard(static_cast<lowrank::Index>(idx.size()));
             const auto mine = idx.subspan(static_cast<std::size_t>(shard.begin), static_cast<std::size_t>(shard.count));
@@ -236,6 +349,11 @@ int train(Config cfg, const lowrank::Communicator& world) {
             const auto k = static_cast<std::int64_t>(idx.size());
             loss_sum += r.loss * static_cast<double>(k);
             seen += k;
+            if (b + 1 < steps_per_epoch && save_due()) save();  // an epoch's last step saves after its evaluation
+        }
+        if (run.global_step() % steps_per_epoch != 0) {  // --stop-at within the epoch
+            train_seconds += seconds_since(epoch_start);
+            break;
         }
         // The epoch's last step ended it: the policies' on_epoch_end has run.
         const double epoch_seconds = seconds_since(epoch_start);
@@ -243,22 +361,18 @@ int train(Config cfg, const lowrank::Communicator& world) {
         train_loss = loss_sum / static_cast<double>(seen);
         if (!rank_log_path.empty() && root) run.rank_log().write_jsonl(rank_log_path);
 
-        // Each process evaluates its shard of the test set; the sums are combined. The
-        // replicas are compared at every evaluation (a difference throws, naming it).
+        // The replicas are compared at every evaluation (a difference throws, naming it).
         const auto eval_start = Clock::now();
-        const lowrank::Shard part = lowrank::shard_of(data.test.size(), world.rank(), world.size());
-        test = dp.combine(evaluator(
-            model, data.test.images.middleRows(part.begin, part.count),
-            std::span<const std::int32_t>(data.test.labels).subspan(static_cast<std::size_t>(part.begin),
-                                                                    static_cast<std::size_t>(part.count))));
+        test = evaluate_test();
+        evaluated = true;
         dp.check_replicas();
         eval_seconds += seconds_since(eval_start);
 
         if (!quiet)
             std::fprintf(stderr,
-                         "epoch %2d/%d  train_loss %.4f  test_loss %.4f  test_acc %.2f%%  lr %.2e  %.2f s  "
+                         "epoch %2lld/%d  train_loss %.4f  test_loss %.4f  test_acc %.2f%%  lr %.2e  %.2f s  "
                          "%.0f samples/s\n",
-                         epoch + 1, cfg.epochs, train_loss, test.loss, 100.0 * test.accuracy, lr_now,
+                         static_cast<long long>(epoch + 1), cfg.epochs, train_loss, test.loss, 100.0 * test.accuracy, lr_now,
                          epoch_seconds, static_cast<double>(seen) / epoch_seconds);
         if (log)
             log->write(lowrank::JsonLine()
@@ -273,8 +387,12 @@ int train(Config cfg, const lowrank::Communicator& world) {
                            .field("lr", lr_now)
                            .field("ranks", layer_ranks(model))
                            .field("trainable_params", trainable_count(model)));
+        loss_sum = 0.0;
+        seen = 0;
+        if (save_due()) save();
     }
     run.finish();
+    if (!evaluated) test = evaluate_test();  // stopped within its first epoch here, or nothing left
 
     const double samples = static_cast<double>(batcher.samples_per_epoch()) * cfg.epochs;
     nlohmann::ordered_json result;
@@ -376,26 +494,62 @@ int main(int argc, char** argv) {
     app.add_flag("--quiet,-q", cfg.quiet, "No progress bar or per-epoch summaries on stderr");
     app.add_option("--out-dir", cfg.out_dir,
                    "Write everything the run writes into this folder (created if missing): metrics.jsonl, "
-                   "ranks.jsonl, result.json; an explicit --log or --rank-log is used as given");
+                   "ranks.jsonl, checkpoint.safetensors (always at the end), result.json; an explicit --log, "
+                   "--rank-log or --save is used as given");
+    app.add_option("--save", cfg.save,
+                   "Write a checkpoint (safetensors) here at the end and every --save-every steps");
+    app.add_option("--save-every", cfg.save_every, "Steps between checkpoints (0: only at the end)")
+        ->check(lowrank::examples::non_negative)
+        ->capture_default_str();
+    app.add_option("--stop-at", cfg.stop_at,
+                   "Stop (and --save) after this step, as if interrupted; --resume continues the same run")
+        ->check(lowrank::examples::non_negative);
+    app.add_option("--keep-last", cfg.keep_last,
+                   "Also keep the K newest checkpoints beside --save's file as <stem>-step<N>.safetensors, "
+                   "removing older ones once a new one is complete (0: only --save's file, the newest)")
+        ->check(CLI::Range(0, 1 << 20))
+        ->capture_default_str();
+    app.add_option("--resume", cfg.resume,
+                   "Continue a saved run exactly, mid-epoch too: a checkpoint FILE, a run's folder DIR (its "
+                   "newest checkpoint; the run goes on writing there unless --out-dir or --save is given), or "
+                   "auto (the newest checkpoint of --out-dir, --save or ./checkpoint.safetensors; a new run if "
+                   "there is none). The settings come from the checkpoint; any given again must agree with it")
+        ->type_name("FILE|DIR|auto");
+    app.add_option("--resume-allow", cfg.resume_allow,
+                   "Settings a --resume may change on purpose, comma-separated (--resume-allow=--epochs "
+                   "extends a run); the run then differs from the saved one's, by choice")
+        ->delimiter(',')
+        ->check(CLI::IsMember(kResumeAllowable));
     lowrank::examples::add_step_line_options(app, cfg.step_lines, "samples/s");
     lowrank::examples::add_method_options(app, cfg.method, "hidden / 4");
     app.add_option("--rank-log", cfg.rank_log,
                    "Write the rank policy's decisions here, one JSON line each (default "
                    "lowrank-mlp-<method>.ranks.jsonl for a low-rank method)");
 
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-        const int code = app.exit(e);  // prints help to stdout, or the error to stderr
-        return code == 0 ? 0 : 2;
-    }
-
-    cfg.identity = lowrank::examples::options_identity(app, {"--log", "--quiet", "--rank-log", "--log-every", "--peak-gflops", "--out-dir"});
     // With several processes an error ends the job (the others would wait for this one).
     const auto fail = [&](const std::string& message) {
         if (mpi->world().size() > 1) mpi->fail("lowrank-mlp: " + message);
         std::cerr << "lowrank-mlp: error: " << message << "\n";
     };
+    try {
+        app.parse(argc, argv);
+        // --resume: the checkpoint it names, and every setting not given taken from it.
+        lowrank::examples::apply_resume(app, std::vector<std::string>(argv + 1, argv + argc), cfg.resume,
+                                        cfg.out_dir, cfg.save, cfg.resume_allow, kResumeAllowable,
+                                        "lowrank-mlp", mpi->world().is_root());
+    } catch (const CLI::ParseError& e) {
+        const int code = app.exit(e);  // prints help to stdout, or the error to stderr
+        return code == 0 ? 0 : 2;
+    } catch (const lowrank::FormatError& e) {  // a checkpoint that cannot be read
+        fail(e.what());
+        return 1;
+    } catch (const std::exception& e) {  // a setting that disagrees with the checkpoint
+        fail(e.what());
+        return 2;
+    }
+
+    cfg.identity = lowrank::examples::options_identity(app, kNotIdentity);
+    cfg.settings = lowrank::examples::carried_settings(app, kCarried);
     try {
         return train(cfg, mpi->world());
     } catch (const std::bad_alloc&) {

@@ -58,12 +58,13 @@ PY
 [[ "$(grep -c '^step .* grad_norm .* samples/s  MFU ' every.err)" == 2 ]] ||
     { cat every.err >&2; echo "--log-every 3: stderr does not hold 2 step lines" >&2; exit 1; }
 
-# --out-dir from an empty working folder: the log, the rank log and the result in it only.
+# --out-dir from an empty working folder: the log, the rank log, the checkpoint and the result
+# in it only.
 mkdir empty && cd empty
 "$mlp" --data .. --epochs 1 --hidden 16 --layers 1 --batch 16 --threads 1 --method lora --quiet --out-dir run > ../outdir.out
 cd ..
 outside="$(cd empty && find . -path ./run -prune -o -type f -print)"
 [[ -z "$outside" ]] || { echo "--out-dir: files written outside it: $outside" >&2; exit 1; }
 got="$(cd empty/run && ls | tr '\n' ' ')"
-[[ "$got" == "metrics.jsonl ranks.jsonl result.json " ]] || { echo "--out-dir: got $got" >&2; exit 1; }
+[[ "$got" == "checkpoint.safetensors metrics.jsonl ranks.jsonl result.json " ]] || { echo "--out-dir: got $got" >&2; exit 1; }
 echo "--out-dir run from an empty folder: only run/ written: $got"
