@@ -1,6 +1,9 @@
 // Cuttlefish: the convergence test on constructed histories, the rank rule, xi from the
 // initial weights, the switch (function change = truncation error, optimizer groups,
-// re-warm-up), the layers kept dense, Frobenius decay against autograd, and bad options.
+// re-warm-up), the layers kept dense, Frobenius decay against autograd, and bad options;
+// the authors' presets on constructed histories, the vanilla rank, the initial weight in
+// the history, a tracked set apart from the factorized one, the factors' lr scale and the
+// optimizer reset at the switch.
 #include <catch2/catch.hpp>
 
 #include "../test_support.hpp"

@@ -1,6 +1,7 @@
 // The SST policy: the sampler, the conversion, the optimizer bookkeeping of a column swap,
 // clamping and renormalisation, the re-SVD at a round end, the enhanced gradient, a small
-// training run, and option errors.
+// training run, and option errors; top-r and sequential sampling, sigma alone, the re-warm
+// of the spectral group alone, and pruning.
 #include <catch2/catch.hpp>
 
 #include "../test_support.hpp"
@@ -451,7 +452,8 @@ TEST_CASE("Sst's sequential sampling cycles through the pairs in order, round af
     Fixture f({10, 12, 3});
     const MatrixD x = gaussian(16, 10, 2);
     const auto y = teacher_labels(x, 3, 3);
-    auto& sst = f.run->add<Sst<double>>({.rank = 3, .sampling = SstSampling::sequential, .iteration_steps = 2, .rewarm_steps = 1});
+    auto& sst = f.run->add<Sst<double>>(
+        {.rank = 3, .sampling = SstSampling::sequential, .iteration_steps = 2, .rewarm_steps = 1});
     f.run->begin();
     f.opt->set_group_lr(0, 0.0);  // the vectors stay put: each can be recognised
     f.opt->set_group_lr(1, 0.0);
@@ -503,7 +505,8 @@ TEST_CASE("Sst's sigma_only trains sigma and leaves U and V exactly as they were
     Fixture f({10, 12, 3});
     const MatrixD x = gaussian(16, 10, 2);
     const auto y = teacher_labels(x, 3, 3);
-    auto& sst = f.run->add<Sst<double>>({.rank = 3, .iteration_steps = 2, .round_iterations = 1, .rewarm_steps = 1, .sigma_only = true});
+    auto& sst = f.run->add<Sst<double>>(
+        {.rank = 3, .iteration_steps = 2, .round_iterations = 1, .rewarm_steps = 1, .sigma_only = true});
     f.run->begin();
     auto& l = sst.layer(0);
     const MatrixD ua = l.U_active.value, va = l.V_active.value, uf = l.U_frozen.value, vf = l.V_frozen.value,

@@ -57,12 +57,12 @@ enum class CuttlefishCost {
 
 /// A named detector configuration of the authors (docs/methods/cuttlefish.md gives the
 /// file of each value). A preset sets window, tail, threshold, the relaxation (relax_two,
-/// relax_one and their counts), init_in_history and rank_floor; a field left at its default takes the preset's value,
-/// a field set to anything else is an error.
+/// relax_one and their counts), init_in_history and rank_floor; a field left at its default
+/// takes the preset's value, a field set to anything else is an error.
 enum class CuttlefishPreset {
     none,      // the options as given
     cifar,     // w 15, L 11, tau 0.1, relaxation x2.5 / x5, initial weight in the history
-    imagenet,  // w 5, L 5, tau 0.33, x2.5 for 4-6 / x5 for 1-3 unstable, initial weight in the history, rank >= d / 5
+    imagenet,  // w 5, L 5, tau 0.33, x2.5 at 4-6 / x5 at 1-3 unstable, initial weight first, r >= d / 5
 };
 
 /// How the switch turns a layer's stable rank into its rank.
@@ -167,7 +167,7 @@ struct CuttlefishLayer {
     Index d = 0;                  // min(out, in)
     Index init_stable_rank = 0;   // floor(srank(W_init))
     double xi = 0.0;              // d / init_stable_rank
-    std::vector<Index> history;   // floor(srank(W)) at each tracking point (W_init first with init_in_history)
+    std::vector<Index> history;   // floor(srank(W)) per tracking point (W_init first: init_in_history)
     bool tracked = true;          // its stability counts for the switch
     bool factorizable = true;     // in `select` (outside the keep_first_dense prefix)
     bool stable = false;
@@ -577,7 +577,9 @@ private:
         return p;
     }
 
-    bool needs_factor_group() const { return options_.frobenius_decay > 0.0 || options_.factor_lr_scale != 1.0; }
+    bool needs_factor_group() const {
+        return options_.frobenius_decay > 0.0 || options_.factor_lr_scale != 1.0;
+    }
 
     /// The options a resumed run must share with the saved one beyond what the layers show.
     static nlohmann::json saved_options(const CuttlefishOptions& o) {

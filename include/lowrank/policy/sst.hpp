@@ -280,7 +280,9 @@ public:
                     }
             }
             const GroupOptions source = opt.group(from).options;
-            opt.add_group({}, GroupOptions{.lr = source.lr, .weight_decay = source.weight_decay, .name = "sst.spectral"});
+            opt.add_group({}, GroupOptions{.lr = source.lr,
+                                           .weight_decay = source.weight_decay,
+                                           .name = "sst.spectral"});
             spectral_group_ = opt.groups().size() - 1;
             spectral_lr_ = spectral_lr_now_ = source.lr;
             group = spectral_group_;
@@ -566,8 +568,9 @@ private:
             case SstSampling::top: return sst_top<T>(l.sigma.value, r);
             case SstSampling::sequential: {
                 const std::int64_t j = (step / options_.iteration_steps) % layers_[i].round_iterations;
+                const auto& order = layers_[i].order;
                 std::vector<Index> where(static_cast<std::size_t>(d));
-                for (Index p = 0; p < d; ++p) where[static_cast<std::size_t>(layers_[i].order[static_cast<std::size_t>(p)])] = p;
+                for (Index p = 0; p < d; ++p) where[static_cast<std::size_t>(order[static_cast<std::size_t>(p)])] = p;
                 std::vector<Index> out;
                 for (const Index k : sst_sequential(j, r, d)) out.push_back(where[static_cast<std::size_t>(k)]);
                 return out;
