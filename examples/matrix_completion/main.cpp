@@ -2,8 +2,9 @@
 // 2406.04112, docs/examples/matrix_completion.md, docs/methods/deep_lora.md) at CPU scale.
 //
 // Target: Phi = the best rank-r approximation of a d x d Gaussian matrix with entries
-// N(0, 1/d) (so its singular values are O(1) whatever d). A random fraction of the entries
-// is observed. Each run fits W = W_L ... W_1 by full-batch gradient descent on
+// N(0, 1), as in the paper (its top singular values are close to 2 sqrt(d): the scale sets
+// how fast the factors escape their eps-small init and how fast the bases rotate). A random
+// fraction of the entries is observed. Each run fits W = W_L ... W_1 by full-batch gradient descent on
 //     1/2 * mean over all d^2 entries of (mask .* (W - Phi))^2
 // (the layer applied to the identity gives W^T, so the loss is one autograd graph), with the
 // DeepLora policy doing the initialisation and the compression:
@@ -11,8 +12,12 @@
 //   compressed   the same wide init, compressed to width 2r at the first step; outer bases
 //                at gamma * lr (it runs one extra step: its first one measures the gradient)
 //   narrow       width 2r, eps-orthogonal random init, no compression
-// and reports the recovery error ||W - Phi||_F / ||Phi||_F on all entries and on the
-// unobserved ones, and the wall time of each run.
+// each at its own step size, and reports the recovery error ||W - Phi||_F / ||Phi||_F on all
+// entries and on the unobserved ones, the first step at which the error on the unobserved
+// entries is <= --tolerance (null if never) and the wall time of each run. For the wide run
+// it also counts, per factor, the singular values still within --invariant-tol of eps: with
+// every entry observed, d - 2r of them (docs/examples/matrix_completion.md, The invariant
+// subspace); --expect-invariant makes a different count an error (exit 3).
 //
 // Progress goes to stderr; stdout holds one line, a JSON object with the results.
 // Exit codes: 0 success, 1 runtime error, 2 bad command line.
@@ -48,14 +53,26 @@ using lowrank::Index;
 using Mat = lowrank::MatrixD;
 
 struct Config {
-    Index d = 200;
+    // The paper: d 1000, r 5, 20% observed, depth 3, eps 1e-3. Here d 100 and 30% observed
+    // (a run in seconds; at d 100, 20% leaves about twice the 2dr - r^2 degrees of freedom)
+    // and eps 1e-2 (at 1e-3 the escape from the init takes over 20000 steps at d 100):
+    // docs/examples/matrix_completion.md.
+    Index d = 100;
     Index rank = 5;
-    double observed = 0.25;
+    double observed = 0.3;
     Index depth = 3;
-    double epsilon = 1e-3;
+    double epsilon = 1e-2;
     double gamma = 0.1;
     int steps = 5000;
-    double lr = 3e4;
+    // The largest step of a grid that still reaches the tolerance at the defaults
+    // (docs/examples/matrix_completion.md, Step sizes).
+    double lr_wide = 300;
+    double lr_compressed = 200;
+    double lr_narrow = 300;
+    double tolerance = 1e-2;
+    bool stop_at_tolerance = false;
+    double invariant_tol = 1e-3;
+    bool expect_invariant = false;
     std::uint64_t seed = 0;
     int threads = 1;
     int report_every = 250;
@@ -74,12 +91,16 @@ struct RunResult {
     Index width = 0;
     Index final_rank = 0;
     Index trainable = 0;
+    double lr = 0.0;
     int steps = 0;
+    int steps_to_tolerance = -1;     // -1: not reached
+    double seconds_to_tolerance = 0.0;
     double loss = 0.0;
     double error_all = 0.0;
     double error_unobserved = 0.0;
     double seconds = 0.0;
     std::vector<double> history;  // error_all every report_every steps, from step 0
+    std::vector<Index> invariant;  // per factor: singular values within invariant_tol of eps
     Mat weight;
 };
 
@@ -88,7 +109,7 @@ using Clock = std::chrono::steady_clock;
 Problem make_problem(const Config& cfg, lowrank::Rng& rng) {
     const Index d = cfg.d;
     Mat g(d, d);
-    lowrank::init::normal<double>(g, rng, 0.0, 1.0 / std::sqrt(static_cast<double>(d)));
+    lowrank::init::normal<double>(g, rng, 0.0, 1.0);
     const auto f = lowrank::linalg::truncated_svd<double>(g, cfg.rank, "target");
     Problem p;
     p.phi = f.U * f.V.transpose();
@@ -109,16 +130,21 @@ double relative_error(const Mat& w, const Problem& p) { return (w - p.phi).norm(
 
 double relative_error_unobserved(const Mat& w, const Problem& p) {
     const Mat hidden = Mat::Ones(p.phi.rows(), p.phi.cols()) - p.mask_t.transpose();
+    if (hidden.sum() == 0.0) return relative_error(w, p);  // every entry observed
     return hidden.cwiseProduct(w - p.phi).norm() / hidden.cwiseProduct(p.phi).norm();
 }
 
 RunResult run(const std::string& name, const Config& cfg, const Problem& problem, Index width,
-              bool compress) {
-    const auto start = Clock::now();
+              bool compress, double lr) {
+    // Wall time counts the initialisation, the compression and the steps, not the error
+    // evaluated after every step to find the step that reaches the tolerance.
+    auto start = Clock::now();
+    Clock::duration measuring{};
     const Index d = cfg.d;
     RunResult out;
     out.name = name;
     out.width = width;
+    out.lr = lr;
     // The model is one slot, registered in a Module: it starts dense (as a model would
     // build it); the policy discards that weight (keep_base = false) and puts the deep
     // factorisation in its place.
@@ -126,7 +152,7 @@ RunResult run(const std::string& name, const Config& cfg, const Problem& problem
     lowrank::Module<double> model;
     lowrank::AnyLinear<double>& slot = model.register_linear(
         lowrank::Linear<double>("W", d, d, rng, lowrank::LinearOptions{.bias = false}), "hidden");
-    lowrank::Sgd<double> opt(model.parameters(), lowrank::SgdOptions{.lr = cfg.lr});
+    lowrank::Sgd<double> opt(model.parameters(), lowrank::SgdOptions{.lr = lr});
     lowrank::TrainingRun<double> training(model, opt);
     // The same seed in every run: the wide and compressed runs share their initial factors.
     training.add<lowrank::DeepLora<double>>({.depth = cfg.depth,
@@ -144,28 +170,58 @@ RunResult run(const std::string& name, const Config& cfg, const Problem& problem
     // the same number of updates.
     const int steps = cfg.steps + (compress ? 1 : 0);
     const int offset = compress ? 1 : 0;
-    for (int step = 0; step < steps; ++step) {
-        if (step >= offset && (step - offset) % cfg.report_every == 0)
-            out.history.push_back(relative_error(slot.dense_weight(), problem));
+    int step = 0;
+    for (; step < steps; ++step) {
+        if (step >= offset) {
+            const auto t0 = Clock::now();
+            const Mat w = slot.dense_weight();
+            if ((step - offset) % cfg.report_every == 0) out.history.push_back(relative_error(w, problem));
+            if (out.steps_to_tolerance < 0 && relative_error_unobserved(w, problem) <= cfg.tolerance) {
+                out.steps_to_tolerance = step - offset;
+                out.seconds_to_tolerance = std::chrono::duration<double>(t0 - start - measuring).count();
+            }
+            measuring += Clock::now() - t0;
+            if (out.steps_to_tolerance >= 0 && cfg.stop_at_tolerance) break;
+        }
         out.loss = training.step([&](lowrank::Graph<double>& g) {
             const auto wt = slot.forward(g, g.input(eye));
             const auto observed = lowrank::mul(g, wt, g.input(problem.mask_t));
             return lowrank::scale(g, lowrank::mse(g, observed, problem.target_t), 0.5);
         }).loss;
+        lowrank::check(std::isfinite(out.loss), name, "the loss is not finite at step ", step,
+                       ": lower --lr-", name, " (", lr, ")");
     }
+    const auto t0 = Clock::now();
     out.weight = slot.dense_weight();
-    if ((steps - offset) % cfg.report_every == 0) out.history.push_back(relative_error(out.weight, problem));
-    out.seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    out.steps = steps;
+    if (step == steps) {
+        if ((steps - offset) % cfg.report_every == 0) out.history.push_back(relative_error(out.weight, problem));
+        if (out.steps_to_tolerance < 0 && relative_error_unobserved(out.weight, problem) <= cfg.tolerance) {
+            out.steps_to_tolerance = steps - offset;
+            out.seconds_to_tolerance = std::chrono::duration<double>(t0 - start - measuring).count();
+        }
+    }
+    measuring += Clock::now() - t0;
+    out.seconds = std::chrono::duration<double>(Clock::now() - start - measuring).count();
+    out.steps = step - offset;
+    if (auto* deep = slot.get_if<lowrank::DeepLowRankLinear<double>>(); deep && !compress) {
+        for (const auto& f : deep->factors()) {
+            const lowrank::Vector<double> s = lowrank::linalg::singular_values<double>(f.value);
+            out.invariant.push_back(static_cast<Index>(
+                (((s.array() - cfg.epsilon).abs()) <= cfg.invariant_tol * cfg.epsilon).count()));
+        }
+    }
     out.final_rank = slot.rank();
     out.trainable = slot.trainable_count();
     out.error_all = relative_error(out.weight, problem);
     out.error_unobserved = relative_error_unobserved(out.weight, problem);
     if (!cfg.quiet)
         std::fprintf(stderr,
-                     "%-10s width %4lld -> %3lld  %8lld trainable  error %.3e (unobserved %.3e)  %.2f s\n",
+                     "%-10s width %4lld -> %3lld  %8lld trainable  lr %-8g error %.3e (unobserved %.3e)  "
+                     "tolerance at %s  %.2f s\n",
                      name.c_str(), static_cast<long long>(width), static_cast<long long>(out.final_rank),
-                     static_cast<long long>(out.trainable), out.error_all, out.error_unobserved, out.seconds);
+                     static_cast<long long>(out.trainable), lr, out.error_all, out.error_unobserved,
+                     out.steps_to_tolerance < 0 ? "never" : std::to_string(out.steps_to_tolerance).c_str(),
+                     out.seconds);
     return out;
 }
 
@@ -178,16 +234,16 @@ int run_all(const Config& cfg) {
     if (!cfg.quiet)
         std::fprintf(stderr,
                      "lowrank-matrix-completion: d %lld, rank %lld, %.0f%% observed, depth %lld, eps %.0e, "
-                     "lr %g, %d steps, gamma %g\n",
+                     "%d steps, gamma %g, tolerance %g\n",
                      static_cast<long long>(cfg.d), static_cast<long long>(cfg.rank), 100.0 * cfg.observed,
-                     static_cast<long long>(cfg.depth), cfg.epsilon, cfg.lr, cfg.steps, cfg.gamma);
+                     static_cast<long long>(cfg.depth), cfg.epsilon, cfg.steps, cfg.gamma, cfg.tolerance);
 
     lowrank::check(!cfg.runs.empty(), "--runs", "expected at least one run");
     std::vector<RunResult> runs;
     for (const auto& name : cfg.runs) {
-        if (name == "wide") runs.push_back(run(name, cfg, problem, cfg.d, false));
-        if (name == "compressed") runs.push_back(run(name, cfg, problem, cfg.d, true));
-        if (name == "narrow") runs.push_back(run(name, cfg, problem, 2 * cfg.rank, false));
+        if (name == "wide") runs.push_back(run(name, cfg, problem, cfg.d, false, cfg.lr_wide));
+        if (name == "compressed") runs.push_back(run(name, cfg, problem, cfg.d, true, cfg.lr_compressed));
+        if (name == "narrow") runs.push_back(run(name, cfg, problem, 2 * cfg.rank, false, cfg.lr_narrow));
     }
 
     // The trajectories side by side.
@@ -195,9 +251,14 @@ int run_all(const Config& cfg) {
         std::fprintf(stderr, "%6s", "step");
         for (const auto& r : runs) std::fprintf(stderr, "  %10s", r.name.c_str());
         std::fprintf(stderr, "\n");
-        for (std::size_t i = 0; i < runs.front().history.size(); ++i) {
+        std::size_t rows = 0;
+        for (const auto& r : runs) rows = std::max(rows, r.history.size());
+        for (std::size_t i = 0; i < rows; ++i) {
             std::fprintf(stderr, "%6lld", static_cast<long long>(i) * cfg.report_every);
-            for (const auto& r : runs) std::fprintf(stderr, "  %10.3e", r.history[i]);
+            for (const auto& r : runs) {
+                if (i < r.history.size()) std::fprintf(stderr, "  %10.3e", r.history[i]);
+                else std::fprintf(stderr, "  %10s", "-");
+            }
             std::fprintf(stderr, "\n");
         }
     }
@@ -214,8 +275,9 @@ int run_all(const Config& cfg) {
     result["depth"] = cfg.depth;
     result["epsilon"] = cfg.epsilon;
     result["gamma"] = cfg.gamma;
-    result["lr"] = cfg.lr;
     result["steps"] = cfg.steps;
+    result["tolerance"] = cfg.tolerance;
+    result["stop_at_tolerance"] = cfg.stop_at_tolerance;
     result["seed"] = cfg.seed;
     result["threads"] = cfg.threads;
     for (const auto& r : runs) {
@@ -223,20 +285,38 @@ int run_all(const Config& cfg) {
         j["width"] = r.width;
         j["final_rank"] = r.final_rank;
         j["trainable_params"] = r.trainable;
+        j["lr"] = r.lr;
         j["steps"] = r.steps;
+        // null when the run never reached the tolerance (its final error is beside it)
+        j["steps_to_tolerance"] = r.steps_to_tolerance < 0 ? nlohmann::ordered_json() : nlohmann::ordered_json(r.steps_to_tolerance);
+        j["seconds_to_tolerance"] = r.steps_to_tolerance < 0 ? nlohmann::ordered_json() : nlohmann::ordered_json(r.seconds_to_tolerance);
         j["loss"] = r.loss;
         j["error"] = r.error_all;
         j["error_unobserved"] = r.error_unobserved;
         j["seconds"] = r.seconds;
         j["error_history"] = r.history;
+        if (!r.invariant.empty()) j["invariant_singular_values"] = r.invariant;
         result[r.name] = j;
     }
+    result["invariant_expected"] = cfg.d - 2 * cfg.rank;
     if (wide && compressed) {
         const double gap = (wide->weight - compressed->weight).norm() / problem.phi.norm();
         if (!cfg.quiet) std::fprintf(stderr, "||W_wide - W_compressed||_F / ||Phi||_F = %.3e\n", gap);
         result["wide_compressed_gap"] = gap;
     }
     std::cout << result.dump() << std::endl;
+    if (cfg.expect_invariant) {
+        lowrank::check(wide != nullptr, "--expect-invariant", "needs the wide run in --runs");
+        for (std::size_t l = 0; l < wide->invariant.size(); ++l) {
+            if (wide->invariant[l] == cfg.d - 2 * cfg.rank) continue;
+            std::fprintf(stderr,
+                         "lowrank-matrix-completion: factor %zu of the wide run has %lld singular values within "
+                         "%g of eps, expected d - 2r = %lld\n",
+                         l + 1, static_cast<long long>(wide->invariant[l]), cfg.invariant_tol,
+                         static_cast<long long>(cfg.d - 2 * cfg.rank));
+            return 3;
+        }
+    }
     return 0;
 }
 
@@ -269,9 +349,30 @@ int main(int argc, char** argv) {
     app.add_option("--steps", cfg.steps, "Gradient-descent steps")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
-    app.add_option("--lr", cfg.lr, "Step size on the mean loss (the sum-loss step times d^2)")
+    app.add_option("--lr-wide", cfg.lr_wide, "Step size of the wide run, on the mean loss (the sum-loss step times d^2)")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
+    app.add_option("--lr-compressed", cfg.lr_compressed, "Step size of the compressed run's inner factors")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    app.add_option("--lr-narrow", cfg.lr_narrow, "Step size of the narrow run")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    double lr_all = 0.0;
+    app.add_option("--lr", lr_all, "One step size for all three runs (a --lr-<run> given beside it wins)")
+        ->check(CLI::PositiveNumber);
+    app.add_option("--tolerance", cfg.tolerance,
+                   "Recovery tolerance: a run reaches it at the first step with relative error <= this on the "
+                   "unobserved entries (on all entries when all are observed)")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    app.add_flag("--stop-at-tolerance", cfg.stop_at_tolerance, "End each run at the step that reaches the tolerance");
+    app.add_option("--invariant-tol", cfg.invariant_tol,
+                   "Relative distance from eps within which a factor singular value counts as unmoved")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    app.add_flag("--expect-invariant", cfg.expect_invariant,
+                 "Exit 3 unless every factor of the wide run has d - 2r unmoved singular values");
     app.add_option("--seed", cfg.seed, "Seed of the target, the mask and the initialisation")
         ->capture_default_str();
     app.add_option("--threads", cfg.threads, "Threads for GEMM")
@@ -289,6 +390,11 @@ int main(int argc, char** argv) {
 
     try {
         app.parse(argc, argv);
+        if (app.count("--lr") > 0) {
+            if (app.count("--lr-wide") == 0) cfg.lr_wide = lr_all;
+            if (app.count("--lr-compressed") == 0) cfg.lr_compressed = lr_all;
+            if (app.count("--lr-narrow") == 0) cfg.lr_narrow = lr_all;
+        }
     } catch (const CLI::ParseError& e) {
         const int code = app.exit(e);
         return code == 0 ? 0 : 2;
