@@ -55,8 +55,8 @@ using Mat = lowrank::MatrixD;
 struct Config {
     // The paper: d 1000, r 5, 20% observed, depth 3, eps 1e-3. Here d 100 and 30% observed
     // (a run in seconds; at d 100, 20% leaves about twice the 2dr - r^2 degrees of freedom)
-    // and eps 1e-2 (at 1e-3 the escape from the init takes over 20000 steps at d 100):
-    // docs/examples/matrix_completion.md.
+    // and eps 1e-2 (the escape from the init takes about 1/eps steps: at the paper's 1e-3 the
+    // same runs need ten times as many): docs/examples/matrix_completion.md.
     Index d = 100;
     Index rank = 5;
     double observed = 0.3;
