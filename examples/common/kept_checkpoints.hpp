@@ -8,6 +8,7 @@
 
 #include <lowrank/core/atomic_file.hpp>
 #include <lowrank/core/error.hpp>
+#include <lowrank/train/callbacks.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -61,20 +62,8 @@ public:
 
     /// The step files beside the checkpoint file, oldest first.
     std::vector<std::filesystem::path> existing() const {
-        std::vector<std::filesystem::path> out;
-        const std::string head = latest_.stem().string() + "-step", ext = latest_.extension().string();
-        const std::filesystem::path dir = latest_.has_parent_path() ? latest_.parent_path() : ".";
-        std::error_code ec;
-        for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
-            const std::string name = e.path().filename().string();
-            if (name.size() == head.size() + 8 + ext.size() && name.starts_with(head) && name.ends_with(ext) &&
-                std::all_of(name.begin() + static_cast<std::ptrdiff_t>(head.size()),
-                            name.begin() + static_cast<std::ptrdiff_t>(head.size() + 8),
-                            [](char c) { return c >= '0' && c <= '9'; }))
-                out.push_back(e.path());
-        }
-        std::sort(out.begin(), out.end());
-        return out;
+        return step_checkpoint_files(latest_.has_parent_path() ? latest_.parent_path() : ".",
+                                     latest_.stem().string(), latest_.extension().string());
     }
 
     /// "<stem>-best<ext>" beside the checkpoint file (--keep-best).

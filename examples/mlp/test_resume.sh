@@ -13,24 +13,13 @@
 set -euo pipefail
 mlp="$(realpath "$1")" work="$2"
 shift 2
+tiny_idx="$(dirname "$(realpath "$0")")/../../tests/data/tiny_idx.py"
 rm -rf "$work"
 mkdir -p "$work"
 cd "$work"
 fail() { echo "$*" >&2; exit 1; }
 
-python3 - <<'PY'
-import struct
-def split(prefix, n):
-    with open(f"{prefix}-images-idx3-ubyte", "wb") as f:
-        f.write(struct.pack(">IIII", 0x803, n, 8, 8))
-        for i in range(n):
-            f.write(bytes((i * 7 + p * (i % 10 + 1)) % 256 for p in range(64)))
-    with open(f"{prefix}-labels-idx1-ubyte", "wb") as f:
-        f.write(struct.pack(">II", 0x801, n))
-        f.write(bytes(i % 10 for i in range(n)))
-split("train", 96)
-split("t10k", 32)
-PY
+python3 "$tiny_idx"
 
 strip() { sed -E 's/"(seconds|samples_per_second|ms_per_step|flops_per_second|mfu)":[^,}]*//g' "$1"; }
 result() {  # the result line without its timings and where it wrote

@@ -10,23 +10,12 @@
 set -euo pipefail
 mlp="$(realpath "$1")" work="$2" tolerance="$3"
 shift 3
+tiny_idx="$(dirname "$(realpath "$0")")/../data/tiny_idx.py"
 rm -rf "$work"
 mkdir -p "$work"
 cd "$work"
 
-python3 - <<'EOF'
-import struct
-def split(prefix, n):
-    with open(f"{prefix}-images-idx3-ubyte", "wb") as f:
-        f.write(struct.pack(">IIII", 0x803, n, 8, 8))
-        for i in range(n):
-            f.write(bytes((i * 7 + p * (i % 10 + 1)) % 256 for p in range(64)))
-    with open(f"{prefix}-labels-idx1-ubyte", "wb") as f:
-        f.write(struct.pack(">II", 0x801, n))
-        f.write(bytes(i % 10 for i in range(n)))
-split("train", 96)
-split("t10k", 32)
-EOF
+python3 "$tiny_idx"
 
 declare -A options=(
     [dense]="" [lora]="" [galore]="--galore-gap 4" [deeplora]=""

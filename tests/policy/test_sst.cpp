@@ -527,7 +527,7 @@ TEST_CASE("Sst's sigma_only trains sigma and leaves U and V exactly as they were
     CHECK_FALSE(f.schedule().rewarm_state().active());
 }
 
-TEST_CASE("Sst's spectral re-warm ramps the SST layers' group alone; the default re-warms the schedule",
+TEST_CASE("Sst's spectral re-warm ramps the SST layers' group alone while the default re-warms the schedule",
           "[policy][sst]") {
     const MatrixD x = gaussian(16, 10, 2);
     const auto y = teacher_labels(x, 3, 3);

@@ -230,6 +230,25 @@ private:
 /// Checkpoints every `every` steps (and at finish()) in a folder, named
 /// "<prefix>-step<00000123>.safetensors", keeping the newest `keep_last` (0: all). The
 /// folder is created, and checked writable, when the callback is built.
+/// The files "<stem>-stepNNNNNNNN<ext>" (eight digits) in `dir`, oldest first: the step
+/// checkpoints CheckpointEvery and the trainers' --keep-last write.
+inline std::vector<std::filesystem::path> step_checkpoint_files(const std::filesystem::path& dir,
+                                                                const std::string& stem, const std::string& ext) {
+    std::vector<std::filesystem::path> out;
+    std::error_code ec;
+    const std::string head = stem + "-step";
+    for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+        const std::string name = e.path().filename().string();
+        if (name.size() == head.size() + 8 + ext.size() && name.starts_with(head) && name.ends_with(ext) &&
+            std::all_of(name.begin() + static_cast<std::ptrdiff_t>(head.size()),
+                        name.begin() + static_cast<std::ptrdiff_t>(head.size() + 8),
+                        [](char c) { return c >= '0' && c <= '9'; }))
+            out.push_back(e.path());
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
 template <class T>
 class CheckpointEvery : public RunCallback<T> {
 public:
@@ -291,20 +310,7 @@ private:
 
     // Every "<prefix>-stepNNNNNNNN.safetensors" in the folder, oldest first.
     std::vector<std::filesystem::path> existing() const {
-        std::vector<std::filesystem::path> out;
-        std::error_code ec;
-        const std::string head = options_.prefix + "-step";
-        for (const auto& e : std::filesystem::directory_iterator(options_.dir, ec)) {
-            const std::string name = e.path().filename().string();
-            if (name.size() == head.size() + 8 + 12 && name.starts_with(head) &&
-                name.ends_with(".safetensors") &&
-                std::all_of(name.begin() + static_cast<std::ptrdiff_t>(head.size()),
-                            name.begin() + static_cast<std::ptrdiff_t>(head.size() + 8),
-                            [](char c) { return c >= '0' && c <= '9'; }))
-                out.push_back(e.path());
-        }
-        std::sort(out.begin(), out.end());
-        return out;
+        return step_checkpoint_files(options_.dir, options_.prefix, ".safetensors");
     }
 
     Options options_;
