@@ -47,7 +47,7 @@ def main():
     ap.add_argument("--binary", default=str(ROOT / "build/release/examples/matrix_completion/lowrank-matrix-completion"))
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-docs", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "results/matrix_completion"))
+    ap.add_argument("--out", default=str(ROOT / "build/results/matrix_completion"))
     ap.add_argument("extra", nargs="*", help="more options for the program (after --)")
     args = ap.parse_args()
     if not args.no_build:
