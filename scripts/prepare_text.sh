@@ -3,11 +3,13 @@
 # builds lowrank-tokenize (release preset, that target only) and tokenizes Moby Dick and
 # every State of the Union address into
 #
-#   data/text/corpus.train.bin   data/text/corpus.val.bin   (little-endian uint16 ids)
+#   data/text/corpus.train.bin         data/text/corpus.val.bin         (GPT-2 BPE ids)
+#   data/text/corpus-bytes.train.bin   data/text/corpus-bytes.val.bin   (one id per byte)
 #
-# with the last 10% of each document's tokens as validation data (VAL_FRACTION=x changes
-# it). Does nothing more when both files are newer than every input, the vocabulary and the
-# binary; --force redoes them. The summary JSON line is kept in data/text/corpus.json.
+# as little-endian uint16 ids, with the last 10% of each document's tokens as validation
+# data (VAL_FRACTION=x changes it). Does nothing more for a pair of files newer than every
+# input, the vocabulary and the binary; --force redoes them. The summary JSON lines are kept
+# in data/text/corpus.json and data/text/corpus-bytes.json.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,24 +33,27 @@ bin=build/release/examples/tokenize/lowrank-tokenize
 
 inputs=(data/text/moby-dick.txt)
 while IFS= read -r f; do inputs+=("$f"); done < <(find data/text/sotu -name '*.txt' | LC_ALL=C sort)
-prefix=data/text/corpus
-outputs=("$prefix.train.bin" "$prefix.val.bin")
-
-up_to_date=$((!force))
-for out in "${outputs[@]}"; do
-    [[ -f "$out" ]] || up_to_date=0
-done
-if ((up_to_date)); then
-    for dep in "${inputs[@]}" data/gpt2/encoder.json data/gpt2/vocab.bpe "$bin"; do
-        for out in "${outputs[@]}"; do
-            [[ "$out" -nt "$dep" ]] || up_to_date=0
-        done
+# make_stream PREFIX [lowrank-tokenize options]: PREFIX.{train,val}.bin unless up to date.
+make_stream() {
+    local prefix="$1"
+    shift
+    local outputs=("$prefix.train.bin" "$prefix.val.bin") up_to_date=$((!force)) out dep
+    for out in "${outputs[@]}"; do
+        [[ -f "$out" ]] || up_to_date=0
     done
-fi
-if ((up_to_date)); then
-    say "${outputs[*]} are up to date ($(cat "$prefix.json" 2>/dev/null || echo 'no summary'))"
-    exit 0
-fi
-
-say "tokenizing ${#inputs[@]} files"
-"$bin" --vocab data/gpt2 --out "$prefix" --val-fraction "${VAL_FRACTION:-0.1}" "${inputs[@]}" | tee "$prefix.json"
+    if ((up_to_date)); then
+        for dep in "${inputs[@]}" data/gpt2/encoder.json data/gpt2/vocab.bpe "$bin"; do
+            for out in "${outputs[@]}"; do
+                [[ "$out" -nt "$dep" ]] || up_to_date=0
+            done
+        done
+    fi
+    if ((up_to_date)); then
+        say "${outputs[*]} are up to date ($(cat "$prefix.json" 2>/dev/null || echo 'no summary'))"
+        return 0
+    fi
+    say "tokenizing ${#inputs[@]} files into $prefix.{train,val}.bin"
+    "$bin" "$@" --out "$prefix" --val-fraction "${VAL_FRACTION:-0.1}" "${inputs[@]}" | tee "$prefix.json"
+}
+make_stream data/text/corpus --vocab data/gpt2
+make_stream data/text/corpus-bytes --bytes

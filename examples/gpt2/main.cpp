@@ -72,13 +72,14 @@ namespace {
 
 struct Config {
     std::string model = "tiny";
+    std::string tokenizer = "gpt2";  // or "bytes": a 256-symbol vocabulary, one token per byte
     std::int64_t steps = 300, warmup_steps = 30, eval_every = 100, save_every = 0, stop_at = 0;
     lowrank::Index batch = 8, context = 0, eval_windows = 64;  // context 0: the config's block size
     double lr = 1e-3, min_lr_ratio = 0.1, weight_decay = 0.1, grad_clip = 1.0;
     int threads = 1, sample = 0, top_k = 40;
     double temperature = 0.8;
     std::uint64_t seed = 0;
-    std::string data = "data/text/corpus", vocab = "data/gpt2", save, resume, init_from, prompt = "\n", log,
+    std::string data, vocab = "data/gpt2", save, resume, init_from, prompt = "\n", log,
                 rank_log;
     std::string out_dir;  // every output's default folder
     int keep_last = 0;
@@ -108,7 +109,15 @@ int train(Config cfg, const lowrank::Communicator& world) {
 #ifdef LOWRANK_EXAMPLE_OPENBLAS
     openblas_set_num_threads(cfg.threads);
 #endif
-    const lowrank::Gpt2Config mc = lowrank::gpt2_config(cfg.model);
+    // --tokenizer bytes: the config's architecture over 256 symbols, so that the head is a
+    // rounding error and the projections, all four of a block's, carry the step.
+    const bool bytes = cfg.tokenizer == "bytes";
+    lowrank::Gpt2Config mc = lowrank::gpt2_config(cfg.model);
+    if (bytes) {
+        mc.vocab_size = 256;
+        mc.low_rank_roles.assign(lowrank::kGpt2Roles.begin(), lowrank::kGpt2Roles.end());
+    }
+    if (cfg.data.empty()) cfg.data = bytes ? "data/text/corpus-bytes" : "data/text/corpus";
     if (cfg.context == 0) cfg.context = mc.block_size;
     lowrank::check(cfg.context <= mc.block_size, "--context", cfg.context, " exceeds the block size ",
                    mc.block_size, " of config '", mc.name, "'");
@@ -137,7 +146,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     if (!cfg.log.empty() && root) lowrank::check_writable(cfg.log, "--log");
     // --sample's vocabulary is read now, not after the run it would come at the end of.
     std::optional<lowrank::Gpt2Tokenizer> tok;
-    if (cfg.sample > 0 && root) tok.emplace(lowrank::Gpt2Tokenizer::from_dir(cfg.vocab));
+    if (cfg.sample > 0 && root && !bytes) tok.emplace(lowrank::Gpt2Tokenizer::from_dir(cfg.vocab));
     lowrank::Rng rng(cfg.seed);
     lowrank::TokenWindows train(lowrank::read_tokens(cfg.data + ".train.bin"),
                                 {.batch = cfg.batch, .context = cfg.context, .seed = rng.next_u64()});
@@ -325,7 +334,13 @@ int train(Config cfg, const lowrank::Communicator& world) {
             eval_seconds += seconds_since(eval_start);
             const double tps = static_cast<double>((r.step - interval_first) * tokens_per_step) / seconds;
             progress.bar().clear();
-            if (!cfg.quiet)
+            if (!cfg.quiet && bytes)
+                std::fprintf(
+                    stderr,
+                    "step %6lld/%lld  train_loss %.4f  val_loss %.4f  val_bpb %.4f  lr %.2e  %.0f tokens/s\n",
+                    static_cast<long long>(r.step), static_cast<long long>(cfg.steps), train_loss, val_loss,
+                    val_loss / std::log(2.0), r.lr, tps);
+            else if (!cfg.quiet)
                 std::fprintf(
                     stderr,
                     "step %6lld/%lld  train_loss %.4f  val_loss %.4f  val_ppl %.1f  lr %.2e  %.0f tokens/s\n",
@@ -340,6 +355,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
                                .field("train_loss", train_loss)
                                .field("val_loss", val_loss)
                                .field("val_ppl", std::exp(val_loss))
+                               .field("val_bpb", bytes ? val_loss / std::log(2.0) : std::nan(""))
                                .field("lr", r.lr)
                                .field("tokens_per_second", tps)
                                .field("ranks", ranks)
@@ -377,12 +393,24 @@ int train(Config cfg, const lowrank::Communicator& world) {
                       << std::filesystem::file_size(cfg.export_path) << " bytes) to " << cfg.export_path << "\n";
     }
 
-    if (tok) {
-        std::vector<std::int32_t> prompt = tok->encode(cfg.prompt);
-        if (prompt.empty()) prompt.push_back(tok->eot());
+    if (cfg.sample > 0 && root) {
+        // A byte model's tokens are the text's bytes; GPT-2's go through its BPE.
+        std::vector<std::int32_t> prompt;
+        if (tok) {
+            prompt = tok->encode(cfg.prompt);
+            if (prompt.empty()) prompt.push_back(tok->eot());
+        } else {
+            for (const char c : cfg.prompt) prompt.push_back(static_cast<unsigned char>(c));
+            if (prompt.empty()) prompt.push_back('\n');
+        }
         lowrank::Rng sample_rng(cfg.seed + 1);
-        const std::string text = tok->decode(lowrank::gpt2_sample(
-            model, std::move(prompt), cfg.sample, {.temperature = cfg.temperature, .top_k = cfg.top_k}, sample_rng));
+        const std::vector<std::int32_t> ids = lowrank::gpt2_sample(
+            model, std::move(prompt), cfg.sample, {.temperature = cfg.temperature, .top_k = cfg.top_k}, sample_rng);
+        std::string text;
+        if (tok)
+            text = tok->decode(ids);
+        else
+            for (const std::int32_t id : ids) text.push_back(static_cast<char>(static_cast<unsigned char>(id)));
         std::cout << text << "\n";
         if (!cfg.out_dir.empty())
             lowrank::write_file_atomically(in_out_dir("sample.txt"), "--out-dir",
@@ -397,8 +425,11 @@ int train(Config cfg, const lowrank::Communicator& world) {
     const nlohmann::ordered_json result{
         {"method", cfg.method.method},
         {"config", mc.name},
+        {"tokenizer", cfg.tokenizer},
         {"val_loss", val_loss},
         {"val_ppl", std::exp(val_loss)},
+        // Bits per byte, for a byte model (whose tokens are bytes): the loss in base 2.
+        {"val_bpb", bytes ? nlohmann::ordered_json(val_loss / std::log(2.0)) : nlohmann::ordered_json(nullptr)},
         {"train_loss", train_loss},
         {"tokens_per_second",
          train_seconds > 0 ? steps_here * static_cast<double>(tokens_per_step) / train_seconds : 0.0},
@@ -458,6 +489,11 @@ int main(int argc, char** argv) {
     app.add_option("--config", cfg.model, "Model config (docs/models/gpt2.md)")
         ->check(CLI::IsMember(configs))
         ->capture_default_str();
+    app.add_option("--tokenizer", cfg.tokenizer,
+                   "gpt2: GPT-2's BPE (50257 tokens); bytes: one token per byte (256), the low-rank "
+                   "methods on all four projections of a block by default, quality in bits per byte")
+        ->check(CLI::IsMember({"gpt2", "bytes"}))
+        ->capture_default_str();
     app.add_option("--steps", cfg.steps, "Optimizer steps in total")
         ->check(lowrank::examples::positive)
         ->capture_default_str();
@@ -494,8 +530,9 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--seed", cfg.seed, "Seed of the initialisation, the batches and dropout")
         ->capture_default_str();
-    app.add_option("--data", cfg.data, "Token streams PREFIX.train.bin and PREFIX.val.bin (lowrank-tokenize)")
-        ->capture_default_str();
+    app.add_option("--data", cfg.data,
+                   "Token streams PREFIX.train.bin and PREFIX.val.bin (lowrank-tokenize; default "
+                   "data/text/corpus, or data/text/corpus-bytes with --tokenizer bytes)");
     app.add_option("--vocab", cfg.vocab, "Directory with encoder.json and vocab.bpe (for --sample)")
         ->capture_default_str();
     app.add_option("--save", cfg.save,
@@ -544,7 +581,7 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--roles", cfg.roles,
                    "Projections the method applies to, comma-separated from attn_qkv, attn_proj, mlp_fc, "
-                   "mlp_proj (default: the config's, mlp_fc,mlp_proj)")
+                   "mlp_proj (default: the config's, mlp_fc,mlp_proj; all four with --tokenizer bytes)")
         ->delimiter(',');
     app.add_option("--log", cfg.log,
                    "Write one JSON line per evaluation (\"kind\": \"eval\") and per --log-every steps "

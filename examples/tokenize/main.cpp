@@ -1,7 +1,8 @@
-// lowrank-tokenize: encodes text files with GPT-2's BPE and writes train/validation token
-// files (flat little-endian uint16, see <lowrank/data/tokens.hpp>).
+// lowrank-tokenize: encodes text files with GPT-2's BPE (or as bytes) and writes
+// train/validation token files (flat little-endian uint16, see <lowrank/data/tokens.hpp>).
 //
 //   lowrank-tokenize --vocab data/gpt2 --out data/text/corpus [--val-fraction 0.1] FILE...
+//   lowrank-tokenize --bytes --out data/text/corpus-bytes FILE...
 //
 // Each FILE is one document. The last val-fraction of every document's tokens goes to
 // validation and the rest to training, so both splits see every document; within a
@@ -10,6 +11,11 @@
 // seconds (encoding only), tokens_per_second, and the perplexity of the validation tokens
 // under the training tokens' unigram distribution with add-one smoothing: the score of a
 // model that knows only token frequencies, which a language model has to beat.
+//
+// With --bytes every byte of a file is its own token (ids 0-255, the vocabulary of
+// `lowrank-gpt2 --tokenizer bytes`), no vocabulary is read, and the documents' parts are
+// joined as they are (each file ends with its own newline); the JSON line then also gives
+// the unigram baseline in bits per byte.
 //
 //   lowrank-tokenize --vocab data/gpt2 --print-ids FILE...
 //
@@ -35,6 +41,7 @@
 #include <fstream>
 #include <iostream>
 #include <new>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -46,6 +53,7 @@ struct Config {
     std::string out;
     double val_fraction = 0.1;
     bool print_ids = false;
+    bool bytes = false;  // one token per byte instead of GPT-2's BPE
     std::vector<std::string> files;
 };
 
@@ -60,11 +68,12 @@ std::string read_text(const std::string& path) {
     return std::move(buffer).str();
 }
 
-/// Appends `part` to `stream`, after an <|endoftext|> if the stream is not empty.
+/// Appends `part` to `stream`, after an <|endoftext|> if the stream is not empty (and
+/// `eot` is one: byte streams have none).
 void join(std::vector<std::int32_t>& stream, const std::int32_t* first, const std::int32_t* last,
           std::int32_t eot) {
     if (first == last) return;
-    if (!stream.empty()) stream.push_back(eot);
+    if (!stream.empty() && eot >= 0) stream.push_back(eot);
     stream.insert(stream.end(), first, last);
 }
 
@@ -95,8 +104,10 @@ void print_ids(const std::vector<std::int32_t>& ids) {
 int run(const Config& cfg) {
     using clock = std::chrono::steady_clock;
     const auto wall_start = clock::now();
-    const lowrank::Gpt2Tokenizer tokenizer = lowrank::Gpt2Tokenizer::from_dir(cfg.vocab);
-    const std::int32_t eot = tokenizer.eot();
+    std::optional<lowrank::Gpt2Tokenizer> tokenizer;
+    if (!cfg.bytes) tokenizer.emplace(lowrank::Gpt2Tokenizer::from_dir(cfg.vocab));
+    const std::int32_t eot = tokenizer ? tokenizer->eot() : -1;
+    const std::int32_t vocab_size = tokenizer ? tokenizer->vocab_size() : 256;
 
     std::vector<std::int32_t> train;
     std::vector<std::int32_t> val;
@@ -109,7 +120,10 @@ int run(const Config& cfg) {
         bytes += text.size();
         ids.clear();
         const auto start = clock::now();
-        tokenizer.encode_append(text, ids);
+        if (tokenizer)
+            tokenizer->encode_append(text, ids);
+        else
+            for (const char c : text) ids.push_back(static_cast<std::int32_t>(static_cast<unsigned char>(c)));
         encode_seconds += std::chrono::duration<double>(clock::now() - start).count();
         document_tokens += ids.size();
         if (cfg.print_ids) {
@@ -144,9 +158,15 @@ int run(const Config& cfg) {
         if (val.empty() || train.empty())
             result["unigram_val_perplexity"] = nullptr;
         else
-            result["unigram_val_perplexity"] = unigram_perplexity(train, val, tokenizer.vocab_size());
+            result["unigram_val_perplexity"] = unigram_perplexity(train, val, vocab_size);
+        if (cfg.bytes)  // a token is a byte: log2 of the perplexity is the bits per byte
+            result["unigram_val_bits_per_byte"] =
+                result["unigram_val_perplexity"].is_null()
+                    ? nlohmann::ordered_json(nullptr)
+                    : nlohmann::ordered_json(std::log2(result["unigram_val_perplexity"].get<double>()));
     }
-    result["vocab_size"] = tokenizer.vocab_size();
+    result["tokenizer"] = cfg.bytes ? "bytes" : "gpt2";
+    result["vocab_size"] = vocab_size;
     result["wall_seconds"] = std::chrono::duration<double>(clock::now() - wall_start).count();
     const std::string line = result.dump() + "\n";
     std::fflush(stdout);
@@ -159,7 +179,8 @@ int run(const Config& cfg) {
 int main(int argc, char** argv) {
     Config cfg;
     CLI::App app{
-        "Encode text files with GPT-2's BPE into PREFIX.train.bin / PREFIX.val.bin (little-endian uint16).\n"
+        "Encode text files with GPT-2's BPE (or --bytes: a token per byte) into PREFIX.train.bin /\n"
+        "PREFIX.val.bin (little-endian uint16).\n"
         "Each file is a document; the last --val-fraction of each document's tokens is validation data.\n"
         "Prints one JSON line with the counts, the speed and the unigram-baseline perplexity.",
         "lowrank-tokenize"};
@@ -170,6 +191,8 @@ int main(int argc, char** argv) {
                    "Fraction of each document's tokens (its end) for validation")
         ->check(CLI::Range(0.0, 0.999999))
         ->capture_default_str();
+    app.add_flag("--bytes", cfg.bytes,
+                 "One token per byte (ids 0-255, for lowrank-gpt2 --tokenizer bytes); --vocab is not read");
     auto* ids = app.add_flag("--print-ids", cfg.print_ids,
                              "Print each file's ids as one line instead of writing token files");
     app.add_option("files", cfg.files, "Text files, one document each")->required()->check(CLI::ExistingFile);
