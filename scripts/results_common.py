@@ -131,3 +131,62 @@ def replace_block(page, begin, end, block):
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     page.write_text(text)
     print(f"results: wrote {page}", file=sys.stderr)
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96 is within 4%).
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci(values):
+    """(mean, half-width of the 95% interval of the mean by Student's t); half-width None for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
+    return mean, t * (var / n) ** 0.5
+
+
+def format_ci(mean, half, digits=3):
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def build_byte_trainer(binary=None):
+    """The lowrank-gpt2 to run: `binary`, or the release preset's, built after the corpus is
+    tokenized (scripts/prepare_text.sh writes the byte streams too)."""
+    if binary:
+        return binary
+    subprocess.run(["bash", str(ROOT / "scripts" / "prepare_text.sh")], check=True, stdout=sys.stderr)
+    build("lowrank-gpt2")
+    return str(ROOT / "build" / "release" / "examples" / "gpt2" / "lowrank-gpt2")
+
+
+def run_grid(binary, specs, seeds, common, out, jobs, threads=1):
+    """Runs every spec (label -> lowrank-gpt2 options) with every seed, `jobs` at a time,
+    after the options `common`; returns {label: {seed: run}} (run_trainer's records, also
+    kept as OUT/<label>.seed<N>.run.json)."""
+    import concurrent.futures
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def one(label, seed):
+        stem = out / f"{label}.seed{seed}"
+        log, ranks = Path(f"{stem}.metrics.jsonl"), Path(f"{stem}.ranks.jsonl")
+        cmd = [binary, *common, *specs[label], "--seed", str(seed), "--threads", str(threads), "--log", str(log),
+               "--rank-log", str(ranks), "--quiet"]
+        run = run_trainer(cmd, f"{label} seed {seed}", log, ranks, env=trainer_env(threads))
+        Path(f"{stem}.run.json").write_text(json.dumps(run))
+        return run
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {(l, s): pool.submit(one, l, s) for l in specs for s in seeds}
+        return {l: {s: futures[(l, s)].result() for s in seeds} for l in specs}
+
+
+def machine_line():
+    """CPU model, whether it has AVX-512, vCPUs and the load now: for every generated block."""
+    flags = "avx512f" if "avx512f" in Path("/proc/cpuinfo").read_text() else "AVX2 only, no avx512f"
+    return f"{cpu_name()} ({flags}), {os.cpu_count()} vCPUs, load average {os.getloadavg()[0]:.2f} at the end"

@@ -166,6 +166,9 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
         ->capture_default_str();
     sst->add_flag("--sst-sigma-only", m.sst.sigma_only,
                   "sst: train the singular values alone (U, V frozen; no sampling, no re-SVD)");
+    sst->add_flag("!--sst-plain-gradient", m.sst.enhanced_gradient,
+                  "sst: the plain autograd gradient of the active U, V columns (sigma_i G v_i) instead of "
+                  "the enhanced one (G v_i), the paper's ablation");
     sst->add_option("--sst-rewarm-scope", m.sst_rewarm_scope,
                     "sst: what the re-warm-up at each iteration start ramps: all (the schedule, every "
                     "group) or spectral (only the SST layers' U, V, sigma, in a group of their own)")
