@@ -634,13 +634,15 @@ def main() -> int:
             text = write_machine_block(text, machine_slug(cpu_info(), peaks), machine_text)
         if args.machine_only:
             lr, low_body = {}, ""
+        # Each block names what wrote it (tests/docs/check_generated_blocks.py checks that).
+        written = "\n\nWritten by `scripts/bench_table.py`, run by `bash scripts/bench.sh`."
         if lr:
-            text = replace_block(text, "bench-table", body)
+            text = replace_block(text, "bench-table", body + written)
             if args.probe:
                 probe = Path(args.probe).read_text().rstrip("\n")
-                text = replace_block(text, "alloc-probe", "```text\n" + probe + "\n```")
+                text = replace_block(text, "alloc-probe", "```text\n" + probe + "\n```" + written)
         if low_body:
-            text = replace_block(text, "bench-low-rank", low_body)
+            text = replace_block(text, "bench-low-rank", low_body + written)
         path.write_text(text)
         print(f"\nbench_table: wrote the tables into {path}", file=sys.stderr)
     return 0

@@ -36,11 +36,13 @@ def parse_args():
                     help=f"comma-separated subset of {','.join(METHODS)}, or all (default: %(default)s)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per method (default %(default)s)")
     ap.add_argument("--config", default="mini", help="model config (default %(default)s: 2 layers, width 128)")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=50,
+                    help="steps between evaluations, also the policies' epoch (Cuttlefish tracks stable ranks once an "
+                         "epoch; default %(default)s)")
     ap.add_argument("--eval-windows", type=int, default=128)
     ap.add_argument("--rank", type=int, default=0, help="0: n_embd / 4")
     ap.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
