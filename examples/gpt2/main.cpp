@@ -44,6 +44,7 @@
 #include <set>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifdef LOWRANK_EXAMPLE_OPENBLAS
@@ -75,6 +76,7 @@ struct Config {
     std::string tokenizer = "gpt2";  // or "bytes": a 256-symbol vocabulary, one token per byte
     std::int64_t steps = 300, warmup_steps = 30, eval_every = 100, save_every = 0, stop_at = 0;
     lowrank::Index batch = 8, context = 0, eval_windows = 64;  // context 0: the config's block size
+    lowrank::Index train_tokens = 0;  // only the first N tokens of the training stream (0: all of it)
     double lr = 1e-3, min_lr_ratio = 0.1, weight_decay = 0.1, grad_clip = 1.0;
     int threads = 1, sample = 0, top_k = 40;
     double temperature = 0.8;
@@ -148,7 +150,14 @@ int train(Config cfg, const lowrank::Communicator& world) {
     std::optional<lowrank::Gpt2Tokenizer> tok;
     if (cfg.sample > 0 && root && !bytes) tok.emplace(lowrank::Gpt2Tokenizer::from_dir(cfg.vocab));
     lowrank::Rng rng(cfg.seed);
-    lowrank::TokenWindows train(lowrank::read_tokens(cfg.data + ".train.bin"),
+    std::vector<std::uint16_t> train_stream = lowrank::read_tokens(cfg.data + ".train.bin");
+    if (cfg.train_tokens > 0) {  // a small training set on purpose (few-shot adaptation)
+        lowrank::check(cfg.train_tokens > cfg.context && static_cast<std::size_t>(cfg.train_tokens) <= train_stream.size(),
+                       "--train-tokens", "expected more than --context ", cfg.context, " and at most the ",
+                       train_stream.size(), " tokens of '", cfg.data, ".train.bin', got ", cfg.train_tokens);
+        train_stream.resize(static_cast<std::size_t>(cfg.train_tokens));
+    }
+    lowrank::TokenWindows train(std::move(train_stream),
                                 {.batch = cfg.batch, .context = cfg.context, .seed = rng.next_u64()});
     lowrank::TokenWindows val(lowrank::read_tokens(cfg.data + ".val.bin"),
                               {.batch = cfg.batch, .context = cfg.context});
@@ -533,6 +542,11 @@ int main(int argc, char** argv) {
     app.add_option("--data", cfg.data,
                    "Token streams PREFIX.train.bin and PREFIX.val.bin (lowrank-tokenize; default "
                    "data/text/corpus, or data/text/corpus-bytes with --tokenizer bytes)");
+    app.add_option("--train-tokens", cfg.train_tokens,
+                   "Train on the first N tokens of the training stream only (0: all of it), e.g. to adapt a "
+                   "--init-from model on few examples")
+        ->check(CLI::Range(lowrank::Index{0}, lowrank::Index{1} << 40))
+        ->capture_default_str();
     app.add_option("--vocab", cfg.vocab, "Directory with encoder.json and vocab.bpe (for --sample)")
         ->capture_default_str();
     app.add_option("--save", cfg.save,
