@@ -18,6 +18,7 @@
 #include <lowrank/dist/data_parallel.hpp>
 #include <lowrank/dist/mpi.hpp>
 #include <lowrank/lowrank.hpp>
+#include <lowrank/train/update_rank.hpp>
 
 #include "common/cli_checks.hpp"
 #include "common/kept_checkpoints.hpp"
@@ -62,7 +63,7 @@ const std::vector<std::string> kResumeAllowable{"--steps",     "--warmup-steps",
 const std::set<std::string> kNotIdentity{
     "--vocab",       "--save",      "--save-every",  "--resume",    "--resume-allow", "--stop-at", "--sample",
     "--prompt",      "--temperature", "--top-k",     "--log",       "--rank-log",     "--quiet",   "--eval-windows",
-    "--log-every",   "--peak-gflops", "--out-dir",   "--keep-last", "--keep-best"};
+    "--log-every",   "--peak-gflops", "--out-dir",   "--keep-last", "--keep-best", "--track-update-rank"};
 // Settings a checkpoint keeps beside the identity, taken from it on --resume when not given
 // and free to change: how often the run saves and logs, what it samples.
 const std::set<std::string> kCarried{"--vocab",       "--save-every", "--sample",    "--prompt",
@@ -90,6 +91,7 @@ struct Config {
     std::vector<std::string> roles;         // empty: the config's low_rank_roles
     std::vector<std::string> resume_allow;  // settings a --resume may change on purpose
     bool quiet = false;
+    std::vector<double> track_update_rank;  // the alphas of --track-update-rank (empty: off)
     lowrank::examples::MethodConfig method{};
     lowrank::examples::StepLineConfig step_lines{.every = 10};
     nlohmann::json settings;  // kCarried's values, kept in each checkpoint
@@ -146,6 +148,10 @@ int train(Config cfg, const lowrank::Communicator& world) {
                    "they need --save or --out-dir (where the checkpoints go)");
     lowrank::examples::KeptCheckpoints kept(cfg.save, cfg.keep_last);
     if (!cfg.log.empty() && root) lowrank::check_writable(cfg.log, "--log");
+    // W(0) is the weights at the run's start, which a resumed process does not hold.
+    lowrank::check(cfg.track_update_rank.empty() || (!cfg.log.empty() && cfg.resume.empty()),
+                   "--track-update-rank", "expected --log (where its records go) and no --resume, got --log '",
+                   cfg.log, "' and --resume '", cfg.resume, "'");
     // --sample's vocabulary is read now, not after the run it would come at the end of.
     std::optional<lowrank::Gpt2Tokenizer> tok;
     if (cfg.sample > 0 && root && !bytes) tok.emplace(lowrank::Gpt2Tokenizer::from_dir(cfg.vocab));
@@ -234,6 +240,12 @@ int train(Config cfg, const lowrank::Communicator& world) {
         log.emplace(cfg.log, cfg.resume.empty() ? lowrank::MetricsLog::Mode::truncate
                                                 : lowrank::MetricsLog::Mode::append);
     }
+    // --track-update-rank: the alpha-ranks of W(t) - W(0) of the method's projections at every
+    // evaluation (the run's epochs), as "update_rank" lines of --log.
+    const lowrank::UpdateRankTracker<float>* update_ranks = nullptr;
+    if (!cfg.track_update_rank.empty() && log)
+        update_ranks = &run.attach<lowrank::UpdateRankTracker<float>>(lowrank::UpdateRankTracker<float>::Options{
+            .select = {.roles = roles}, .alphas = cfg.track_update_rank, .log = &*log});
     dp.broadcast_parameters();  // runs begin(); the replicas start from process 0's weights
     const std::int64_t rss_before_steps = lowrank::current_rss_bytes();  // data, model, policies set up
     cfg.quiet = cfg.quiet || !root;
@@ -470,6 +482,8 @@ int train(Config cfg, const lowrank::Communicator& world) {
         {"gemm", kGemm},
         {"train_seconds", train_seconds},
         {"eval_seconds", eval_seconds},
+        // Inside train_seconds: the SVDs of --track-update-rank.
+        {"update_rank_seconds", update_ranks != nullptr ? update_ranks->seconds() : 0.0},
         {"wall_seconds", seconds_since(wall_start)}};
     if (root) std::cout << result.dump() << std::endl;
     if (root && !cfg.out_dir.empty()) {
@@ -600,6 +614,13 @@ int main(int argc, char** argv) {
     app.add_option("--log", cfg.log,
                    "Write one JSON line per evaluation (\"kind\": \"eval\") and per --log-every steps "
                    "(\"kind\": \"step\") to this file");
+    app.add_option("--track-update-rank", cfg.track_update_rank,
+                   "At the start and every evaluation, log (\"kind\": \"update_rank\", into --log) the rank "
+                   "of each projection's cumulative update W(t) - W(0) at each of these explained ratios "
+                   "(InRank's alpha-rank, docs/methods/inrank.md), e.g. 0.9,0.95,0.99")
+        ->delimiter(',')
+        ->check(CLI::Range(0.0, 1.0).description("each in (0, 1)"))
+        ->type_name("ALPHA[,ALPHA]");
     app.add_option("--export", cfg.export_path,
                    "At the end, write the model's weights alone to this safetensors file (--export-layout)")
         ->type_name("PATH");

@@ -111,6 +111,9 @@ template <class T>
 class RunCallback {
 public:
     virtual ~RunCallback() = default;
+    /// Once, when the run begins (after the policies' on_train_begin, so the layers are as
+    /// the policies converted them), or at attach() for a run that has begun already.
+    virtual void on_train_begin(TrainingRun<T>&) {}
     /// After every step (skipped ones included), after the epoch it closed, if any.
     virtual void on_step_end(TrainingRun<T>&, const StepResult&) {}
     /// After the policies' on_epoch_end; run.epoch() is already the next epoch.
@@ -245,6 +248,7 @@ public:
         auto c = std::make_unique<Callback>(std::forward<Args>(args)...);
         Callback& ref = *c;
         callbacks_.push_back(std::move(c));
+        if (begun_) ref.on_train_begin(*this);
         return ref;
     }
     /// Calls f(run, result) after every n-th step (n >= 1).
@@ -285,6 +289,7 @@ public:
         begun_ = true;
         refresh_parameters();
         identity_ = derive_identity();
+        for (auto& c : callbacks_) c->on_train_begin(*this);
     }
 
     /// One training step; `loss_fn(graph)` records the forward pass on the run's tape and
