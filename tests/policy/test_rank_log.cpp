@@ -13,6 +13,7 @@
 #include <fstream>
 #include <limits>
 #include <string>
+#include <vector>
 
 // A namespace of its own: the module's files may be compiled as one unity translation unit.
 namespace test_rank_log {
@@ -88,6 +89,31 @@ TEST_CASE("RankLog::write_jsonl writes one line per event in the shape of to_jso
     std::filesystem::remove(path);
     CHECK(lines == log.to_json());
     check_same(log, RankLog::from_json(lines));
+}
+
+TEST_CASE("A rank event is the same bytes in a JSON line and in a saved log, whatever its names hold",
+          "[policy][rank_log]") {
+    RankLog log = sample_log();
+    log.add(RankEvent{7, 0, "inrank", "bad\xFF\"name\n", "grow", 1, 2, "explained_ratio", 0.5});
+    const auto path = std::filesystem::temp_directory_path() / "lowrank_rank_log_bytes.jsonl";
+    log.write_jsonl(path);
+    std::ifstream in(path);
+    std::vector<std::string> lines;
+    for (std::string line; std::getline(in, line);) lines.push_back(line);
+    in.close();
+    std::filesystem::remove(path);
+    const json saved = log.to_json();  // what a checkpoint holds
+    REQUIRE(lines.size() == log.size());
+    for (std::size_t i = 0; i < log.size(); ++i) {
+        INFO("event " << i);
+        CHECK(lines[i] == lowrank::detail::to_json_line(saved[i]));
+        CHECK(lines[i] == lowrank::detail::to_json_line(RankLog::to_json(log.events()[i])));
+    }
+    // Keys sorted (nlohmann::json), the invalid byte replaced, the quote and newline escaped.
+    CHECK(lines.back() == R"({"epoch":0,"event":"grow","layer":"bad)"
+                          "\xEF\xBF\xBD"
+                          R"(\"name\n","new_rank":2,"old_rank":1,"policy":"inrank",)"
+                          R"("statistic":"explained_ratio","step":7,"value":0.5})");
 }
 
 TEST_CASE("RankLog::from_json takes an empty statistic and a null value as none", "[policy][rank_log]") {

@@ -8,6 +8,10 @@
 // double, which keeps 53 bits. Reading also takes "0x" and 1 to 16 hex digits (either
 // case) or an unsigned JSON integer, as files written by earlier versions may hold.
 //
+// Every JSON line the library writes (a metrics log's, a rank log's) is dumped by
+// to_json_line, so they agree on the details: one line, bytes that are not valid UTF-8 as
+// U+FFFD, NaN and infinities as null.
+//
 // Errors are FormatErrors "<context>: key '<key>': expected <what>, got <excerpt>" or
 // "<context>: missing key '<key>' (expected <what>)", where <key> is the path of the value
 // inside the document ("rng.s[2]") and <excerpt> the value found, shortened
@@ -29,6 +33,14 @@
 namespace lowrank {
 
 namespace detail {
+
+/// j as one line of JSON text, without the newline: compact, keys in j's order (sorted for
+/// nlohmann::json, as inserted for ordered_json), bytes that are not valid UTF-8 replaced
+/// by U+FFFD (so the line parses whatever a name held), non-finite numbers as null.
+template <class BasicJson>
+std::string to_json_line(const BasicJson& j) {
+    return j.dump(-1, ' ', false, BasicJson::error_handler_t::replace);
+}
 
 /// `key` inside `path` ("rng" + "s[2]" -> "rng.s[2]"); an index ("[2]") attaches directly.
 inline std::string json_key_path(std::string_view path, std::string_view key) {

@@ -131,14 +131,13 @@ public:
         return log;
     }
 
-    /// Writes every event as one JSON line (to_json(const RankEvent&); bytes that are not
-    /// valid UTF-8 become U+FFFD), atomically (write_file_atomically), so a reader never
+    /// Writes every event as one JSON line (detail::to_json_line(to_json(e)): bytes that are
+    /// not valid UTF-8 become U+FFFD), atomically (write_file_atomically), so a reader never
     /// sees a half-written log.
     void write_jsonl(const std::filesystem::path& path) const {
         write_file_atomically(path, "RankLog::write_jsonl", [&](const auto& put) {
             for (const auto& e : events_) {
-                const std::string line =
-                    to_json(e).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + '\n';
+                const std::string line = detail::to_json_line(to_json(e)) + '\n';
                 put(line.data(), line.size());
             }
         });

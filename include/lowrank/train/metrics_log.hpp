@@ -6,13 +6,15 @@
 //     MetricsLog log("metrics.jsonl");
 //     log.write(JsonLine().field("epoch", 3).field("test_loss", 0.41).field("method", "dense"));
 //
-// Numbers are written in the shortest form that reads back to the same value (so a float
-// stays "0.1", not "0.100000001"); NaN and infinities, which JSON cannot hold, become null.
-// Strings are escaped per RFC 8259, and bytes that are not valid UTF-8 become U+FFFD, so
-// every line is valid JSON whatever the input.
+// nlohmann::json writes the lines (detail::to_json_line, as for the rank log). Numbers are
+// written in the shortest form that reads back to the same value (so a float stays "0.1",
+// not "0.10000000149011612"; a whole double keeps its ".0"); NaN and infinities, which JSON
+// cannot hold, become null. Strings are escaped per RFC 8259, and bytes that are not valid
+// UTF-8 become U+FFFD, so every line is valid JSON whatever the input.
 
 #include <lowrank/core/atomic_file.hpp>
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/json_codec.hpp>
 #include <lowrank/core/json_read.hpp>
 
 #include <nlohmann/json.hpp>
@@ -35,86 +37,6 @@ namespace lowrank {
 
 namespace detail {
 
-/// Appends s as a JSON string literal (with the quotes).
-inline void append_json_string(std::string& out, std::string_view s) {
-    static constexpr char hex[] = "0123456789abcdef";
-    out += '"';
-    const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-    const std::size_t n = s.size();
-    std::size_t i = 0;
-    while (i < n) {
-        const unsigned char c = p[i];
-        if (c < 0x80) {
-            switch (c) {
-                case '"': out += "\\\""; break;
-                case '\\': out += "\\\\"; break;
-                case '\b': out += "\\b"; break;
-                case '\f': out += "\\f"; break;
-                case '\n': out += "\\n"; break;
-                case '\r': out += "\\r"; break;
-                case '\t': out += "\\t"; break;
-                default:
-                    if (c < 0x20) {
-                        out += "\\u00";
-                        out += hex[c >> 4];
-                        out += hex[c & 0xF];
-                    } else {
-                        out += static_cast<char>(c);
-                    }
-            }
-            ++i;
-            continue;
-        }
-        // A multi-byte UTF-8 sequence: copy it if it is well formed (no overlong forms,
-        // no surrogates, at most U+10FFFF), else write U+FFFD for its first byte.
-        std::size_t len = 0;
-        std::uint32_t cp = 0;
-        if (c >= 0xC2 && c <= 0xDF) {
-            len = 2;
-            cp = c & 0x1Fu;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            len = 3;
-            cp = c & 0x0Fu;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            len = 4;
-            cp = c & 0x07u;
-        }
-        bool ok = len != 0 && i + len <= n;
-        for (std::size_t k = 1; ok && k < len; ++k) {
-            if ((p[i + k] & 0xC0u) != 0x80u)
-                ok = false;
-            else
-                cp = (cp << 6) | (p[i + k] & 0x3Fu);
-        }
-        if (ok) {
-            ok = (len == 3 && cp >= 0x800 && (cp < 0xD800 || cp > 0xDFFF)) ||
-                 (len == 4 && cp >= 0x10000 && cp <= 0x10FFFF) || len == 2;
-        }
-        if (ok) {
-            out.append(s.data() + i, len);
-            i += len;
-        } else {
-            out += "\xEF\xBF\xBD";  // U+FFFD
-            ++i;
-        }
-    }
-    out += '"';
-}
-
-/// Appends a number in its shortest round-trip form; null if not finite.
-template <class V>
-void append_json_number(std::string& out, V v) {
-    if constexpr (std::is_floating_point_v<V>) {
-        if (!std::isfinite(v)) {
-            out += "null";
-            return;
-        }
-    }
-    char buf[64];
-    const auto res = std::to_chars(buf, buf + sizeof buf, v);
-    out.append(buf, static_cast<std::size_t>(res.ptr - buf));
-}
-
 template <class V>
 concept JsonNumber = std::is_arithmetic_v<V> && !std::is_same_v<V, bool> && !std::is_same_v<V, char>;
 
@@ -122,66 +44,71 @@ template <class R>
 concept JsonNumberRange = std::ranges::input_range<R> &&
                           JsonNumber<std::remove_cvref_t<std::ranges::range_reference_t<R>>>;
 
+/// v as the number JSON holds. nlohmann::json keeps every floating-point value as a double,
+/// and 0.1f widened is 0.10000000149011612: a float goes through its own shortest
+/// round-trip text instead, so it is written as "0.1" and still reads back as 0.1f.
+template <JsonNumber V>
+auto json_number(V v) {
+    if constexpr (std::is_same_v<V, float>) {
+        if (!std::isfinite(v)) return static_cast<double>(v);  // written as null
+        char buf[32];
+        const auto end = std::to_chars(buf, buf + sizeof buf, v).ptr;
+        double d = 0.0;
+        std::from_chars(buf, end, d);
+        return d;
+    } else if constexpr (std::is_floating_point_v<V>) {
+        return static_cast<double>(v);
+    } else if constexpr (std::is_signed_v<V>) {
+        return static_cast<std::int64_t>(v);
+    } else {
+        return static_cast<std::uint64_t>(v);
+    }
+}
+
 }  // namespace detail
 
-/// One JSON object, built field by field. Field names are not checked for duplicates.
+/// One JSON object, built field by field, in the order the fields are given. A name given
+/// again replaces the earlier value (in its place), so a line never holds a key twice.
+/// Written by nlohmann::json (detail::to_json_line).
 class JsonLine {
 public:
     /// A number (integers exactly; floating point in shortest round-trip form, non-finite
     /// values as null).
     template <detail::JsonNumber V>
     JsonLine& field(std::string_view name, V value) {
-        key(name);
-        detail::append_json_number(text_, value);
-        return *this;
+        return set(name, detail::json_number(value));
     }
-    JsonLine& field(std::string_view name, bool value) {
-        key(name);
-        text_ += value ? "true" : "false";
-        return *this;
-    }
-    JsonLine& field(std::string_view name, std::string_view value) {
-        key(name);
-        detail::append_json_string(text_, value);
-        return *this;
-    }
+    JsonLine& field(std::string_view name, bool value) { return set(name, value); }
+    JsonLine& field(std::string_view name, std::string_view value) { return set(name, std::string(value)); }
     JsonLine& field(std::string_view name, const char* value) { return field(name, std::string_view(value)); }
-    JsonLine& field(std::string_view name, const std::string& value) {
-        return field(name, std::string_view(value));
-    }
-    JsonLine& field(std::string_view name, std::nullptr_t) {
-        key(name);
-        text_ += "null";
-        return *this;
-    }
+    JsonLine& field(std::string_view name, const std::string& value) { return set(name, value); }
+    JsonLine& field(std::string_view name, std::nullptr_t) { return set(name, nullptr); }
     /// An array of numbers: a std::vector, std::array, std::span, ... of arithmetic values.
     template <detail::JsonNumberRange R>
     JsonLine& field(std::string_view name, const R& values) {
-        key(name);
-        text_ += '[';
-        bool first = true;
-        for (const auto& v : values) {
-            if (!first) text_ += ',';
-            first = false;
-            detail::append_json_number(text_, v);
-        }
-        text_ += ']';
-        return *this;
+        nlohmann::ordered_json array = nlohmann::ordered_json::array();
+        for (const auto& v : values) array.push_back(detail::json_number(v));
+        return set(name, std::move(array));
+    }
+    /// Any other JSON value: an object, an array of strings, ...
+    JsonLine& field(std::string_view name, nlohmann::ordered_json value) {
+        return set(name, std::move(value));
     }
 
     /// The object as one line of text, without the newline.
-    std::string str() const { return text_.empty() ? std::string("{}") : text_ + "}"; }
-    bool empty() const { return text_.empty(); }
-    void clear() { text_.clear(); }
+    std::string str() const { return detail::to_json_line(object_); }
+    /// The object itself.
+    const nlohmann::ordered_json& json() const { return object_; }
+    bool empty() const { return object_.empty(); }
+    void clear() { object_ = nlohmann::ordered_json::object(); }
 
 private:
-    void key(std::string_view name) {
-        text_ += text_.empty() ? '{' : ',';
-        detail::append_json_string(text_, name);
-        text_ += ':';
+    JsonLine& set(std::string_view name, nlohmann::ordered_json value) {
+        object_[std::string(name)] = std::move(value);
+        return *this;
     }
 
-    std::string text_;  // "{...", without the closing brace
+    nlohmann::ordered_json object_ = nlohmann::ordered_json::object();
 };
 
 /// Appends JsonLines to a file, one per line, flushing after each.
