@@ -23,6 +23,7 @@
 #include <lowrank/linalg/thin_gemm.hpp>
 #include <lowrank/models/gpt2.hpp>
 #include <lowrank/models/gpt2_export.hpp>
+#include <lowrank/models/gpt2_kv_cache.hpp>
 #include <lowrank/models/gpt2_sample.hpp>
 #include <lowrank/models/gpt2_weights.hpp>
 #include <lowrank/models/mlp.hpp>

@@ -1,11 +1,13 @@
 // The GPT-2 model: configurations and parameter counts, names and roles, initialisation,
 // the tape's loss against a forward written with plain Eigen and loops, gradients of every
 // parameter by finite differences, causality, errors, a short training run, and a steady-
-// state step that allocates nothing. Double for the exact checks, float for training.
+// state step that allocates nothing, as does a token through the key/value cache (whose
+// other tests are in test_gpt2_sample.cpp). Double for the exact checks, float for training.
 
 #include <lowrank/autograd/gradcheck.hpp>
 #include <lowrank/core/threads.hpp>
 #include <lowrank/models/gpt2.hpp>
+#include <lowrank/models/gpt2_kv_cache.hpp>
 #include <lowrank/optim/adam.hpp>
 
 #include <catch2/catch.hpp>
@@ -679,6 +681,42 @@ TEST_CASE("Gpt2 training step in steady state allocates nothing", "[models][gpt2
     CHECK(second == 0);
     CHECK(third == 0);
     CHECK(other_shape > 0);
+#else
+    SUCCEED("allocation counting is off under sanitizers");
+#endif
+}
+
+TEST_CASE("Gpt2KvCache appends a token in steady state without allocating", "[models][gpt2][sample]") {
+#if LOWRANK_GPT2_TEST_COUNT_MALLOC
+    // As the training step above: one thread, a model small enough for stack-packed GEMMs.
+    const int saved_threads = lowrank::num_threads();
+    lowrank::set_num_threads(1);
+    Rng rng(23);
+    Gpt2Config config;
+    config.n_layer = 2;
+    config.n_head = 2;
+    config.n_embd = 32;
+    config.block_size = 16;
+    config.vocab_size = 64;
+    Gpt2<float> model(config, rng);
+    auto allocations_in = [&](auto&& f) {
+        gpt2_allocations = 0;
+        gpt2_counting = true;
+        f();
+        gpt2_counting = false;
+        return gpt2_allocations.load();
+    };
+    lowrank::Gpt2KvCache<float> cache(model);
+    const std::vector<std::int32_t> prompt{1, 2, 3};
+    const long prefill = allocations_in([&] { cache.prefill(prompt); });
+    const long first = allocations_in([&] { cache.append(4); });
+    long later = 0;
+    for (std::int32_t id = 5; id < 17; ++id) later += allocations_in([&] { cache.append(id); });
+    lowrank::set_num_threads(saved_threads);
+    INFO("allocations: prefill " << prefill << ", first token " << first << ", 12 more " << later);
+    CHECK(prefill > 0);  // the counter works: the first pass builds the tape
+    CHECK(later == 0);
+    CHECK(cache.full());
 #else
     SUCCEED("allocation counting is off under sanitizers");
 #endif

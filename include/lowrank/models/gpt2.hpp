@@ -114,6 +114,9 @@ struct Gpt2Block {
 template <class T>
 class Gpt2 {
 public:
+    /// The LayerNorms' epsilon (PyTorch's default, as GPT-2's).
+    static constexpr double kLayerNormEps = 1e-5;
+
     /// Builds the model with GPT-2's initialisation, drawing from `rng` in this order: wte,
     /// wpe, then per block the weights of c_attn, attn.c_proj, c_fc, mlp.c_proj. Weights
     /// and embeddings are N(0, 0.02), the two residual projections N(0, 0.02 / sqrt(2 L));
@@ -255,7 +258,7 @@ private:
     }
 
     Var<T> norm(Graph<T>& g, const Var<T>& x, Parameter<T>& weight, Parameter<T>& bias) const {
-        return layer_norm(g, x, g.param(weight), config_.bias ? g.param(bias) : Var<T>{}, 1e-5);
+        return layer_norm(g, x, g.param(weight), config_.bias ? g.param(bias) : Var<T>{}, kLayerNormEps);
     }
 
     /// The final hidden state ln_f(x) (B*T x C).
