@@ -76,12 +76,17 @@ def rank_series(run, name, start_rank, final_rank):
         if e["layer"] == name and e["event"] != "init" and e["new_rank"] != points[-1][1]:
             points.append((e["step"], points[-1][1]))
             points.append((e["step"], e["new_rank"]))
-    points.append((run["result"]["steps"], final_rank))
+    # To the end at the last rank; a final rank the events do not reach (a layer whose last
+    # change went unlogged) steps there at the end instead of drawing a slope to it.
+    points.append((run["result"]["steps"], points[-1][1]))
+    if final_rank != points[-1][1]:
+        points.append((run["result"]["steps"], final_rank))
     return points
 
 
 def gnuplot(panels, out_svg, data_dir, xlabel):
-    """panels: [(title, ylabel, {series name: [(x, y), ...]})], one plot each, stacked."""
+    """panels: [(title, ylabel, {series name: [(x, y), ...]}[, {"log_y": True}])], one plot
+    each, stacked; log_y puts that panel's y axis on a log scale (ranks spanning decades)."""
     program = shutil.which("gnuplot")
     if not program:
         print("results: gnuplot not found, no plot (bash scripts/setup.sh installs gnuplot-nox)", file=sys.stderr)
@@ -94,7 +99,9 @@ def gnuplot(panels, out_svg, data_dir, xlabel):
         f'set xlabel "{xlabel}"',
         "set grid",
     ]
-    for i, (title, ylabel, series) in enumerate(panels):
+    for i, (title, ylabel, series, *options) in enumerate(panels):
+        log_y = bool(options and options[0].get("log_y"))
+        script.append("set logscale y" if log_y else "unset logscale y")
         parts = []
         for j, (label, points) in enumerate(series.items()):
             dat = Path(data_dir) / f"plot{i}_{j}.dat"

@@ -51,15 +51,21 @@ def run_method(binary, method, args, out):
 
 
 def plot(runs, out_svg, data_dir):
+    """One panel per method, one series per hidden layer: its rank over training, as the
+    rank log's events step it (from the layer's initial rank: the "init" event's, else the
+    hidden width), on a log axis when a method's ranks span a decade or more."""
     any_run = next(iter(runs.values()))
     names = list(any_run["result"]["final_ranks"].keys())[:-1]  # hidden layers; the output layer stays dense
     panels = []
-    for i, name in enumerate(names):
+    for method, run in runs.items():
         series = {}
-        for method, run in runs.items():
-            first = run["log"][0]["ranks"][i] if run["log"] else run["result"]["final_ranks"][name]
-            series[method] = rank_series(run, name, first, run["result"]["final_ranks"][name])
-        panels.append((f"{name}: rank of each method over training", "rank", series))
+        for name in names:
+            final = run["result"]["final_ranks"][name]
+            start = run["result"].get("hidden", final)
+            series[name] = rank_series(run, name, start, final)
+        values = [r for points in series.values() for _, r in points if r > 0]
+        log_y = bool(values) and max(values) >= 10 * min(values)
+        panels.append((f"{method}: rank of each hidden layer over training", "rank", series, {"log_y": log_y}))
     return gnuplot(panels, out_svg, data_dir, "optimizer step")
 
 
