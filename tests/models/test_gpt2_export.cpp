@@ -7,6 +7,7 @@
 #include <lowrank/models/gpt2_export.hpp>
 #include <lowrank/models/gpt2_weights.hpp>
 
+#include "gpt2_test_config.hpp"
 #include "../test_support.hpp"
 
 #include <catch2/catch.hpp>
@@ -21,18 +22,8 @@ namespace test_gpt2_export {
 
 using namespace lowrank;
 using Catch::Contains;
+using lowrank::test::gpt2_test_config;
 using lowrank::test::TempDir;
-
-Gpt2Config small_config() {
-    Gpt2Config c;
-    c.name = "small";
-    c.n_layer = 2;
-    c.n_head = 2;
-    c.n_embd = 8;
-    c.block_size = 6;
-    c.vocab_size = 11;
-    return c;
-}
 
 const std::vector<std::int32_t> kIds{3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8};  // B = 2, T = 6
 
@@ -46,7 +37,7 @@ MatrixD logits(Gpt2<double>& model) {
 /// parameter (frozen bases, LoRA's zero-started U, SST's frozen pairs) random.
 struct Trained {
     Rng rng{11};
-    Gpt2<double> model{small_config(), rng};
+    Gpt2<double> model{gpt2_test_config(), rng};
 
     Trained() {
         auto slots = model.layer_slots();
@@ -94,7 +85,7 @@ TEST_CASE("a GPT-2 of every layer type exports as the dense model in Hugging Fac
     CHECK(doc.at("config").at("n_embd") == 8);
 
     Rng other(3);
-    Gpt2<double> dense(small_config(), other);
+    Gpt2<double> dense(gpt2_test_config(), other);
     CHECK(load_gpt2_weights(dense, path) == Gpt2WeightLayout::conv1d);
     const MatrixD got = logits(dense);
     CHECK((got - expected).norm() <= 1e-12 * expected.norm());
@@ -115,7 +106,7 @@ TEST_CASE("a GPT-2 of every layer type exports as the dense model in nanoGPT's l
     CHECK(r.matrix<double>("lm_head.weight") == r.matrix<double>("transformer.wte.weight"));
     CHECK(r.names().size() == 2 + 2 * 12 + 2 + 1);
     Rng other(4);
-    Gpt2<double> dense(small_config(), other);
+    Gpt2<double> dense(gpt2_test_config(), other);
     CHECK(load_gpt2_weights(dense, path) == Gpt2WeightLayout::linear);
     CHECK((logits(dense) - expected).norm() <= 1e-12 * expected.norm());
 }
@@ -146,13 +137,13 @@ TEST_CASE("the low-rank export keeps the factors where they are cheaper and load
     // A LowRankLinear without a base is stored as it is: the same function, bit for bit.
     CHECK(loaded.blocks()[1].c_attn.get<LowRankLinear<double>>().U.value ==
           t.model.blocks()[1].c_attn.get<LowRankLinear<double>>().U.value);
-    CHECK(loaded.parameter_count() < Gpt2<double>::parameter_count(small_config()));
+    CHECK(loaded.parameter_count() < Gpt2<double>::parameter_count(gpt2_test_config()));
 }
 
 TEST_CASE("a float model exports F32", "[models][gpt2][export]") {
     TempDir dir;
     Rng rng(5);
-    Gpt2<float> model(small_config(), rng);
+    Gpt2<float> model(gpt2_test_config(), rng);
     save_gpt2_weights(model, dir / "f.safetensors", Gpt2ExportLayout::hf);
     CHECK(SafetensorsReader(dir / "f.safetensors").dtype("transformer.h.0.attn.c_attn.weight") == "F32");
     Gpt2<float> back = [&] {
@@ -169,7 +160,7 @@ TEST_CASE("exporting and loading name the layout, the config and the layer that 
     CHECK_THROWS_WITH(parse_gpt2_export_layout("onnx"),
                       Contains("expected one of hf, nanogpt, lowrank") && Contains("got 'onnx'"));
 
-    Gpt2Config no_bias = small_config();
+    Gpt2Config no_bias = gpt2_test_config();
     no_bias.bias = false;
     Rng rng(6);
     Gpt2<double> plain(no_bias, rng);

@@ -6,6 +6,8 @@
 #include <lowrank/models/gpt2.hpp>
 #include <lowrank/models/gpt2_weights.hpp>
 
+#include "gpt2_test_config.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cstdint>
@@ -18,19 +20,9 @@ namespace test_gpt2_weights {
 
 using namespace lowrank;
 using Catch::Contains;
+using lowrank::test::gpt2_test_config;
 
 namespace {
-
-Gpt2Config small_config() {
-    Gpt2Config c;
-    c.name = "small";
-    c.n_layer = 2;
-    c.n_head = 2;
-    c.n_embd = 8;
-    c.block_size = 6;
-    c.vocab_size = 11;
-    return c;
-}
 
 std::string temp_path(const std::string& name) {
     return (std::filesystem::temp_directory_path() / ("lowrank_test_gpt2_weights_" + name)).string();
@@ -91,13 +83,13 @@ void require_same_parameters(Gpt2<double>& a, Gpt2<double>& b) {
 TEST_CASE("GPT-2 weights in Hugging Face's Conv1D layout load transposed, with or without the prefix",
           "[models][gpt2][io]") {
     Rng rng_a(1), rng_b(2);
-    Gpt2<double> source(small_config(), rng_a);
+    Gpt2<double> source(gpt2_test_config(), rng_a);
     const std::vector<std::int32_t> ids{3, 1, 4, 1, 5, 9};
     for (const std::string prefix : {"", "transformer."}) {
         INFO("prefix '" << prefix << "'");
         const std::string path = temp_path("hf.safetensors");
         write_hf(source, path, prefix);
-        Gpt2<double> target(small_config(), rng_b);
+        Gpt2<double> target(gpt2_test_config(), rng_b);
         CHECK(logits(target, ids) != logits(source, ids));
         CHECK(load_gpt2_weights(target, path) == Gpt2WeightLayout::conv1d);
         require_same_parameters(source, target);
@@ -108,12 +100,12 @@ TEST_CASE("GPT-2 weights in Hugging Face's Conv1D layout load transposed, with o
 
 TEST_CASE("GPT-2 weights in our own (nn.Linear) layout load as they are", "[models][gpt2][io]") {
     Rng rng_a(3), rng_b(4);
-    Gpt2<double> source(small_config(), rng_a);
+    Gpt2<double> source(gpt2_test_config(), rng_a);
     SafetensorsWriter w;
     for (auto* p : source.parameters()) w.add(p->name(), p->value);
     const std::string path = temp_path("ours.safetensors");
     w.write(path);
-    Gpt2<double> target(small_config(), rng_b);
+    Gpt2<double> target(gpt2_test_config(), rng_b);
     CHECK(load_gpt2_weights(target, path) == Gpt2WeightLayout::linear);
     require_same_parameters(source, target);
     std::filesystem::remove(path);
@@ -122,17 +114,17 @@ TEST_CASE("GPT-2 weights in our own (nn.Linear) layout load as they are", "[mode
 TEST_CASE("Loading GPT-2 weights names every missing, mis-shaped and unexpected tensor and changes nothing",
           "[models][gpt2][io][errors]") {
     Rng rng_a(5), rng_b(6);
-    Gpt2<double> source(small_config(), rng_a);
+    Gpt2<double> source(gpt2_test_config(), rng_a);
     const std::string path = temp_path("bad.safetensors");
 
     write_hf(source, path, "", "transformer.h.1.mlp.c_fc.bias", "h.0.mlp.extra");
-    Gpt2<double> target(small_config(), rng_b);
+    Gpt2<double> target(gpt2_test_config(), rng_b);
     const MatrixD before = logits(target, {1, 2, 3});
     CHECK_THROWS_WITH(load_gpt2_weights(target, path),
                       Contains("missing: transformer.h.1.mlp.c_fc.bias") && Contains("unexpected: h.0.mlp.extra"));
     CHECK(logits(target, {1, 2, 3}) == before);  // nothing was loaded
 
-    Gpt2Config wider = small_config();
+    Gpt2Config wider = gpt2_test_config();
     wider.vocab_size = 12;  // wte has one row more than the file's
     write_hf(source, path, "");
     Rng rng_c(7);
@@ -144,7 +136,7 @@ TEST_CASE("Loading GPT-2 weights names every missing, mis-shaped and unexpected 
 TEST_CASE("A GPT-2 weights file with 10,000 unexpected tensors gives a short message naming the first ones",
           "[models][gpt2][io][errors]") {
     Rng rng_a(5), rng_b(6);
-    Gpt2<double> source(small_config(), rng_a);
+    Gpt2<double> source(gpt2_test_config(), rng_a);
     const std::string path = temp_path("junk.safetensors");
     SafetensorsWriter w;
     for (auto* p : source.parameters()) w.add(p->name(), p->value);
@@ -152,7 +144,7 @@ TEST_CASE("A GPT-2 weights file with 10,000 unexpected tensors gives a short mes
     for (int i = 0; i < 10000; ++i)
         w.add("junk." + std::to_string(10000 + i) + "." + std::string(i == 0 ? 100000 : 200, 'j'), zero, {1});
     w.write(path);
-    Gpt2<double> target(small_config(), rng_b);
+    Gpt2<double> target(gpt2_test_config(), rng_b);
     const MatrixD before = logits(target, {1, 2, 3});
     try {
         load_gpt2_weights(target, path);
