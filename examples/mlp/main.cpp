@@ -28,6 +28,7 @@
 #include <lowrank/train/callbacks.hpp>
 #include <lowrank/train/run.hpp>
 
+#include "common/checkpoint_cli.hpp"
 #include "common/cli_checks.hpp"
 #include "common/kept_checkpoints.hpp"
 #include "common/method_cli.hpp"
@@ -496,30 +497,8 @@ int main(int argc, char** argv) {
                    "Write everything the run writes into this folder (created if missing): metrics.jsonl, "
                    "ranks.jsonl, checkpoint.safetensors (always at the end), result.json; an explicit --log, "
                    "--rank-log or --save is used as given");
-    app.add_option("--save", cfg.save,
-                   "Write a checkpoint (safetensors) here at the end and every --save-every steps");
-    app.add_option("--save-every", cfg.save_every, "Steps between checkpoints (0: only at the end)")
-        ->check(lowrank::examples::non_negative)
-        ->capture_default_str();
-    app.add_option("--stop-at", cfg.stop_at,
-                   "Stop (and --save) after this step, as if interrupted; --resume continues the same run")
-        ->check(lowrank::examples::non_negative);
-    app.add_option("--keep-last", cfg.keep_last,
-                   "Also keep the K newest checkpoints beside --save's file as <stem>-step<N>.safetensors, "
-                   "removing older ones once a new one is complete (0: only --save's file, the newest)")
-        ->check(CLI::Range(0, 1 << 20))
-        ->capture_default_str();
-    app.add_option("--resume", cfg.resume,
-                   "Continue a saved run exactly, mid-epoch too: a checkpoint FILE, a run's folder DIR (its "
-                   "newest checkpoint; the run goes on writing there unless --out-dir or --save is given), or "
-                   "auto (the newest checkpoint of --out-dir, --save or ./checkpoint.safetensors; a new run if "
-                   "there is none). The settings come from the checkpoint; any given again must agree with it")
-        ->type_name("FILE|DIR|auto");
-    app.add_option("--resume-allow", cfg.resume_allow,
-                   "Settings a --resume may change on purpose, comma-separated (--resume-allow=--epochs "
-                   "extends a run); the run then differs from the saved one's, by choice")
-        ->delimiter(',')
-        ->check(CLI::IsMember(kResumeAllowable));
+    lowrank::examples::add_checkpoint_options(app, cfg, kResumeAllowable,
+                                              {.extends = "--epochs", .mid_epoch = true});
     lowrank::examples::add_step_line_options(app, cfg.step_lines, "samples/s");
     lowrank::examples::add_method_options(app, cfg.method, "hidden / 4");
     app.add_option("--rank-log", cfg.rank_log,
