@@ -44,6 +44,8 @@ def parse_args():
     ap.add_argument("--binary", default=None, help="a built lowrank-gpt2 (default: build the release preset)")
     ap.add_argument("--data", default=str(ROOT / "data" / "text" / "corpus-bytes"))
     ap.add_argument("--out", default=str(ROOT / "build" / "results" / "claims_cuttlefish"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back a run kept in --out with the same command instead of running it again")
     ap.add_argument("--write-docs", action="store_true")
     return ap.parse_args()
 
@@ -68,7 +70,7 @@ def main():
         "imagenet-nofrob": ["--method", "cuttlefish", "--cuttlefish-preset", "imagenet", "--cuttlefish-frobenius", "0"],
     }
     start = datetime.datetime.now()
-    runs = run_grid(binary, specs, seeds, common, args.out, args.jobs)
+    runs = run_grid(binary, specs, seeds, common, args.out, args.jobs, reuse=args.reuse)
     # The control: from-scratch factors at the imagenet run's mean final rank, seed by seed.
     scratch = {}
     for s in seeds:
@@ -76,7 +78,7 @@ def main():
         r = max(1, round(sum(ranks) / len(ranks)))
         label = f"scratch-r{r}"
         got = run_grid(binary, {label: ["--method", "inrank", "--inrank-no-grow", "--inrank-initial-rank", str(r)]},
-                       [s], common, args.out, 1)
+                       [s], common, args.out, 1, reuse=args.reuse)
         scratch[s] = (r, got[label][s])
     minutes = (datetime.datetime.now() - start).total_seconds() / 60
 

@@ -48,6 +48,8 @@ def parse_args():
     ap.add_argument("--binary", default=None, help="a built lowrank-gpt2 (default: build the release preset)")
     ap.add_argument("--tokenize", default=None, help="a built lowrank-tokenize (default: build it)")
     ap.add_argument("--out", default=str(ROOT / "build" / "results" / "claims_deeplora"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back a run kept in --out with the same command instead of running it again")
     ap.add_argument("--write-docs", action="store_true")
     return ap.parse_args()
 
@@ -75,7 +77,7 @@ def main():
     pre = out / "pretrained.safetensors"
     run_grid(binary, {"pretrain": ["--data", str(out / "sotu"), "--steps", str(args.pretrain_steps), "--lr", "3e-3",
                                    "--eval-every", "100", "--export", str(pre), "--export-layout", "nanogpt"]},
-             [0], common, out, 1)
+             [0], common, out, 1, reuse=args.reuse)
     specs = {}
     for n in examples:
         adapt = ["--data", str(out / "moby"), "--init-from", str(pre), "--steps", str(args.steps), "--lr", str(args.lr),
@@ -85,7 +87,7 @@ def main():
         for r in ranks:
             specs[f"deeplora-r{r}-n{n}"] = [*adapt, "--method", "deeplora", "--deeplora-compress", "--rank", str(r)]
         specs[f"none-n{n}"] = [*adapt, "--method", "dense", "--steps", "1", "--lr", "1e-12"]  # the pre-trained model
-    runs = run_grid(binary, specs, seeds, common, out, args.jobs)
+    runs = run_grid(binary, specs, seeds, common, out, args.jobs, reuse=args.reuse)
     minutes = (datetime.datetime.now() - start).total_seconds() / 60
 
     def val(label):

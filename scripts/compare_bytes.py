@@ -50,6 +50,8 @@ def parse_args():
     ap.add_argument("--binary", default=None, help="a built lowrank-gpt2 (default: build the release preset)")
     ap.add_argument("--data", default=str(ROOT / "data" / "text" / "corpus-bytes"))
     ap.add_argument("--out", default=str(ROOT / "build" / "results" / "bytes"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back a run kept in --out with the same command instead of running it again")
     ap.add_argument("--write-docs", action="store_true",
                     help="write the table into README.md and docs/results.md (their compare-bytes blocks)")
     ap.add_argument("extra", nargs="*", help="further lowrank-gpt2 options, after --")
@@ -103,6 +105,15 @@ def table(rows, unigram_bpb, n_seeds):
                    f"{ranks_text(r['ranks'])} |")
     if unigram_bpb:
         out.append(f"| unigram baseline | {unigram_bpb:.3f} | | | | | | | |")
+    # One line that says which differences are beyond the seeds' noise.
+    groups = {}
+    for method, r in rows.items():
+        if "delta" in r:
+            groups.setdefault(verdict(r["delta"]), []).append(method)
+    if groups:
+        out.append("")
+        out.append("Against dense, in bits per byte: " + "; ".join(
+            f"{v}: {', '.join(ms)}" for v, ms in groups.items()) + ".")
     return "\n".join(out)
 
 
@@ -150,7 +161,7 @@ def main():
     specs = {m: ["--method", m, *args.extra] for m in methods}
     out = Path(args.out)
     start = datetime.datetime.now()
-    runs = run_grid(binary, specs, seeds, common, out, args.jobs, args.threads)
+    runs = run_grid(binary, specs, seeds, common, out, args.jobs, args.threads, reuse=args.reuse)
     seconds = (datetime.datetime.now() - start).total_seconds()
     rows = summarise(runs, seeds)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))

@@ -170,10 +170,12 @@ def build_byte_trainer(binary=None):
     return str(ROOT / "build" / "release" / "examples" / "gpt2" / "lowrank-gpt2")
 
 
-def run_grid(binary, specs, seeds, common, out, jobs, threads=1):
+def run_grid(binary, specs, seeds, common, out, jobs, threads=1, reuse=False):
     """Runs every spec (label -> lowrank-gpt2 options) with every seed, `jobs` at a time,
     after the options `common`; returns {label: {seed: run}} (run_trainer's records, also
-    kept as OUT/<label>.seed<N>.run.json)."""
+    kept as OUT/<label>.seed<N>.run.json). With reuse, a run whose record is there with
+    exactly the same command is read back instead of run again (to redraw a page; the
+    binary is not compared, so not after a change to the library)."""
     import concurrent.futures
 
     out = Path(out)
@@ -184,6 +186,11 @@ def run_grid(binary, specs, seeds, common, out, jobs, threads=1):
         log, ranks = Path(f"{stem}.metrics.jsonl"), Path(f"{stem}.ranks.jsonl")
         cmd = [binary, *common, *specs[label], "--seed", str(seed), "--threads", str(threads), "--log", str(log),
                "--rank-log", str(ranks), "--quiet"]
+        saved = Path(f"{stem}.run.json")
+        if reuse and saved.exists():
+            previous = json.loads(saved.read_text())
+            if previous["cmd"] == cmd:
+                return previous
         run = run_trainer(cmd, f"{label} seed {seed}", log, ranks, env=trainer_env(threads))
         Path(f"{stem}.run.json").write_text(json.dumps(run))
         return run
