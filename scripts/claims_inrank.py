@@ -160,7 +160,7 @@ def check_steps(args):
 
 def interval_verdict(ci, good_below, bad_above=None):
     """holds: the whole interval below `good_below`; does not hold: the whole interval above
-    `bad_above` (default the same bound); holds partly otherwise."""
+    `bad_above` (default the same bound); not settled otherwise (the interval spans the bound)."""
     mean, half = ci
     half = half or 0.0
     bad_above = good_below if bad_above is None else bad_above
@@ -168,7 +168,7 @@ def interval_verdict(ci, good_below, bad_above=None):
         return "holds"
     if mean - half > bad_above:
         return "does not hold here"
-    return "holds partly"
+    return "not settled here (the interval spans the bound)"
 
 
 def pct(ci, digits=1):
@@ -348,7 +348,7 @@ def main():
             "fraction when its interval lies below 33%; quality when the interval of InRank's relative gap lies "
             f"below +{100 * QUALITY_TOLERANCE:.0f}% (twice the paper's gap in loss); the fixed-rank comparison, "
             "time and size when the interval lies below 0; *does not hold here* when the interval lies wholly "
-            "on the wrong side; *holds partly* otherwise. Dense's train seconds exclude the tracker's SVDs "
+            "on the wrong side; *not settled here* otherwise. Dense's train seconds exclude the tracker's SVDs "
             "(`update_rank_seconds`). Raw outputs: build/results/claims_inrank.",
             END,
         ]
