@@ -408,11 +408,18 @@ int train(Config cfg, const lowrank::Communicator& world) {
 
     // --export: the model as it ends, weights only (models/gpt2_export.hpp). A --resume of a
     // finished run trains nothing, so this also exports a checkpoint.
+    // hf: config.json beside it, which GPT2LMHeadModel.from_pretrained(folder) reads.
     if (!cfg.export_path.empty() && root) {
-        lowrank::save_gpt2_weights(model, cfg.export_path, lowrank::parse_gpt2_export_layout(cfg.export_layout));
+        const lowrank::Gpt2ExportLayout layout = lowrank::parse_gpt2_export_layout(cfg.export_layout);
+        lowrank::save_gpt2_weights(model, cfg.export_path, layout);
+        const std::string hf_config =
+            (std::filesystem::path(cfg.export_path).parent_path() / "config.json").string();
+        const bool hf = layout == lowrank::Gpt2ExportLayout::hf;
+        if (hf) lowrank::save_gpt2_hf_config<float>(model.config(), hf_config);
         if (!cfg.quiet)
             std::cerr << "lowrank-gpt2: exported the model (" << cfg.export_layout << " layout, "
-                      << std::filesystem::file_size(cfg.export_path) << " bytes) to " << cfg.export_path << "\n";
+                      << std::filesystem::file_size(cfg.export_path) << " bytes) to " << cfg.export_path
+                      << (hf ? ", its config to " + hf_config : "") << "\n";
     }
 
     if (cfg.sample > 0 && root) {
@@ -597,7 +604,9 @@ int main(int argc, char** argv) {
         ->check(CLI::Range(0.0, 1.0).description("each in (0, 1)"))
         ->type_name("ALPHA[,ALPHA]");
     app.add_option("--export", cfg.export_path,
-                   "At the end, write the model's weights alone to this safetensors file (--export-layout)")
+                   "At the end, write the model's weights alone to this safetensors file (--export-layout); "
+                   "hf also writes config.json beside it, so that a folder holding it as model.safetensors "
+                   "loads with transformers' GPT2LMHeadModel.from_pretrained")
         ->type_name("PATH");
     app.add_option("--export-layout", cfg.export_layout,
                    "hf: Hugging Face's GPT2LMHeadModel (Conv1D), nanogpt: nn.Linear, both with every "

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -109,6 +110,49 @@ TEST_CASE("a GPT-2 of every layer type exports as the dense model in nanoGPT's l
     Gpt2<double> dense(gpt2_test_config(), other);
     CHECK(load_gpt2_weights(dense, path) == Gpt2WeightLayout::linear);
     CHECK((logits(dense) - expected).norm() <= 1e-12 * expected.norm());
+}
+
+TEST_CASE("save_gpt2_pretrained writes the folder from_pretrained reads: the hf file and GPT2Config's config.json",
+          "[models][gpt2][export]") {
+    TempDir dir;
+    Trained t;
+    const MatrixD expected = logits(t.model);
+    const auto folder = dir / "hf-model";  // created
+    save_gpt2_pretrained(t.model, folder);
+
+    std::ifstream in(folder / "config.json");
+    const auto config = nlohmann::json::parse(in);
+    CHECK(config.at("architectures") == nlohmann::json::array({"GPT2LMHeadModel"}));
+    CHECK(config.at("model_type") == "gpt2");
+    CHECK(config.at("vocab_size") == 11);
+    CHECK(config.at("n_positions") == 6);
+    CHECK(config.at("n_embd") == 8);
+    CHECK(config.at("n_layer") == 2);
+    CHECK(config.at("n_head") == 2);
+    CHECK(config.at("n_inner").is_null());  // 4 * n_embd
+    CHECK(config.at("activation_function") == "gelu_new");
+    CHECK(config.at("layer_norm_epsilon") == 1e-5);
+    CHECK(config.at("attn_pdrop") == 0.0);
+    CHECK(config.at("tie_word_embeddings") == true);
+    CHECK(config.at("torch_dtype") == "float64");
+    CHECK(config.at("bos_token_id").is_null());  // not GPT-2's vocabulary: no <|endoftext|>
+
+    Rng other(6);
+    Gpt2<double> dense(gpt2_test_config(), other);
+    CHECK(load_gpt2_weights(dense, (folder / "model.safetensors").string()) == Gpt2WeightLayout::conv1d);
+    CHECK((logits(dense) - expected).norm() <= 1e-12 * expected.norm());
+
+    // GPT-2's own vocabulary has <|endoftext|>; a float model is float32.
+    const auto tiny = gpt2_hf_config_json<float>(gpt2_config("tiny"));
+    CHECK(tiny.at("bos_token_id") == 50256);
+    CHECK(tiny.at("eos_token_id") == 50256);
+    CHECK(tiny.at("torch_dtype") == "float32");
+    CHECK(tiny.at("n_positions") == gpt2_config("tiny").block_size);
+
+    Gpt2Config no_bias = gpt2_test_config();
+    no_bias.bias = false;
+    CHECK_THROWS_WITH(save_gpt2_hf_config<double>(no_bias, (dir / "c.json").string()),
+                      Contains("save_gpt2_hf_config") && Contains("got bias = false"));
 }
 
 TEST_CASE("the low-rank export keeps the factors where they are cheaper and loads back with equal logits",

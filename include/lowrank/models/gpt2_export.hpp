@@ -18,8 +18,10 @@
 // both back into a dense Gpt2. Every file carries the metadata entry "lowrank.gpt2" (the
 // config and the layout; for lowrank also each factored slot's rank and scale), and, as
 // every safetensors file the library writes, "format": "pt". The scalar of the model is
-// the file's dtype (float: F32, double: F64).
+// the file's dtype (float: F32, double: F64). save_gpt2_pretrained writes an hf file with
+// the config.json beside it that transformers' from_pretrained needs.
 
+#include <lowrank/core/atomic_file.hpp>
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/json_read.hpp>
 #include <lowrank/core/rng.hpp>
@@ -35,10 +37,13 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <map>
 #include <set>
 #include <string>
 #include <string_view>
+#include <system_error>
+#include <type_traits>
 #include <utility>
 
 namespace lowrank {
@@ -174,6 +179,64 @@ void save_gpt2_weights(Gpt2<T>& model, const std::string& path, Gpt2ExportLayout
     }
     w.set_metadata(std::string(kGpt2ExportMetadataKey), doc.dump());
     w.write(path);
+}
+
+/// The config.json that transformers' GPT2LMHeadModel.from_pretrained reads beside an hf
+/// export (GPT2Config's keys): the sizes, GPT-2's fixed choices (tanh GELU "gelu_new",
+/// LayerNorm epsilon 1e-5, tied head), the dropout where lowrank applies it (after the
+/// embeddings and each residual projection; none on the attention weights), the dtype of a
+/// model of scalar T, and <|endoftext|> (50256) as the first and last token for GPT-2's
+/// vocabulary (null for another: a byte vocabulary has no such token).
+template <class T>
+nlohmann::ordered_json gpt2_hf_config_json(const Gpt2Config& c) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "a float or double model");
+    const nlohmann::ordered_json endoftext =
+        c.vocab_size == 50257 ? nlohmann::ordered_json(50256) : nlohmann::ordered_json(nullptr);
+    return {{"architectures", nlohmann::ordered_json::array({"GPT2LMHeadModel"})},
+            {"model_type", "gpt2"},
+            {"vocab_size", c.vocab_size},
+            {"n_positions", c.block_size},
+            {"n_ctx", c.block_size},
+            {"n_embd", c.n_embd},
+            {"n_layer", c.n_layer},
+            {"n_head", c.n_head},
+            {"n_inner", nullptr},
+            {"activation_function", "gelu_new"},
+            {"resid_pdrop", c.dropout},
+            {"embd_pdrop", c.dropout},
+            {"attn_pdrop", 0.0},
+            {"layer_norm_epsilon", Gpt2<T>::kLayerNormEps},
+            {"initializer_range", 0.02},
+            {"scale_attn_weights", true},
+            {"tie_word_embeddings", true},
+            {"bos_token_id", endoftext},
+            {"eos_token_id", endoftext},
+            {"torch_dtype", std::is_same_v<T, float> ? "float32" : "float64"}};
+}
+
+/// Writes gpt2_hf_config_json<T>(config) to `path` (atomically), indented as
+/// save_pretrained writes it. A model without biases is refused, as by the hf export.
+template <class T>
+void save_gpt2_hf_config(const Gpt2Config& config, const std::string& path) {
+    check(config.bias, detail::concat("save_gpt2_hf_config: '", path, "'"),
+          "expected a config with biases (Hugging Face's GPT-2 always has them), got bias = false");
+    const std::string text = gpt2_hf_config_json<T>(config).dump(2) + "\n";
+    write_file_atomically(path, "save_gpt2_hf_config",
+                          [&](const auto& put) { put(text.data(), text.size()); });
+}
+
+/// A folder that GPT2LMHeadModel.from_pretrained(dir) loads: dir/model.safetensors (the hf
+/// layout, every factorised layer merged) and dir/config.json. The folder is created if
+/// missing.
+template <class T>
+void save_gpt2_pretrained(Gpt2<T>& model, const std::filesystem::path& dir) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec)
+        throw Error(detail::concat("save_gpt2_pretrained: cannot create the folder '", dir.string(), "': ",
+                                   ec.message()));
+    save_gpt2_weights(model, (dir / "model.safetensors").string(), Gpt2ExportLayout::hf);
+    save_gpt2_hf_config<T>(model.config(), (dir / "config.json").string());
 }
 
 /// Builds the model a lowrank-layout export (save_gpt2_weights with

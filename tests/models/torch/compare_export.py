@@ -9,9 +9,11 @@ Conv1D layout) and WORK_DIR/nanogpt.safetensors (nn.Linear layout), and its logi
 script reads the files with tests/io/read_safetensors.py (independent of the C++ reader),
 loads each into a GPT-2 built from torch.nn modules with the state_dict names of
 transformers' GPT2LMHeadModel (Conv1D: weight (in x out), y = x W + b) or of nanoGPT's GPT
-(nn.Linear), strictly (the head tied to wte, as both tie it), and compares the logits.
+(nn.Linear), strictly (the head tied to wte, as both tie it), and compares the logits. It
+also checks WORK_DIR/hf-model/config.json against GPT2Config's keys and loads that folder
+with transformers.GPT2LMHeadModel.from_pretrained where transformers is installed.
 transformers itself is not packaged in Debian; the module structure and names here are
-those of its modeling_gpt2.py. Exits 77 (ctest: skipped) where torch is not installed.
+those of its modeling_gpt2.py (without it, the folder's model is built from config.json). Exits 77 (ctest: skipped) where torch is not installed.
 """
 
 import json
@@ -104,6 +106,25 @@ class Gpt2(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
 
+# What GPT2Config must say for transformers' GPT2LMHeadModel to be the model exported.
+HF_CONFIG_FIXED = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                   "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                   "tie_word_embeddings": True, "n_inner": None, "attn_pdrop": 0.0}
+
+
+def check_hf_config(path, cfg):
+    """Failures of the config.json at `path` against the export's own config `cfg`."""
+    with open(path, encoding="utf-8") as f:
+        hf = json.load(f)
+    failures = [f"config.json: {k} is {hf.get(k)!r}, expected {v!r}"
+                for k, v in HF_CONFIG_FIXED.items() if hf.get(k) != v]
+    for ours, theirs in (("n_embd", "n_embd"), ("n_layer", "n_layer"), ("n_head", "n_head"),
+                         ("block_size", "n_positions"), ("vocab_size", "vocab_size")):
+        if hf.get(theirs) != cfg[ours]:
+            failures.append(f"config.json: {theirs} is {hf.get(theirs)!r}, expected {cfg[ours]!r} ({ours})")
+    return hf, failures
+
+
 def main():
     program, work = sys.argv[1], sys.argv[2]
     os.makedirs(work, exist_ok=True)
@@ -134,6 +155,37 @@ def main():
         print(f"{layout}: {len(tensors)} tensors, logits {tuple(got.shape)}, max error {error:.2e} of max |logit|")
         if not error < 1e-5:
             failures.append(f"{layout}: logits differ by {error:.2e} of the largest, expected < 1e-5")
+    # The from_pretrained folder: its config.json, and the model transformers builds from it
+    # where transformers is installed (else the PyTorch twin above, built from config.json).
+    folder = os.path.join(work, "hf-model")
+    tensors, metadata, _ = read_safetensors.load(os.path.join(folder, "model.safetensors"))
+    hf, config_failures = check_hf_config(os.path.join(folder, "config.json"),
+                                          json.loads(metadata["lowrank.gpt2"])["config"])
+    failures += config_failures
+    if not config_failures:
+        try:
+            import transformers
+        except ImportError:
+            transformers = None
+        if transformers is not None:
+            model = transformers.GPT2LMHeadModel.from_pretrained(folder, torch_dtype=torch.float64).eval()
+            source = "transformers.GPT2LMHeadModel.from_pretrained"
+            with torch.no_grad():
+                got = model(ids).logits
+        else:
+            cfg = {"n_embd": hf["n_embd"], "n_layer": hf["n_layer"], "n_head": hf["n_head"],
+                   "block_size": hf["n_positions"], "vocab_size": hf["vocab_size"]}
+            model = Gpt2(cfg, True).double()
+            missing, unexpected = model.load_state_dict({k: v.double() for k, v in tensors.items()}, strict=False)
+            if sorted(missing) != ["lm_head.weight"] or unexpected:
+                failures.append(f"hf-model: missing {sorted(missing)}, unexpected {unexpected}")
+            source = "config.json (transformers is not installed)"
+            with torch.no_grad():
+                got = model(ids)
+        error = (got - expected).abs().max().item() / expected.abs().max().item()
+        print(f"hf-model: built from {source}, max error {error:.2e} of max |logit|")
+        if not error < 1e-5:
+            failures.append(f"hf-model: logits differ by {error:.2e} of the largest, expected < 1e-5")
     for f in failures:
         print("FAIL:", f)
     return 1 if failures else 0

@@ -1,9 +1,11 @@
 // Writes what tests/models/torch/compare_export.py checks against a GPT-2 written in
 // PyTorch: a micro GPT-2 whose projections are of every factorised layer type (LoRA with
 // alpha / r, LowRankLinear, SST, InRank below capacity, Deep LoRA compressed), exported in
-// Hugging Face's and nanoGPT's layouts, and its logits for a fixed batch.
+// Hugging Face's and nanoGPT's layouts and as a from_pretrained folder, and its logits for
+// a fixed batch.
 //
 //   lowrank-export-reference DIR   -> DIR/hf.safetensors, DIR/nanogpt.safetensors,
+//                                     DIR/hf-model/{model.safetensors,config.json},
 //                                     DIR/reference.safetensors (ids, logits)
 #include <lowrank/core/init.hpp>
 #include <lowrank/io/safetensors.hpp>
@@ -59,6 +61,7 @@ int main(int argc, char** argv) {
 
         save_gpt2_weights(model, dir + "/hf.safetensors", Gpt2ExportLayout::hf);
         save_gpt2_weights(model, dir + "/nanogpt.safetensors", Gpt2ExportLayout::nanogpt);
+        save_gpt2_pretrained(model, dir + "/hf-model");
         SafetensorsWriter w;
         Matrix<double> id_matrix(batch, seq);
         for (Index i = 0; i < batch * seq; ++i) id_matrix(i / seq, i % seq) = ids[static_cast<std::size_t>(i)];
