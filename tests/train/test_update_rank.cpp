@@ -91,7 +91,7 @@ TEST_CASE("inrank_alpha_ranks of a flat rank-k spectrum follows the closed form 
     CHECK(inrank_explained_ratio(flat(64, 40), 38) == Approx(flat_ratio(64, 40, 38)));
 }
 
-TEST_CASE("inrank_alpha_ranks: a zero or flat full-rank spectrum has rank 0; a full rank d always passes") {
+TEST_CASE("inrank_alpha_ranks: a zero or flat full-rank spectrum has rank 0, and a full rank d always passes") {
     // Zero variance: InRank's ratio is 1 for every k, so k = 0 already passes.
     CHECK(inrank_alpha_ranks(Eigen::VectorXd::Zero(8), {0.9, 0.99}) == std::vector<Index>{0, 0});
     CHECK(inrank_alpha_ranks(Eigen::VectorXd::Constant(8, 2.5), {0.9}) == std::vector<Index>{0});
