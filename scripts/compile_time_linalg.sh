@@ -3,7 +3,8 @@
 # docs/performance.md, "Compile time"): one translation unit that uses the SVD, compiled
 # with the SVD kernels inline (the default) and with them only declared, interleaved, and
 # the one file that compiles them (cmake/lowrank_linalg.cpp). Prints a markdown block with
-# the machine, the compiler, the load average and each repetition's wall and CPU time.
+# the machine, the compiler, the load average and each repetition's wall and CPU time,
+# between the markers of docs/performance.md's block (paste it over the old one).
 #
 #   bash scripts/compile_time_linalg.sh [--reps N] [--file SOURCE]
 #
@@ -58,6 +59,7 @@ rows+=("| 1 | cmake/lowrank_linalg.cpp | $lwall | $lcpu | $l0–$(load) |")
 
 cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
 avx512="$(grep -o -m1 -w avx512f /proc/cpuinfo || echo 'no avx512f')"
+echo "<!-- compile-time-linalg:begin -->"
 echo "**$cpu_model**, $(nproc) vCPUs ($avx512); $("$cxx" --version | head -n 1); $(date -u +%Y-%m-%dT%H:%M:%SZ);"
 echo "\`${file#"$root"/}\`, flags \`${flags[*]//$root\//}\`; command \`bash scripts/compile_time_linalg.sh --reps $reps\`."
 echo
@@ -68,3 +70,4 @@ echo
 printf 'Mean CPU time: %.1f s inline, %.1f s with LOWRANK_SEPARATE_LINALG: %.1f s saved per file.\n' \
     "$(echo "$sum_inline / $reps" | bc -l)" "$(echo "$sum_separate / $reps" | bc -l)" \
     "$(echo "($sum_inline - $sum_separate) / $reps" | bc -l)"
+echo "<!-- compile-time-linalg:end -->"
