@@ -35,6 +35,7 @@ struct MethodConfig {
     SstOptions sst{};
     std::string sst_sampling = "mixed";
     std::string sst_rewarm_scope = "all";
+    std::string sst_init = "svd";
     DeepLoraOptions deeplora{};
     std::string deeplora_init = "orthogonal";
     double deeplora_weight_decay = 0.0;  // DeepLoraOptions::weight_decay (the authors': 0)
@@ -174,6 +175,12 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
                     "group) or spectral (only the SST layers' U, V, sigma, in a group of their own)")
         ->check(CLI::IsMember({"all", "spectral"}))
         ->capture_default_str();
+    sst->add_option("--sst-init", m.sst_init,
+                    "sst: the factors at the switch: svd (the weight's SVD, the same function) or random "
+                    "(sigma from that SVD, U and V random unit-length columns, not orthogonal: the paper's "
+                    "ablation)")
+        ->check(CLI::IsMember({"svd", "random"}))
+        ->capture_default_str();
     sst->add_option("--sst-iteration-steps", m.sst.iteration_steps, "sst: T3, optimizer steps per iteration")
         ->check(CLI::PositiveNumber)
         ->capture_default_str();
@@ -292,6 +299,7 @@ PolicyList<T> make_policies(const MethodConfig& m, Index default_rank, const Lay
                      : m.sst_sampling == "sequential" ? SstSampling::sequential
                                                       : SstSampling::mixed;
         o.rewarm_scope = m.sst_rewarm_scope == "spectral" ? SstRewarmScope::spectral : SstRewarmScope::all;
+        o.init = m.sst_init == "random" ? SstInit::random : SstInit::svd;
         o.rewarm_steps = std::min(o.rewarm_steps, o.iteration_steps);  // a longer one never ends
         o.select = select;
         o.seed = seed;

@@ -338,6 +338,16 @@ Setup sst_options_setup(SstSampling sampling = SstSampling::sequential, bool sig
             }};
 }
 
+// The initialisation ablation: random bases, sigma from the weight's SVD.
+Setup sst_init_setup(SstInit init) {
+    return {.name = init == SstInit::random ? "sst-random-init" : "sst-svd-init",
+            .sizes = {8, 12, 12, 3},
+            .policies = [init](PolicyList<double>& l) {
+                l.add<Sst<double>>(SstOptions{
+                    .rank = 2, .iteration_steps = 3, .round_iterations = 2, .rewarm_steps = 1, .seed = 14, .init = init});
+            }};
+}
+
 Setup deep_lora_setup(double gamma = 0.01) {
     return {.name = gamma > 0.0 ? "deeplora" : "deeplora-gamma0",
             .sizes = {8, 12, 12, 3},
@@ -515,6 +525,27 @@ TEST_CASE("Sst refuses a resume under other options", "[policy][resume][sst][err
     Run trained(sst_options_setup(SstSampling::mixed, false));
     CHECK_THROWS_WITH(trained.policies()[0].restore(trained.ctx(), sigma.policies()[0].state()),
                       Catch::Matchers::Contains("option sigma_only is false here but true in the saved run"));
+}
+
+TEST_CASE("Sst with init random resumes exactly and refuses a resume under init svd", "[policy][resume][sst]") {
+    // Before and after the first re-SVD (after step 6): the random bases come back with the
+    // parameter values, not from a second draw.
+    for (const std::int64_t k : {std::int64_t{4}, std::int64_t{7}}) {
+        INFO("saved after " << k << " steps");
+        const Outcome o = check_resume(sst_init_setup(SstInit::random), k, 6);
+        CHECK(count(o.later, "resvd") >= 2);
+    }
+    Run random(sst_init_setup(SstInit::random));
+    random.steps(2);
+    Run svd(sst_init_setup(SstInit::svd));
+    CHECK_THROWS_WITH(svd.policies()[0].restore(svd.ctx(), random.policies()[0].state()),
+                      Catch::Matchers::Contains("option init is svd here but random in the saved run"));
+    // A state saved before the option existed counts as svd.
+    nlohmann::json old = svd.policies()[0].state();
+    old.erase("init");
+    CHECK_NOTHROW(svd.policies()[0].restore(svd.ctx(), old));
+    CHECK_THROWS_WITH(random.policies()[0].restore(random.ctx(), old),
+                      Catch::Matchers::Contains("option init is random here but svd in the saved run"));
 }
 
 TEST_CASE("A resumed Sst without its restored generator draws other vectors", "[policy][resume][sst]") {

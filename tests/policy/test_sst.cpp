@@ -1,7 +1,7 @@
 // The SST policy: the sampler, the conversion, the optimizer bookkeeping of a column swap,
 // clamping and renormalisation, the re-SVD at a round end, the enhanced gradient, a small
 // training run, and option errors; top-r and sequential sampling, sigma alone, the re-warm
-// of the spectral group alone, and pruning.
+// of the spectral group alone, and pruning; the random initialisation (the SVD ablation).
 #include <catch2/catch.hpp>
 
 #include "../test_support.hpp"
@@ -15,6 +15,8 @@
 #include <lowrank/train/run.hpp>
 
 #include "policy_test_support.hpp"
+
+#include <Eigen/SVD>
 
 #include <algorithm>
 #include <cmath>
@@ -602,6 +604,95 @@ TEST_CASE("Sst rejects bad values of its newer options", "[policy][sst][errors]"
                           Catch::Contains("got the value 9"));
     CHECK_THROWS_WITH(Sst<double>({.rewarm_scope = static_cast<SstRewarmScope>(4)}),
                       Catch::Contains("option rewarm_scope must be all or spectral, got the value 4"));
+    CHECK_THROWS_WITH(Sst<double>({.init = static_cast<SstInit>(5)}),
+                      Catch::Contains("Sst") && Catch::Contains("option init must be svd or random, got the value 5"));
+}
+
+namespace {
+// max over the columns of |norm - 1|.
+double unit_column_error(const MatrixD& m) {
+    double e = 0.0;
+    for (Index j = 0; j < m.cols(); ++j) e = std::max(e, std::abs(m.col(j).norm() - 1.0));
+    return e;
+}
+}  // namespace
+
+TEST_CASE("Sst's init svd is the weight's exact SVD, init random keeps only its singular values",
+          "[policy][sst][init]") {
+    const std::vector<Index> sizes{6, 10, 8, 3};
+    std::vector<MatrixD> dense;
+    {
+        Fixture probe(sizes);
+        for (Index k = 0; k < 2; ++k) dense.push_back(probe.model.layers()[static_cast<std::size_t>(k)].dense_weight());
+    }
+    Fixture svd(sizes);
+    auto& exact = svd.run->add<Sst<double>>({.rank = 3, .seed = 5});
+    CHECK(exact.options().init == SstInit::svd);  // the default
+    svd.run->begin();
+    Fixture rnd(sizes);
+    auto& drawn = rnd.run->add<Sst<double>>({.rank = 3, .seed = 5, .init = SstInit::random});
+    rnd.run->begin();
+    REQUIRE(drawn.num_layers() == 2);
+    for (std::size_t k = 0; k < 2; ++k) {
+        INFO("layer " << k);
+        const MatrixD& w = dense[k];
+        CHECK((exact.layer(k).dense_weight() - w).norm() < 1e-12 * w.norm());
+        CHECK(Sst<double>::orthogonality_error(exact.layer(k)) < 1e-12);
+        auto& l = drawn.layer(k);
+        // sigma: the dense weight's singular values, in the SVD's (descending) order.
+        const Eigen::JacobiSVD<MatrixD> reference(w);
+        const MatrixD expected = reference.singularValues().transpose();
+        REQUIRE(l.sigma.value.cols() == expected.cols());
+        CHECK((l.sigma.value - expected).norm() < 1e-12 * expected.norm());
+        // U and V: every column of unit length, but not orthogonal, not the weight's bases.
+        CHECK(unit_column_error(l.full_u()) < 1e-12);
+        CHECK(unit_column_error(l.full_v()) < 1e-12);
+        CHECK(Sst<double>::orthogonality_error(l) > 0.1);
+        CHECK((l.dense_weight() - w).norm() > 0.1 * w.norm());
+        // The bias is the dense layer's, untouched.
+        CHECK(l.bias.value == exact.layer(k).bias.value);
+    }
+    // The network is no longer the dense one at the switch (the ablation's point).
+    const MatrixD x = gaussian(5, 6, 1);
+    CHECK((rnd.output(x) - svd.output(x)).norm() > 1e-3);
+    // The bases come from the policy's generator: the same seed draws the same ones.
+    Fixture again(sizes);
+    auto& same = again.run->add<Sst<double>>({.rank = 3, .seed = 5, .init = SstInit::random});
+    again.run->begin();
+    CHECK(same.layer(1).full_u() == drawn.layer(1).full_u());
+    CHECK(same.layer(1).full_v() == drawn.layer(1).full_v());
+    Fixture other(sizes);
+    auto& reseeded = other.run->add<Sst<double>>({.rank = 3, .seed = 6, .init = SstInit::random});
+    other.run->begin();
+    CHECK(reseeded.layer(1).full_u() != drawn.layer(1).full_u());
+}
+
+TEST_CASE("Sst with init random trains and keeps its invariants after every step", "[policy][sst][init]") {
+    Fixture f({10, 16, 16, 3}, 21, 2e-2);
+    const MatrixD x = gaussian(64, 10, 22);
+    const auto y = teacher_labels(x, 3, 23);
+    auto& sst = f.run->add<Sst<double>>(
+        {.rank = 4, .iteration_steps = 5, .rewarm_steps = 2, .seed = 24, .init = SstInit::random});
+    std::vector<double> losses;
+    for (int i = 0; i < 80; ++i) {
+        losses.push_back(f.step(x, y));
+        REQUIRE(std::isfinite(losses.back()));
+        for (std::size_t k = 0; k < sst.num_layers(); ++k) {
+            const auto& l = sst.layer(k);
+            REQUIRE(l.sigma.value.minCoeff() >= 0.0);
+            // Active columns are renormalised each step, frozen ones are never changed: every
+            // column of U and V stays at unit length, from the random start as from a re-SVD.
+            REQUIRE(unit_column_error(l.full_u()) < 1e-12);
+            REQUIRE(unit_column_error(l.full_v()) < 1e-12);
+        }
+    }
+    INFO("first loss " << losses.front() << ", last " << losses.back());
+    CHECK(losses.back() < 0.5 * losses.front());
+    // The same schedule as with the SVD start: 16 iterations; T2 = 3 and 4.
+    CHECK(count_events(f.log(), "sample") == 2 * 16);
+    CHECK(count_events(f.log(), "resvd") == 5 + 4);
+    // Layer 1's fourth round ended with step 80: its re-SVD made U and V orthonormal.
+    CHECK(Sst<double>::orthogonality_error(sst.layer(1)) < 1e-10);
 }
 
 }  // namespace test_sst

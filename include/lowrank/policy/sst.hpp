@@ -33,8 +33,18 @@
 // - The re-SVD goes through QR of the thin factors and an SVD of the d x d core (no dense
 //   m x n product): the same decomposition at a lower cost.
 //
-// Beside the method: sigma_only (U, V frozen, sigma alone trained: no sampling, no re-SVD)
-// and prune() (sigma_i below a threshold set to zero, after training).
+// Beside the method: sigma_only (U, V frozen, sigma alone trained: no sampling, no re-SVD),
+// init = random (the initialisation ablation, below) and prune() (sigma_i below a threshold
+// set to zero, after training).
+//
+// init = random, the ablation of the SVD start (the paper's section "Why SVD initialization
+// is important"): sigma is still the singular values of the layer's initial weight, so the
+// spectrum's scale is the dense layer's, but U and V are i.i.d. Gaussian columns scaled to
+// unit length, drawn from the policy's generator. They are deliberately not orthogonalised:
+// what the ablation removes is exactly what the SVD gives, orthonormal factors and a layer
+// that computes the dense weight's function at the switch (zero distortion). The first
+// re-SVD, at the end of the first round, makes U and V orthonormal again; until then they
+// are only kept at unit length, as the method does anyway.
 
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/rng.hpp>
@@ -77,6 +87,20 @@ inline std::string_view to_string(SstSampling s) {
     return "?";
 }
 
+/// How SST initialises U, sigma and V when it converts a layer.
+enum class SstInit {
+    svd,     // the full SVD of the layer's weight: the same function, orthonormal U and V (the method)
+    random,  // sigma from that SVD, U and V i.i.d. Gaussian columns of unit length (the ablation)
+};
+
+inline std::string_view to_string(SstInit i) {
+    switch (i) {
+        case SstInit::svd: return "svd";
+        case SstInit::random: return "random";
+    }
+    return "?";
+}
+
 /// Which learning rates the re-warm-up at an iteration start ramps.
 enum class SstRewarmScope {
     all,       // the schedule's: every group (the paper's text: the learning rate re-warms)
@@ -103,6 +127,7 @@ struct SstOptions {
     std::uint64_t seed = 0;                       // the sampler's generator
     bool sigma_only = false;                      // train sigma alone: U, V frozen, no sampling, no re-SVD
     SstRewarmScope rewarm_scope = SstRewarmScope::all;  // what the re-warm-up ramps
+    SstInit init = SstInit::svd;                  // the factors at the switch: the weight's SVD, or random bases
 };
 
 /// The probability of each of the d positions of `sigma` (a 1 x d row) under a scheme;
@@ -244,12 +269,15 @@ public:
         check(options_.rewarm_scope == SstRewarmScope::all || options_.rewarm_scope == SstRewarmScope::spectral,
               what, "option rewarm_scope must be all or spectral, got the value ",
               static_cast<int>(options_.rewarm_scope));
+        check(options_.init == SstInit::svd || options_.init == SstInit::random, what,
+              "option init must be svd or random, got the value ", static_cast<int>(options_.init));
     }
 
     std::string_view name() const override { return "sst"; }
 
     /// Turns every selected layer into a SpectralLinear from the SVD of its weight (the
-    /// network is unchanged). A layer that already is one with active rank r is kept.
+    /// network is unchanged; with init = random only sigma comes from it, U and V are drawn).
+    /// A layer that already is one with active rank r is kept as it is, whatever init.
     void on_train_begin(TrainingContext<T>& ctx) override {
         const auto slots = ctx.select(options_.select, name());
         // Check everything before converting anything, so a bad option leaves the model untouched.
@@ -305,13 +333,14 @@ public:
                 const Matrix<T> w = slot.dense_weight();
                 const Matrix<T>* b = slot.bias();
                 const Matrix<T> bias = b ? *b : Matrix<T>();
-                ctx.replace_layer(slot, SpectralLinear<T>::from_dense(
-                                            slot.name(), w,
-                                            SpectralOptions{.rank = options_.rank,
-                                                            .bias = b != nullptr,
-                                                            .enhanced_gradient = options_.enhanced_gradient},
-                                            b ? &bias : nullptr),
-                                  group);
+                auto converted = SpectralLinear<T>::from_dense(
+                    slot.name(), w,
+                    SpectralOptions{.rank = options_.rank,
+                                    .bias = b != nullptr,
+                                    .enhanced_gradient = options_.enhanced_gradient},
+                    b ? &bias : nullptr);
+                if (options_.init == SstInit::random) draw_random_bases(converted);
+                ctx.replace_layer(slot, std::move(converted), group);
             }
             auto& l = slot.template get<SpectralLinear<T>>();
             if (options_.sigma_only) l.U_active.trainable = l.V_active.trainable = false;
@@ -418,6 +447,7 @@ public:
         out["sampling"] = std::string(to_string(options_.sampling));
         out["sigma_only"] = options_.sigma_only;
         out["rewarm_scope"] = std::string(to_string(options_.rewarm_scope));
+        out["init"] = std::string(to_string(options_.init));
         if (spectral_group_) out["spectral_lr"] = spectral_lr_now_;
         nlohmann::json layers = nlohmann::json::array();
         for (const Entry& e : layers_) {
@@ -455,6 +485,7 @@ public:
                r.has("sigma_only") ? (r.boolean("sigma_only") ? "true" : "false") : "false");
         refuse("rewarm_scope", std::string(to_string(options_.rewarm_scope)),
                r.has("rewarm_scope") ? r.string("rewarm_scope") : "all");
+        refuse("init", std::string(to_string(options_.init)), r.has("init") ? r.string("init") : "svd");
         // The spectral group's lr as the saved run left it (mid-ramp, perhaps): the optimizer's
         // checkpoint holds that value and is checked against the group.
         std::optional<double> spectral_lr_now;
@@ -559,6 +590,23 @@ private:
         std::vector<Index> sampled;  // the positions drawn at the last iteration start
         std::vector<Index> order;    // order[p]: the pair at position p, numbered at the last re-SVD
     };
+
+    /// init = random: every column of U and V replaced by i.i.d. N(0, 1) entries scaled to
+    /// unit length, U's columns first, then V's, each column top to bottom; sigma (the
+    /// weight's singular values) is kept. Not orthogonalised, on purpose (top of this header).
+    void draw_random_bases(SpectralLinear<T>& l) {
+        for (Parameter<T>* p : {&l.U_active, &l.U_frozen, &l.V_active, &l.V_frozen}) {
+            Matrix<T>& m = p->value;
+            for (Index j = 0; j < m.cols(); ++j) {
+                T norm = T(0);
+                while (!(norm > T(0))) {  // an all-zero column has no direction: draw it again
+                    for (Index i = 0; i < m.rows(); ++i) m(i, j) = static_cast<T>(rng_.normal());
+                    norm = m.col(j).norm();
+                }
+                m.col(j) /= norm;
+            }
+        }
+    }
 
     /// The r positions to activate for layer i at iteration start `step`.
     std::vector<Index> choose(std::size_t i, std::int64_t step) {
