@@ -211,7 +211,10 @@ public:
         for (const Parameter<T>* p : params)
             sums.push_back(detail::hash_bytes(
                 p->value.data(), static_cast<std::size_t>(p->value.size()) * sizeof(T), layout_hash(*p)));
-        const std::string log = run_.rank_log().to_json().dump();
+        // A layer name need not be UTF-8 (a user's model names its own layers): replace
+        // such bytes rather than throw, alike on every process.
+        const std::string log =
+            run_.rank_log().to_json().dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
         sums.push_back(detail::hash_bytes(log.data(), log.size()));
         const std::int64_t counters[3] = {run_.global_step(), run_.epoch(), run_.steps_in_epoch()};
         sums.push_back(detail::hash_bytes(counters, sizeof(counters)));
