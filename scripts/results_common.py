@@ -124,7 +124,17 @@ def cpu_name():
 
 
 def relative_command(cmd):
-    return " ".join(os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd)
+    """The command as a page shows it: paths below the checkout relative to it, and a program
+    of a build folder elsewhere as BUILD/<its path in that folder> (a reader's build folder
+    is their own; /tmp/... of the machine that ran it means nothing to them)."""
+    def shown(c):
+        if c.startswith(str(ROOT)):
+            return os.path.relpath(c, ROOT)
+        for part in ("/examples/", "/bench/"):
+            if c.startswith("/") and part in c and os.access(c, os.X_OK):
+                return "BUILD" + c[c.index(part):]
+        return c
+    return " ".join(shown(c) for c in cmd)
 
 
 def replace_block(page, begin, end, block):
