@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include <lowrank/autograd/autograd.hpp>
+#include <lowrank/io/safetensors.hpp>
 #include <lowrank/models/mlp.hpp>
 #include <lowrank/nn/module.hpp>
 #include <lowrank/optim/adam.hpp>
@@ -23,6 +24,7 @@
 #include <fstream>
 #include <limits>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -285,6 +287,86 @@ TEST_CASE("run: save and resume continue bit for bit, for a policy that swaps la
     second.steps(11);
     CHECK(bitwise_equal(second.values(), full.values()));
     CHECK(second.run->rank_log().to_json() == full.run->rank_log().to_json());
+}
+
+// The optimizer state a checkpoint holds is the state of what the method trains, in the
+// shapes it trains: nothing for a frozen base (LoRA), the factors and never the dense
+// weight they replaced (Cuttlefish after its switch, SST), only the active columns
+// (InRank's capacity). AdamW: two moments of rows x active columns per trained parameter.
+TEST_CASE("run: a checkpoint's optimizer state covers only what the method trains, in its shapes",
+          "[train][run]") {
+    struct Case {
+        const char* method;
+        std::function<void(TrainingRun<double>&)> policies;
+    };
+    const std::vector<Case> cases{
+        {"dense", [](TrainingRun<double>&) {}},
+        {"lora", [](TrainingRun<double>& r) { r.add<Lora<double>>({.rank = 2}); }},
+        {"cuttlefish",
+         [](TrainingRun<double>& r) {
+             r.add<Cuttlefish<double>>(
+                 {.select = {.roles = {"hidden"}}, .window = 2, .tail = 1, .threshold = 1e9, .min_speedup = 1e-6});
+         }},
+        {"sst", [](TrainingRun<double>& r) { r.add<Sst<double>>({.rank = 2, .iteration_steps = 3, .rewarm_steps = 1}); }},
+        {"inrank",
+         [](TrainingRun<double>& r) {
+             r.add<InRank<double>>({.initial_rank = 2, .buffer = 2, .warmup = 3, .gap = 2, .capacity = 5, .two_stage = false});
+         }},
+    };
+    Index dense_state = 0;
+    for (const Case& c : cases) {
+        INFO("method " << c.method);
+        Setup s;
+        s.options.steps_per_epoch = 4;
+        s.policies = c.policies;
+        Harness h(s);
+        h.steps(9);
+        const auto path = temp_path(std::string(c.method) + "-state.safetensors");
+        h.run->save(path.string());
+        SafetensorsReader file(path.string());
+
+        Index state = 0, trained = 0, frozen = 0, inactive = 0;
+        for (const Parameter<double>* p : h.run->parameters()) {
+            const Index elements = p->rows() * p->active_cols();
+            for (const char* moment : {"exp_avg", "exp_avg_sq"}) {
+                const std::string name = std::string("optimizer.") + moment + "." + p->name();
+                INFO("parameter " << p->name());
+                if (!p->trainable) {
+                    CHECK_FALSE(file.contains(name));
+                    continue;
+                }
+                REQUIRE(file.contains(name));
+                std::int64_t n = 1;
+                for (auto d : file.shape(name)) n *= d;
+                CHECK(n == elements);
+                state += static_cast<Index>(n);
+            }
+            (p->trainable ? trained : frozen) += elements;
+            inactive += p->rows() * (p->cols() - p->active_cols());
+        }
+        // Every state tensor belongs to a parameter the model has now and trains: none is
+        // left over from a weight a policy replaced.
+        std::set<std::string> trained_names;
+        for (const Parameter<double>* p : h.run->parameters())
+            if (p->trainable) trained_names.insert(p->name());
+        Index state_tensors = 0;
+        for (const auto& name : file.names()) {
+            if (!name.starts_with("optimizer.")) continue;
+            ++state_tensors;
+            const std::string rest = name.substr(std::string("optimizer.").size());
+            const std::string param = rest.substr(rest.find('.') + 1);
+            INFO("state tensor " << name);
+            CHECK(trained_names.count(param) == 1);
+        }
+        CHECK(state_tensors == 2 * static_cast<Index>(trained_names.size()));
+        CHECK(state == 2 * trained);
+        const std::string method = c.method;
+        if (method == "dense") dense_state = state;
+        if (method == "lora") CHECK(frozen > 0);      // the bases: weights in the file, no state
+        if (method == "inrank") CHECK(inactive > 0);  // the capacity beyond the active columns
+        if (method == "cuttlefish") REQUIRE(h.model.layers()[0].kind() == std::string("low_rank"));  // switched
+        if (method == "lora" || method == "inrank") CHECK(state < dense_state);
+    }
 }
 
 TEST_CASE("run: resume refuses another run, naming the key and both values", "[train][run]") {
