@@ -76,6 +76,16 @@ if [[ "$mode" == release ]]; then
         -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix"
     cmake --build build/consumer -j 2
     ./build/consumer/lowrank-consumer
+    # The version check: lowrank 0.1.z satisfies a request for 0.1, never one for 0.2.
+    if cmake -S examples/consumer -B build/consumer-0.2 -G Ninja -DCMAKE_PREFIX_PATH="$prefix" \
+        -DLOWRANK_CONSUMER_REQUIRES=0.2 > build/consumer-0.2.log 2>&1; then
+        echo "test: find_package(lowrank 0.2) accepted the installed lowrank (0.1.z); expected a refusal" >&2
+        exit 1
+    fi
+    grep -q "not compatible\|version" build/consumer-0.2.log ||
+        { cat build/consumer-0.2.log >&2; echo "test: find_package(lowrank 0.2) failed for another reason" >&2; exit 1; }
+    rm -rf build/consumer-0.2
+    echo "consumer: find_package(lowrank 0.1) found it, find_package(lowrank 0.2) refused it"
 
     section "pkg-config: lowrank.pc from build/install"
     export PKG_CONFIG_PATH="$prefix/share/pkgconfig"
