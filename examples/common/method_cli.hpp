@@ -8,6 +8,8 @@
 
 #include <CLI/CLI.hpp>
 
+#include "cli_checks.hpp"
+
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -52,7 +54,7 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
                    "Rank of the low-rank methods (lora, relora, sst, galore; deeplora with "
                    "--deeplora-compress: the compressed width 2r); 0: " +
                        rank_default_help)
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
 
     CLI::Option_group* lora = app.add_option_group("lora", "LoRA and ReLoRA (docs/methods/lora.md)");
@@ -60,10 +62,10 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
                      "lora, relora: alpha, the factors' scale is alpha / rank (default: rank)");
     CLI::Option_group* relora = app.add_option_group("relora", "ReLoRA (docs/methods/relora.md)");
     relora->add_option("--relora-period", m.relora.period, "relora: optimizer steps between merges")
-        ->check(CLI::PositiveNumber)
+        ->check(positive)
         ->capture_default_str();
     relora->add_option("--relora-rewarm", m.relora.rewarm_steps, "relora: LR re-warm-up steps after a merge")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
 
     CLI::Option_group* inrank = app.add_option_group("inrank", "InRank (docs/methods/inrank.md)");
@@ -71,19 +73,19 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
         ->check(CLI::Range(0.0, 1.0))
         ->capture_default_str();
     inrank->add_option("--inrank-initial-rank", m.inrank.initial_rank, "inrank: rank r at the start")
-        ->check(CLI::PositiveNumber)
+        ->check(positive)
         ->capture_default_str();
     inrank->add_option("--inrank-buffer", m.inrank.buffer, "inrank: buffer columns b (0: max(2, d / 8))")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     inrank->add_option("--inrank-warmup", m.inrank.warmup,
                        "inrank: forward calls (or optimizer steps, see --inrank-cadence) before the first "
                        "rank check")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     inrank->add_option("--inrank-gap", m.inrank.gap,
                        "inrank: forward calls (or optimizer steps) between rank checks")
-        ->check(CLI::PositiveNumber)
+        ->check(positive)
         ->capture_default_str();
     inrank->add_option("--inrank-cadence", m.inrank_cadence,
                        "inrank: the unit of --inrank-warmup and --inrank-gap: forward_calls (the "
@@ -93,16 +95,16 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
     inrank->add_option("--inrank-forward-calls-per-step", m.inrank.forward_calls_per_step,
                        "inrank: forward calls per optimizer step the cadence counts (the authors' GPT-2 "
                        "runs: 8 micro-batches)")
-        ->check(CLI::PositiveNumber)
+        ->check(positive)
         ->capture_default_str();
     inrank->add_option("--inrank-stage1-steps", m.inrank.stage1_steps,
                        "inrank: optimizer steps of rank growth before the cut to fixed rank (0: count "
                        "--inrank-stage1-epochs instead)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     inrank->add_option("--inrank-stage1-epochs", m.inrank.stage1_epochs,
                        "inrank: epochs of rank growth before the cut to fixed rank (0: grow throughout)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     inrank->add_flag("!--inrank-no-grow", m.inrank.grow,
                      "inrank: the fixed-rank control: --inrank-initial-rank columns, no buffer, no rank "
@@ -115,26 +117,26 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
         app.add_option_group("cuttlefish", "Cuttlefish (docs/methods/cuttlefish.md)");
     cuttlefish->add_option("--cuttlefish-window", m.cuttlefish.window,
                            "cuttlefish: EMA span w and fewest history entries")
-        ->check(CLI::PositiveNumber)
+        ->check(positive)
         ->capture_default_str();
     cuttlefish->add_option("--cuttlefish-tail", m.cuttlefish.tail, "cuttlefish: derivatives averaged, L <= w")
-        ->check(CLI::PositiveNumber)
+        ->check(positive)
         ->capture_default_str();
     cuttlefish->add_option("--cuttlefish-threshold", m.cuttlefish.threshold,
                            "cuttlefish: tau, ranks per tracking point")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     cuttlefish->add_option("--cuttlefish-track-steps", m.cuttlefish.track_every_steps,
                            "cuttlefish: track stable ranks every N steps (0: every epoch)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     cuttlefish->add_option("--cuttlefish-frobenius", m.cuttlefish.frobenius_decay,
                            "cuttlefish: Frobenius decay lambda on the factors after the switch (0: off)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     cuttlefish->add_option("--cuttlefish-min-speedup", m.cuttlefish.min_speedup,
                            "cuttlefish: factorize a layer only if dense / low-rank FLOPs reach this")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     cuttlefish->add_option("--cuttlefish-preset", m.cuttlefish_preset,
                            "cuttlefish: the authors' detector: cifar (w 15, L 11, tau 0.1) or imagenet (w 5, "
@@ -153,7 +155,7 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
                            "role); empty: the factorized layers");
     cuttlefish->add_option("--cuttlefish-factor-lr-scale", m.cuttlefish.factor_lr_scale,
                            "cuttlefish: the factors' lr after the switch as a multiple of their dense group's")
-        ->check(CLI::PositiveNumber)
+        ->check(positive)
         ->capture_default_str();
     cuttlefish->add_flag("--cuttlefish-reset-optimizer", m.cuttlefish.reset_optimizer_at_switch,
                          "cuttlefish: zero every parameter's optimizer state at the switch (the authors build a "
@@ -182,14 +184,14 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
         ->check(CLI::IsMember({"svd", "random"}))
         ->capture_default_str();
     sst->add_option("--sst-iteration-steps", m.sst.iteration_steps, "sst: T3, optimizer steps per iteration")
-        ->check(CLI::PositiveNumber)
+        ->check(positive)
         ->capture_default_str();
     sst->add_option("--sst-round-iterations", m.sst.round_iterations,
                     "sst: T2, iterations per round before a re-SVD (0: ceil(d / rank))")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     sst->add_option("--sst-rewarm", m.sst.rewarm_steps, "sst: LR re-warm-up steps at each iteration start")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
 
     CLI::Option_group* deeplora = app.add_option_group("deeplora", "Deep LoRA (docs/methods/deep_lora.md)");
@@ -199,10 +201,10 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
     deeplora->add_option("--deeplora-width", m.deeplora.width,
                          "deeplora: width w of the factors (0: max(out, in), the authors' default); "
                          "--deeplora-width 2r without --deeplora-compress is the narrow random ablation")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     deeplora->add_option("--deeplora-epsilon", m.deeplora.epsilon, "deeplora: scale of the orthogonal init")
-        ->check(CLI::PositiveNumber)
+        ->check(positive)
         ->capture_default_str();
     deeplora->add_option("--deeplora-init", m.deeplora_init,
                          "deeplora: orthogonal (every factor eps-orthogonal) or lora (depth 2: the authors' "
@@ -215,15 +217,15 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
                        "--deeplora-lr-scale 100 --deeplora-gamma 0.01, docs/methods/deep_lora.md)");
     deeplora->add_option("--deeplora-gamma", m.deeplora.gamma,
                          "deeplora: lr multiplier of the outer bases after compression (0: frozen)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     deeplora->add_option("--deeplora-lr-scale", m.deeplora.lr_scale,
                          "deeplora: the factors' lr as a multiple of --lr")
-        ->check(CLI::PositiveNumber)
+        ->check(positive)
         ->capture_default_str();
     deeplora->add_option("--deeplora-weight-decay", m.deeplora_weight_decay,
                          "deeplora: weight decay of the factors")
-        ->check(CLI::NonNegativeNumber)
+        ->check(non_negative)
         ->capture_default_str();
     deeplora->add_flag("!--deeplora-no-base", m.deeplora.keep_base,
                        "deeplora: W = W_L...W_1 alone, discarding the layer's weight (default: W0 + "

@@ -69,3 +69,16 @@ grep -q -- "--out-dir: 'afile/x'" bad.err || { cat bad.err >&2; fail "the refuse
 if "$gpt2" "${common[@]}" --keep-last 2 --quiet > bad.out 2> bad.err; then fail "--keep-last without --save was accepted"; fi
 grep -q -- "need --save or --out-dir" bad.err || { cat bad.err >&2; fail "the refused --keep-last does not say why"; }
 echo "--out-dir under a file, --keep-last without --save or --out-dir: refused ($(head -c 100 bad.err))"
+
+# A number out of range is refused in a line that names the option, the bound and the value
+# (CLI11's own PositiveNumber printed the largest double in full), for the trainer's options
+# and each method's.
+for bad in "--steps 0" "--cuttlefish-window 0" "--sst-iteration-steps 0" "--cuttlefish-threshold -1" \
+           "--deeplora-epsilon 0"; do
+    # shellcheck disable=SC2086  # option and value are two words
+    if "$gpt2" $bad > bad.out 2> bad.err; then fail "$bad was accepted"; fi
+    line="$(head -n 1 bad.err)"
+    [[ "$line" == "${bad%% *}"*"got ${bad##* }"* && ${#line} -lt 120 ]] ||
+        fail "$bad: expected a short message naming the option and the value, got: $line"
+done
+echo "out-of-range numbers refused naming the option and the value ($(head -n 1 bad.err))"

@@ -35,6 +35,8 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "common/cli_checks.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -341,35 +343,35 @@ int main(int argc, char** argv) {
         ->check(CLI::Range(Index{2}, Index{16}))
         ->capture_default_str();
     app.add_option("--epsilon", cfg.epsilon, "Scale of the orthogonal init")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--gamma", cfg.gamma, "lr multiplier of the compressed run's outer bases (0 freezes them)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(lowrank::examples::non_negative)
         ->capture_default_str();
     app.add_option("--steps", cfg.steps, "Gradient-descent steps")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--lr-wide", cfg.lr_wide, "Step size of the wide run, on the mean loss (the sum-loss step times d^2)")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--lr-compressed", cfg.lr_compressed, "Step size of the compressed run's inner factors")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--lr-narrow", cfg.lr_narrow, "Step size of the narrow run")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     double lr_all = 0.0;
     app.add_option("--lr", lr_all, "One step size for all three runs (a --lr-<run> given beside it wins)")
-        ->check(CLI::PositiveNumber);
+        ->check(lowrank::examples::positive);
     app.add_option("--tolerance", cfg.tolerance,
                    "Recovery tolerance: a run reaches it at the first step with relative error <= this on the "
                    "unobserved entries (on all entries when all are observed)")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_flag("--stop-at-tolerance", cfg.stop_at_tolerance, "End each run at the step that reaches the tolerance");
     app.add_option("--invariant-tol", cfg.invariant_tol,
                    "Relative distance from eps within which a factor singular value counts as unmoved")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_flag("--expect-invariant", cfg.expect_invariant,
                  "Exit 3 unless every factor of the wide run has d - 2r unmoved singular values");
@@ -380,7 +382,7 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--report-every", cfg.report_every,
                    "Steps between the errors printed in the trajectory table")
-        ->check(CLI::PositiveNumber)
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--runs", cfg.runs, "Which runs, in order")
         ->check(CLI::IsMember({"wide", "compressed", "narrow"}))
