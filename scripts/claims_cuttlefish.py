@@ -7,6 +7,7 @@ beats low-rank training from scratch at the same ranks.
 
     python3 scripts/claims_cuttlefish.py                 # 3 seeds: about 12 minutes on 2 cores
     python3 scripts/claims_cuttlefish.py --write-docs    # also docs/fidelity.md's claims-cuttlefish block
+                                                         # and docs/results/fidelity_cuttlefish.svg
 
 Runs per seed: dense; Cuttlefish with the `imagenet` preset (w 5, L 5, tau 0.33, the initial
 weight in the history, tracking once an epoch: an epoch is one evaluation interval,
@@ -25,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from results_common import (ROOT, build_byte_trainer, format_ci, machine_line, mean_ci, relative_command,
+from results_common import (ROOT, build_byte_trainer, format_ci, gnuplot, machine_line, mean_ci, relative_command,
                             replace_block, run_grid)
 
 BEGIN, END = "<!-- claims-cuttlefish:begin -->", "<!-- claims-cuttlefish:end -->"
@@ -154,9 +155,29 @@ def main():
              f"| beats low-rank from scratch at the same ranks | better than low-rank from scratch | {format_ci(*d_scratch)} bits/byte vs the control | {v_scratch} |",
              f"| Frobenius decay on the factors (on vs off) | part of the method, lambda 1e-4 | {format_ci(*d_frob)} bits/byte "
              f"on minus off | {'helps' if beyond(d_frob, -1) else 'hurts' if beyond(d_frob, 1) else 'within seed noise'} |"]
+    # The plot: quality against the parameters at the end and against the train seconds, a
+    # point per run kind with its intervals on both axes.
+    def xy(key):  # {run: [(x, y, dx, dy)]}: the means of `key` and of bits/byte, and their half-widths
+        return {title: [(mx, my, hx, hy) for (mx, hx), (my, hy) in
+                        [(mean_ci([res(label, s)[key] for s in seeds]), mean_ci(bpb(label)))]]
+                for label, title in names.items()}
+
+    svg, dodge = ROOT / "docs" / "results" / "fidelity_cuttlefish.svg", 0.01
+    gnuplot([(f"validation bits/byte against parameters at the end (mean and 95% intervals of {n} seeds)",
+              "val bits/byte", xy("params"), {"errorbars": "xy", "dodge": dodge}),
+             (f"validation bits/byte against train seconds (wall clock, {args.jobs} runs at a time on a shared machine)",
+              "val bits/byte", xy("train_seconds"), {"errorbars": "xy", "xlabel": "train seconds"})],
+            svg, args.out, "parameters at the end")
+    cmd = "python3 scripts/claims_cuttlefish.py --write-docs"
+    figure = [f"![validation bits/byte against parameters and against train seconds, per run](results/{svg.name})",
+              "", f"*Validation bits/byte against the parameters at the end and against train seconds (mean, 95% "
+              f"intervals over {n} seeds on both axes), drawn by `{cmd}`; the wall times come from a shared machine "
+              "(indicative only); in the first panel the points are spread sideways by up to "
+              f"{100 * dodge * (len(names) - 1) / 2:.1f}% so that runs of the same size stay apart.*", ""]
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     body = [BEGIN, "### Cuttlefish: switching by itself, size and time", "", "\n".join(claim), "", table, "",
-            f"Written by `python3 scripts/claims_cuttlefish.py --write-docs` on {now[:10]}, {machine}, "
+            *figure,
+            f"Written by `{cmd}` on {now[:10]}, {machine}, "
             f"{minutes:.1f} minutes for {len(specs) * n + n} runs: config `{args.config}` over bytes, {args.steps} "
             f"steps of {args.batch} x {args.context} bytes, an epoch = {args.eval_every} steps (the detector "
             f"tracks once an epoch), AdamW lr {args.lr}, seeds {seeds[0]}-{seeds[-1]}; mean ± 95% interval over the "

@@ -5,6 +5,7 @@ LoRA and reaches better held-out quality, and it is insensitive to the width it 
 
     python3 scripts/claims_deeplora.py                 # about 10 minutes on 2 cores
     python3 scripts/claims_deeplora.py --write-docs    # also docs/fidelity.md's claims-deeplora-fewshot block
+                                                       # and docs/results/fidelity_deeplora.svg
 
 1. The text is split by document into two byte corpora: the State of the Union addresses
    (pre-training) and Moby Dick (adaptation; its last 10% held out).
@@ -27,8 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from results_common import (ROOT, build, build_byte_trainer, format_ci, machine_line, mean_ci, relative_command,
-                            replace_block, run_grid)
+from results_common import (ROOT, build, build_byte_trainer, format_ci, gnuplot, machine_line, mean_ci,
+                            relative_command, replace_block, run_grid)
 
 BEGIN, END = "<!-- claims-deeplora-fewshot:begin -->", "<!-- claims-deeplora-fewshot:end -->"
 LN2 = 0.6931471805599453
@@ -110,7 +111,12 @@ def main():
     table = "\n".join(rows)
     print(table)
     print(f"claims_deeplora: {len(specs) * len(seeds) + 1} runs in {minutes:.1f} minutes", file=sys.stderr)
-    Path(out, "summary.json").write_text(json.dumps({l: {"val": val(l), "gap": gap(l)} for l in specs}, indent=1))
+    summary, machine = Path(out, "summary.json"), machine_line()
+    if args.reuse and summary.exists():  # the time and machine of the call that ran them
+        previous = json.loads(summary.read_text())
+        minutes, machine = previous.get("minutes", minutes), previous.get("machine", machine)
+    summary.write_text(json.dumps({"minutes": minutes, "machine": machine,
+                                   "runs": {l: {"val": val(l), "gap": gap(l)} for l in specs}}, indent=1))
     if not args.write_docs:
         return
 
@@ -136,9 +142,29 @@ def main():
              f"{format_ci(*d_val)} bits/byte vs LoRA | {word(d_val)} |",
              f"| insensitive to the width (ranks {', '.join(map(str, ranks))}, n = {n0}) | yes | means within "
              f"{spread:.3f} bits/byte of each other | {'holds' if insensitive else 'does not hold here'} |"]
+    # The plot: the train-test gap and the held-out quality against n, a series per method.
+    methods = [("lora", f"LoRA r {args.lora_rank}")] + [(f"deeplora-r{r}", f"Deep LoRA r {r}") for r in ranks]
+
+    def series(f, with_none=False):
+        lines = {title: [(n, *mean_ci(f(f"{m}-n{n}"))) for n in examples] for m, title in methods}
+        if with_none:
+            lines["pre-trained, not adapted"] = [(n, *mean_ci(val(f"none-n{n}"))) for n in examples]
+        return lines
+
+    svg, dodge = ROOT / "docs" / "results" / "fidelity_deeplora.svg", 0.04
+    look = {"errorbars": "y", "log_x": 2, "dodge": dodge}
+    gnuplot([(f"train-test gap against n (mean and 95% interval of {len(seeds)} seeds)", "gap (bits/byte)",
+              series(gap), look),
+             ("held-out bits/byte against n", "held-out bits/byte", series(val, with_none=True), look)],
+            svg, out, "n, windows of adaptation data (log scale)")
+    cmd = "python3 scripts/claims_deeplora.py --write-docs"
+    figure = [f"![train-test gap and held-out bits/byte against n, per method](results/{svg.name})", "",
+              f"*The train-test gap and held-out bits/byte (mean, 95% interval over {len(seeds)} seeds) against n on "
+              f"a log axis, drawn by `{cmd}`; the points of one n are spread sideways by up to "
+              f"{100 * dodge * len(methods) / 2:.0f}% so that their bars stay apart.*", ""]
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    body = [BEGIN, "### Deep LoRA: few-shot adaptation", "", "\n".join(claim), "", table, "",
-            f"Written by `python3 scripts/claims_deeplora.py --write-docs` on {now[:10]}, {machine_line()}, "
+    body = [BEGIN, "### Deep LoRA: few-shot adaptation", "", "\n".join(claim), "", table, "", *figure,
+            f"Written by `{cmd}` on {now[:10]}, {machine}, "
             f"{minutes:.1f} minutes: a dense `mini` byte model pre-trained {args.pretrain_steps} steps on the State "
             f"of the Union addresses, adapted {args.steps} steps (lr {args.lr}) on the first n windows of "
             f"{args.context + 1} bytes of Moby Dick, held-out: Moby Dick's last 10%; seeds {seeds[0]}-{seeds[-1]}, "

@@ -6,7 +6,8 @@ and its sampling, its enhanced gradient and its SVD initialisation matter (the p
 ablations).
 
     python3 scripts/claims_sst.py                   # ranks 8 and 32, 3 seeds: about 12 minutes on 2 cores
-    python3 scripts/claims_sst.py --write-docs      # also docs/fidelity.md's claims-sst block
+    python3 scripts/claims_sst.py --write-docs      # also docs/fidelity.md's claims-sst block and
+                                                    # docs/results/fidelity_sst.svg
 
 Runs dense once per seed, and LoRA, ReLoRA and SST at every --ranks, then the ablations of
 SST at the smallest rank: sampling by sigma, uniform and top-r instead of the default mixed,
@@ -27,7 +28,7 @@ import re
 import sys
 from pathlib import Path
 
-from results_common import (ROOT, build_byte_trainer, format_ci, machine_line, mean_ci, relative_command,
+from results_common import (ROOT, build_byte_trainer, format_ci, gnuplot, machine_line, mean_ci, relative_command,
                             replace_block, run_grid)
 
 BEGIN, END = "<!-- claims-sst:begin -->", "<!-- claims-sst:end -->"
@@ -192,10 +193,26 @@ def main():
         claim.append(f"| SVD initialisation matters: random bases (σ kept) train worse (rank {r0}) | its section "
                      f"\"Why SVD initialization is important\" | {format_ci(*init_ci)} bits/byte vs SVD init "
                      f"(paired, {n} seeds) | {init_verdict.get(ablation_verdict(init_ci), 'one seed')} |")
+    # The plot: quality against trainable parameters, one series per method over its ranks.
+    def point(label):
+        return (runs[label][0]["result"]["trainable_params"], *mean_ci(bpb(runs, label, seeds)))
+
+    series = {"dense": [point("dense")]}
+    for m, title in (("lora", "LoRA"), ("relora", "ReLoRA"), ("sst", "SST")):
+        series[title] = [point(f"{m}-r{r}") for r in sorted(ranks)]
+    svg, dodge = ROOT / "docs" / "results" / "fidelity_sst.svg", 0.015
+    gnuplot([(f"validation bits/byte against trainable parameters (mean and 95% interval of {n} seeds; ranks "
+              f"{', '.join(map(str, sorted(ranks)))} from left to right)", "val bits/byte", series,
+              {"errorbars": "y", "dodge": dodge})], svg, args.out, "trainable parameters")
+    cmd = "python3 scripts/claims_sst.py --write-docs"
+    figure = [f"![validation bits/byte against trainable parameters, per method](results/{svg.name})", "",
+              f"*Validation bits/byte (mean, 95% interval over {n} seeds) against trainable parameters, drawn by "
+              f"`{cmd}`; the points are spread sideways by up to {100 * dodge * (len(series) - 1) / 2:.2g}% so that "
+              "the bars of one rank stay apart.*", ""]
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    body = [BEGIN, "### SST: the gap to full rank", "", "\n".join(claim), "", table, "", ablation_table, "",
+    body = [BEGIN, "### SST: the gap to full rank", "", "\n".join(claim), "", table, "", *figure, ablation_table, "",
             *([plain_note, ""] if plain_note else []), *([init_note, ""] if init_note else []),
-            f"Written by `python3 scripts/claims_sst.py --write-docs` on {now[:10]}, {machine}, "
+            f"Written by `{cmd}` on {now[:10]}, {machine}, "
             f"{minutes:.1f} minutes for {len(specs) * n} runs: config `{args.config}` over bytes, {args.steps} steps of "
             f"{args.batch} x {args.context} bytes, AdamW lr {args.lr}, seeds {seeds[0]}-{seeds[-1]}; validation "
             "bits per byte, mean ± 95% interval (Student's t) over the seeds. The methods act on all four "

@@ -85,8 +85,15 @@ def rank_series(run, name, start_rank, final_rank):
 
 
 def gnuplot(panels, out_svg, data_dir, xlabel):
-    """panels: [(title, ylabel, {series name: [(x, y), ...]}[, {"log_y": True}])], one plot
-    each, stacked; log_y puts that panel's y axis on a log scale (ranks spanning decades)."""
+    """panels: [(title, ylabel, {series name: [(x, y), ...]}[, options])], one plot each,
+    stacked. Options of a panel, all optional:
+    - log_y / log_x: that axis on a log scale (True: base 10, or a number: that base);
+    - xlabel: this panel's x label instead of `xlabel`;
+    - errorbars: "y" for points (x, y, dy), "xy" for (x, y, dx, dy) (a half-width of None,
+      one seed, draws no bar); a series of one point is drawn as a marker, a longer one as
+      markers joined by lines;
+    - dodge: spreads the series of a panel sideways, series j of k at x (1 + dodge (j - (k-1)/2)),
+      so the bars of points at the same x stay apart (a ratio, even on a log axis)."""
     program = shutil.which("gnuplot")
     if not program:
         print("results: gnuplot not found, no plot (bash scripts/setup.sh installs gnuplot-nox)", file=sys.stderr)
@@ -99,14 +106,40 @@ def gnuplot(panels, out_svg, data_dir, xlabel):
         f'set xlabel "{xlabel}"',
         "set grid",
     ]
-    for i, (title, ylabel, series, *options) in enumerate(panels):
-        log_y = bool(options and options[0].get("log_y"))
-        script.append("set logscale y" if log_y else "unset logscale y")
+    # Settings that only some panels change are set on every panel of a figure that uses
+    # them, so a panel does not inherit the previous one's (and line plots stay as they were).
+    opts = [p[3] if len(p) > 3 else {} for p in panels]
+    uses = {key: any(o.get(key) for o in opts) for key in ("log_x", "xlabel", "errorbars")}
+
+    def logscale(axis, value):
+        if not value:
+            return f"unset logscale {axis}"
+        return f"set logscale {axis}" if value is True else f"set logscale {axis} {value}"
+
+    for i, (title, ylabel, series, *_) in enumerate(panels):
+        o = opts[i]
+        script.append(logscale("y", o.get("log_y")))
+        if uses["log_x"]:
+            script.append(logscale("x", o.get("log_x")))
+        if uses["xlabel"]:
+            script.append(f'set xlabel "{o.get("xlabel", xlabel)}"')
+        if uses["errorbars"]:  # room around the outermost markers and their bars
+            script.append("set offsets graph 0.05, graph 0.05, graph 0.05, graph 0.05" if o.get("errorbars")
+                          else "set offsets 0, 0, 0, 0")
+        bars, dodge, k = o.get("errorbars"), o.get("dodge", 0.0), len(series)
         parts = []
         for j, (label, points) in enumerate(series.items()):
             dat = Path(data_dir) / f"plot{i}_{j}.dat"
-            dat.write_text("".join(f"{x} {y}\n" for x, y in points))
-            parts.append(f'"{dat}" using 1:2 with lines lw 2 title "{label}"')
+            if not bars:
+                dat.write_text("".join(f"{x} {y}\n" for x, y in points))
+                parts.append(f'"{dat}" using 1:2 with lines lw 2 title "{label}"')
+                continue
+            shift = 1.0 + dodge * (j - (k - 1) / 2)
+            rows = [(p[0] * shift, *(0.0 if v is None else v for v in p[1:])) for p in points]
+            dat.write_text("".join(" ".join(str(v) for v in row) + "\n" for row in rows))
+            using, style = ("1:2:3:4", "xyerror") if bars == "xy" else ("1:2:3", "yerror")
+            style += "lines" if len(points) > 1 else "bars"
+            parts.append(f'"{dat}" using {using} with {style} lw 2 pt 7 ps 0.8 title "{label}"')
         script += [f'set title "{title}"', f'set ylabel "{ylabel}"', "plot " + ", ".join(parts)]
     script.append("unset multiplot")
     subprocess.run([program], input="\n".join(script) + "\n", text=True, check=True)
