@@ -4,8 +4,9 @@ the methods on all four projections of every block): the cumulative update W(t) 
 dense training follows an incremental low-rank trajectory; InRank matches full-rank quality
 using at most 33% of the rank; its efficient form cuts training time and model size.
 
-    python3 scripts/claims_inrank.py                  # 5 seeds, config mini: about 10 minutes on 2 cores
-    python3 scripts/claims_inrank.py --write-docs     # also docs/fidelity.md's claims-inrank block
+    python3 scripts/claims_inrank.py                  # 5 seeds, config mini, and the lr sweep: about 10 minutes on 2 cores
+    python3 scripts/claims_inrank.py --write-docs     # also docs/fidelity.md's claims-inrank blocks
+    python3 scripts/claims_inrank.py --lr-sweep-only --write-docs   # only the learning-rate block: 12 runs
 
 Three runs per seed, two at a time, one thread each:
 - dense, with --track-update-rank 0.9,0.95,0.99: the alpha-rank of every projection's
@@ -16,6 +17,13 @@ Three runs per seed, two at a time, one thread each:
 - the fixed-rank control from scratch (--inrank-no-grow) at one rank R for every layer, the
   rounded mean of InRank's final ranks over layers and seeds (the trainer takes one
   --inrank-initial-rank, not one per layer).
+
+The learning-rate sweep (--lr-sweep, default 0.001,0.003; --lr-sweep "" for none): dense and
+the same InRank at each learning rate of the sweep, seeds 0 .. --lr-sweep-seeds - 1 (default 3),
+InRank's gap to dense paired by seed and judged by the quality claim's tolerance. The claim's
+verdict stays the one at --lr (a fixed setting); the sweep is context. A run of the sweep whose
+command is that of a main run (the same learning rate and seed) is read back from --out, not run
+again; --lr-sweep-only runs the sweep alone and writes only its block (claims-inrank-lr).
 
 The random-walk control: a sum of independent isotropic Gaussian steps is an isotropic
 Gaussian matrix at every t, whose spectrum follows the Marchenko-Pastur law for the layer's
@@ -39,6 +47,7 @@ from results_common import (ROOT, build_byte_trainer, format_ci, gnuplot, machin
                             replace_block, run_grid)
 
 BEGIN, END = "<!-- claims-inrank:begin -->", "<!-- claims-inrank:end -->"
+LR_BEGIN, LR_END = "<!-- claims-inrank-lr:begin -->", "<!-- claims-inrank-lr:end -->"
 ALPHAS = [0.9, 0.95, 0.99]
 PAPER_RANK_FRACTION = 0.33
 # "Matches full rank": the paper's GPT-2 small is 19.6 against 19.3 perplexity, a loss 0.5%
@@ -60,6 +69,11 @@ def parse_args():
     ap.add_argument("--forward-calls-per-step", type=int, default=8,
                     help="F of InRank's cadence (the authors' GPT-2: 8 micro-batches a step)")
     ap.add_argument("--stage1-steps", type=int, default=130, help="InRank's stage 1 (the authors' GPT-2: 130)")
+    ap.add_argument("--lr-sweep", default="0.001,0.003",
+                    help="learning rates at which dense and InRank also run (default %(default)s; \"\" for none)")
+    ap.add_argument("--lr-sweep-seeds", type=int, default=3, help="seeds 0 .. N-1 of the sweep (default %(default)s)")
+    ap.add_argument("--lr-sweep-only", action="store_true",
+                    help="run only the learning-rate sweep (and with --write-docs write only its block)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--binary", default=None, help="a built lowrank-gpt2 (default: build the release preset)")
     ap.add_argument("--data", default=str(ROOT / "data" / "text" / "corpus-bytes"))
@@ -175,21 +189,147 @@ def pct(ci, digits=1):
     return format_ci(100 * ci[0], None if ci[1] is None else 100 * ci[1], digits) + "%"
 
 
+def common_options(args, lr):
+    return ["--tokenizer", "bytes", "--config", args.config, "--steps", str(args.steps), "--batch", str(args.batch),
+            "--context", str(args.context), "--lr", str(lr), "--eval-every", str(args.eval_every),
+            "--eval-windows", str(args.eval_windows), "--data", args.data]
+
+
+def sweep_label(args, method, lr):
+    """The main grid's label at the script's own --lr (so that its runs are read back), else METHOD-lrX."""
+    return method if lr == args.lr else f"{method}-lr{lr:g}"
+
+
+def lr_sweep(args, binary, specs, out):
+    """Dense and InRank (the main grid's options) at every learning rate of --lr-sweep; returns
+    the block's text (None when the sweep is empty) and its one-sentence summary."""
+    lrs = [float(x) for x in args.lr_sweep.split(",") if x.strip()]
+    if not lrs:
+        return None, None
+    seeds = list(range(args.lr_sweep_seeds))
+    # The learning rate sits in the common options: run_grid's command is binary + common +
+    # spec + ..., so the whole of it goes in the spec and a main run's command comes out the same.
+    sweep_specs = {sweep_label(args, m, lr): common_options(args, lr) + specs[m] for m in specs for lr in lrs}
+    start = datetime.datetime.now()
+    if args.reuse:
+        runs = reuse_grid(binary, sweep_specs, seeds, [], out, args.jobs)
+    else:
+        runs = run_grid(binary, sweep_specs, seeds, [], out, args.jobs, reuse=True)
+    seconds = (datetime.datetime.now() - start).total_seconds()
+    fresh = sum(1 for label in sweep_specs for s in seeds
+                if (out / f"{label}.seed{s}.run.json").stat().st_mtime >= start.timestamp())
+    machine = machine_line()
+    saved = out / "lr_sweep.json"
+    if args.reuse and saved.exists():  # the time and machine of the call that ran them
+        earlier = json.loads(saved.read_text())
+        seconds, machine, fresh = earlier["seconds"], earlier["machine"], earlier["runs_run"]
+    n = len(seeds)
+    rows, summary, verdicts = [], {}, {}
+    for lr in lrs:
+        d = [runs[sweep_label(args, "dense", lr)][s]["result"]["val_bpb"] for s in seeds]
+        i = [runs[sweep_label(args, "inrank", lr)][s]["result"]["val_bpb"] for s in seeds]
+        gap = mean_ci([a - b for a, b in zip(i, d)])
+        rel = mean_ci([(a - b) / b for a, b in zip(i, d)])
+        verdict = interval_verdict(rel, QUALITY_TOLERANCE)
+        verdicts[lr] = (rel, verdict)
+        summary[str(lr)] = {"dense": d, "inrank": i, "gap": gap, "relative_gap": rel, "verdict": verdict}
+        mark = " (the claim's)" if lr == args.lr else ""
+        rows.append(f"| {lr:g}{mark} | {format_ci(*mean_ci(d))} | "
+                    f"{format_ci(*mean_ci(i))} | {format_ci(*gap)} | {pct(rel, 2)} | "
+                    f"{' / '.join(f'{x:.2f}' for x in d)} | {' / '.join(f'{x:.2f}' for x in i)} | {verdict} |")
+    table = "\n".join([
+        f"| AdamW lr | dense bits/byte ({n} seeds) | InRank bits/byte | InRank - dense (paired) | relative | "
+        f"dense seed by seed | InRank seed by seed | InRank matches dense (tolerance +{100 * QUALITY_TOLERANCE:.0f}%) |",
+        "|---:|---:|---:|---:|---:|---|---|---|", *rows])
+    matched = [lr for lr, (_, v) in verdicts.items() if v == "holds"]
+    tol = f"+{100 * QUALITY_TOLERANCE:.0f}%"
+    if matched:
+        sentence = (f"At lr {', '.join(f'{lr:g}' for lr in matched)} InRank matches dense within the {tol} tolerance "
+                    f"({'; '.join(pct(verdicts[lr][0], 2) for lr in matched)} bits/byte, paired, {n} seeds); the "
+                    f"claim's verdict above stays the one at the script's lr {args.lr:g}, a fixed setting, and this "
+                    "sweep is context.")
+    else:
+        sentence = (f"At no learning rate of the sweep does InRank match dense within the {tol} tolerance "
+                    f"({'; '.join(f'lr {lr:g}: {pct(r, 2)}, ' + v.split(' (')[0] for lr, (r, v) in verdicts.items())}"
+                    f"; paired, {n} seeds); the claim's verdict above, at lr {args.lr:g} over {args.seeds} seeds, "
+                    "is unchanged.")
+    print(table)
+    print(sentence)
+    print(f"claims_inrank: learning-rate sweep, {fresh} of {len(sweep_specs) * n} runs run (the others read back) "
+          f"in {seconds / 60:.1f} minutes", file=sys.stderr)
+    if not args.reuse:
+        saved.write_text(json.dumps({"lrs": summary, "seconds": seconds, "machine": machine, "runs_run": fresh},
+                                    indent=1))
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    shown = lambda label: relative_command(drop_logs(runs[label][0]["cmd"], {"--lr": "LR", "--seed": "S"}))
+    cmd = "python3 scripts/claims_inrank.py " + ("--lr-sweep-only --write-docs" if args.lr_sweep_only
+                                                  else "--write-docs")
+    reused = (f" The rows at lr {args.lr:g} run the commands of the claim's seeds 0-{n - 1} above (read back from "
+              "the main grid's records when they are there)." if args.lr in lrs else "")
+    others = (" (the others read back from earlier runs with the same command)" if fresh < len(sweep_specs) * n
+              else "")
+    block = "\n".join([
+        LR_BEGIN, "#### InRank against dense, by learning rate", "", sentence, "", table, "",
+        f"Written by `{cmd}` on {now[:10]}, {machine}, {fresh} of {len(sweep_specs) * n} runs run in "
+        f"{seconds / 60:.1f} minutes{others}, {args.jobs} "
+        "at a time with one thread each (other jobs shared the machine). The settings of the claim's runs above "
+        f"but for the learning rate (warm-up and cosine decay as there), seeds 0-{n - 1}: dense is "
+        f"`{shown(sweep_label(args, 'dense', lrs[0]))}`, InRank `{shown(sweep_label(args, 'inrank', lrs[0]))}` "
+        f"(LR = {', '.join(f'{lr:g}' for lr in lrs)}; S = {', '.join(map(str, seeds))}). The verdict column is the "
+        f"quality claim's rule: *holds* when the interval of InRank's relative gap to dense lies below {tol}, "
+        "*does not hold here* when it lies wholly above, *not settled here* otherwise; the claim's own verdict "
+        f"is the one at lr {args.lr:g} above.{reused} Raw outputs: build/results/claims_inrank "
+        "(lr_sweep.json).",
+        LR_END])
+    return block, sentence
+
+
+def drop_logs(cmd, placeholders):
+    """A run's command without its log paths, with the values of `placeholders`' options replaced."""
+    out, skip = [], False
+    for j, c in enumerate(cmd):
+        if skip:
+            skip = False
+            continue
+        if c in ("--log", "--rank-log"):
+            skip = True
+            continue
+        out.append(placeholders[cmd[j - 1]] if j > 0 and cmd[j - 1] in placeholders else c)
+    return out
+
+
+def write_lr_block(block):
+    """The sweep's block right after the claim's block (in the InRank section), or in its place."""
+    page = ROOT / "docs" / "fidelity.md"
+    text = page.read_text()
+    if LR_BEGIN not in text and END in text:
+        at = text.index(END) + len(END)
+        page.write_text(text[:at] + "\n\n" + block + text[at:])
+        print(f"results: wrote {page}", file=sys.stderr)
+        return
+    replace_block(page, LR_BEGIN, LR_END, block)
+
+
 def main():
     args = parse_args()
     binary = None if args.reuse else build_byte_trainer(args.binary)
     seeds = list(range(args.seeds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--tokenizer", "bytes", "--config", args.config, "--steps", str(args.steps), "--batch", str(args.batch),
-              "--context", str(args.context), "--lr", str(args.lr), "--eval-every", str(args.eval_every),
-              "--eval-windows", str(args.eval_windows), "--data", args.data]
+    common = common_options(args, args.lr)
     inrank_opts = ["--method", "inrank", "--inrank-threshold", str(args.alpha), "--inrank-cadence", "forward_calls",
                    "--inrank-warmup", "200", "--inrank-gap", "25",
                    "--inrank-forward-calls-per-step", str(args.forward_calls_per_step),
                    "--inrank-stage1-steps", str(args.stage1_steps)]
     specs = {"dense": ["--method", "dense", "--track-update-rank", ",".join(map(str, ALPHAS))],
              "inrank": inrank_opts}
+    if args.lr_sweep_only:
+        block, _ = lr_sweep(args, binary, specs, out)
+        if block is None:
+            raise SystemExit("claims_inrank: --lr-sweep-only with an empty --lr-sweep")
+        if args.write_docs:
+            write_lr_block(block)
+        return
     start = datetime.datetime.now()
     grid = reuse_grid if args.reuse else run_grid
     runs = grid(binary, specs, seeds, common, out, args.jobs)
@@ -353,6 +493,10 @@ def main():
             END,
         ]
         replace_block(ROOT / "docs" / "fidelity.md", BEGIN, END, "\n".join(body))
+    # After the main grid, so that the sweep reads back its runs at --lr.
+    block, _ = lr_sweep(args, binary, specs, out)
+    if block is not None and args.write_docs:
+        write_lr_block(block)
 
 
 if __name__ == "__main__":
