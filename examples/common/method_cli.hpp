@@ -38,6 +38,7 @@ struct MethodConfig {
     std::string sst_sampling = "mixed";
     std::string sst_rewarm_scope = "all";
     std::string sst_init = "svd";
+    double sst_prune = 0.0;  // after training, sigma_i below this set to zero (0: no pruning)
     DeepLoraOptions deeplora{};
     std::string deeplora_init = "orthogonal";
     double deeplora_weight_decay = 0.0;  // DeepLoraOptions::weight_decay (the authors': 0)
@@ -183,6 +184,12 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
                     "ablation)")
         ->check(CLI::IsMember({"svd", "random"}))
         ->capture_default_str();
+    sst->add_option("--sst-prune", m.sst_prune,
+                    "sst: after training, set every singular value below this (absolute) to zero, log a "
+                    "'prune' event per layer and evaluate again (the paper's pruning for a smaller model; "
+                    "0: none)")
+        ->check(non_negative)
+        ->capture_default_str();
     sst->add_option("--sst-iteration-steps", m.sst.iteration_steps, "sst: T3, optimizer steps per iteration")
         ->check(positive)
         ->capture_default_str();
@@ -260,6 +267,28 @@ inline InRankOptions inrank_options(const MethodConfig& m) {
     o.cadence = m.inrank_cadence == "optimizer_steps" ? InRankCadence::optimizer_steps
                                                       : InRankCadence::forward_calls;
     return o;
+}
+
+/// Refuses a method option that the chosen method would ignore after training.
+inline void check_method_options(const MethodConfig& m) {
+    check(m.sst_prune == 0.0 || m.method == "sst", "--sst-prune", "prunes SST's singular values: expected --method sst, got --method ",
+          m.method);
+}
+
+/// --sst-prune: after training, every singular value of each SpectralLinear layer of `model`
+/// below `threshold` set to zero (sst_prune_sigma), one "prune" event per layer in the run's
+/// rank log (old -> new rank, the threshold). Returns how many were pruned in all.
+template <class T, class Model>
+Index prune_spectral_layers(Model& model, TrainingContext<T>& ctx, double threshold) {
+    Index total = 0;
+    for (auto& slot : model.layer_slots()) {
+        auto* layer = slot.layer->template get_if<SpectralLinear<T>>();
+        if (layer == nullptr) continue;
+        const Index before = layer->rank();
+        total += sst_prune_sigma(*layer, threshold);
+        ctx.record("sst", slot.layer->name(), "prune", before, layer->rank(), "sigma_threshold", threshold);
+    }
+    return total;
 }
 
 /// The policies of m.method acting on the layers `select` names (none for dense).

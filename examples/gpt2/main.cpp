@@ -64,7 +64,8 @@ const std::vector<std::string> kResumeAllowable{"--steps",     "--warmup-steps",
 const std::set<std::string> kNotIdentity{
     "--vocab",       "--save",      "--save-every",  "--resume",    "--resume-allow", "--stop-at", "--sample",
     "--prompt",      "--temperature", "--top-k",     "--log",       "--rank-log",     "--quiet",   "--eval-windows",
-    "--log-every",   "--peak-gflops", "--out-dir",   "--keep-last", "--keep-best", "--track-update-rank"};
+    "--log-every",   "--peak-gflops", "--out-dir",   "--keep-last", "--keep-best", "--track-update-rank",
+    "--sst-prune"};
 // Settings a checkpoint keeps beside the identity, taken from it on --resume when not given
 // and free to change: how often the run saves and logs, what it samples.
 const std::set<std::string> kCarried{"--vocab",       "--save-every", "--sample",    "--prompt",
@@ -141,6 +142,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     const std::string rank_log = cfg.rank_log.empty() && cfg.method.method != "dense"
                                      ? "lowrank-gpt2-" + cfg.method.method + ".ranks.jsonl"
                                      : cfg.rank_log;
+    lowrank::examples::check_method_options(cfg.method);
     if (!cfg.save.empty() && root) lowrank::check_writable(cfg.save, "--save");
     if (!rank_log.empty() && root) lowrank::check_writable(rank_log, "--rank-log");
     if (!cfg.export_path.empty() && root) lowrank::check_writable(cfg.export_path, "--export");
@@ -406,6 +408,18 @@ int train(Config cfg, const lowrank::Communicator& world) {
     run.finish();
     if (run.global_step() == first_step) val_loss = evaluate();  // nothing left to train
 
+    // --sst-prune T: SST's singular values below T set to zero after training, a "prune" event
+    // per layer, and the pruned model evaluated again (val_loss is then the pruned model's).
+    nlohmann::ordered_json pruned = nullptr;
+    if (cfg.method.sst_prune > 0.0) {
+        const double before = val_loss;
+        const lowrank::Index count =
+            lowrank::examples::prune_spectral_layers(model, run.context(), cfg.method.sst_prune);
+        val_loss = evaluate();
+        pruned = {{"threshold", cfg.method.sst_prune}, {"singular_values", count}, {"val_loss_before", before}};
+        if (!rank_log.empty() && root) run.rank_log().write_jsonl(rank_log);
+    }
+
     // --export: the model as it ends, weights only (models/gpt2_export.hpp). A --resume of a
     // finished run trains nothing, so this also exports a checkpoint.
     // hf: config.json beside it, which GPT2LMHeadModel.from_pretrained(folder) reads.
@@ -466,6 +480,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
         {"params_at_start", params_at_start.get<lowrank::Index>()},
         {"trainable_params", run.parameter_count(true)},
         {"final_ranks", final_ranks},
+        {"sst_prune", pruned},
         {"out_dir", cfg.out_dir.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(cfg.out_dir)},
         {"rank_log", rank_log.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(rank_log)},
         {"rank_events", run.rank_log().size()},

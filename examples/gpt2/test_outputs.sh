@@ -82,3 +82,26 @@ for bad in "--steps 0" "--cuttlefish-window 0" "--sst-iteration-steps 0" "--cutt
         fail "$bad: expected a short message naming the option and the value, got: $line"
 done
 echo "out-of-range numbers refused naming the option and the value ($(head -n 1 bad.err))"
+
+# --sst-prune T: after training every SST singular value below T is zero, one "prune" event
+# per SST layer (old rank -> the rank left), the result names the count and the validation
+# loss before; with another method it is refused before the first step.
+"$gpt2" "${common[@]}" --method sst --rank 4 --sst-iteration-steps 4 --sst-rewarm 1 --sst-prune 0.2 \
+    --out-dir pruned --quiet > pruned.out
+python3 - pruned/result.json pruned/ranks.jsonl <<'PY' || fail "--sst-prune: the result or the rank log is wrong (above)"
+import json, math, sys
+r = json.load(open(sys.argv[1]))
+events = [json.loads(l) for l in open(sys.argv[2]) if '"prune"' in l]
+p = r["sst_prune"]
+assert p["threshold"] == 0.2 and p["singular_values"] >= 0 and math.isfinite(p["val_loss_before"]), p
+assert len(events) == len(r["final_ranks"]), (len(events), r["final_ranks"])
+for e in events:
+    assert e["event"] == "prune" and e["new_rank"] <= e["old_rank"] and e["value"] == 0.2, e
+    assert r["final_ranks"][e["layer"]] == e["new_rank"], (e, r["final_ranks"])
+assert sum(e["old_rank"] - e["new_rank"] for e in events) == p["singular_values"], (events, p)
+print(f"--sst-prune 0.2: {p['singular_values']} singular values pruned in {len(events)} layers, "
+      f"val loss {p['val_loss_before']:.4f} -> {r['val_loss']:.4f}")
+PY
+if "$gpt2" "${common[@]}" --method lora --sst-prune 0.2 --quiet > bad.out 2> bad.err; then fail "--sst-prune with lora was accepted"; fi
+grep -q -- "--sst-prune: .*expected --method sst, got --method lora" bad.err ||
+    { cat bad.err >&2; fail "the refused --sst-prune does not say why"; }

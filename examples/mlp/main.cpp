@@ -100,7 +100,7 @@ using Json = nlohmann::json;
 const std::vector<std::string> kResumeAllowable{"--epochs", "--warmup-steps", "--schedule", "--threads"};
 const std::set<std::string> kNotIdentity{"--log",     "--quiet",       "--rank-log", "--log-every",
                                          "--peak-gflops", "--out-dir", "--save",     "--save-every",
-                                         "--stop-at", "--resume",      "--resume-allow", "--keep-last"};
+                                         "--stop-at", "--resume",      "--resume-allow", "--keep-last", "--sst-prune"};
 // Settings a checkpoint keeps beside the identity, taken from it on --resume when not given
 // and free to change: how often the run saves and logs, what it samples.
 const std::set<std::string> kCarried{"--save-every", "--keep-last", "--log-every", "--peak-gflops"};
@@ -146,6 +146,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     }
     // Every path is checked first, so that a bad one fails before seconds of loading.
     if (!cfg.log.empty() && root) lowrank::check_writable(cfg.log, "--log");
+    lowrank::examples::check_method_options(cfg.method);
     if (!cfg.save.empty() && root) lowrank::check_writable(cfg.save, "--save");
     lowrank::check(!cfg.save.empty() || (cfg.save_every == 0 && cfg.stop_at == 0 && cfg.keep_last == 0),
                    "--save-every / --stop-at / --keep-last", "they need --save or --out-dir (where the checkpoints go)");
@@ -399,6 +400,18 @@ int train(Config cfg, const lowrank::Communicator& world) {
     run.finish();
     if (!evaluated) test = evaluate_test();  // stopped within its first epoch here, or nothing left
 
+    // --sst-prune T: SST's singular values below T set to zero after training, a "prune" event
+    // per layer, and the pruned model evaluated again (test_* are then the pruned model's).
+    nlohmann::ordered_json pruned = nullptr;
+    if (cfg.method.sst_prune > 0.0) {
+        const double before = test.accuracy;
+        const lowrank::Index count =
+            lowrank::examples::prune_spectral_layers(model, run.context(), cfg.method.sst_prune);
+        test = evaluate_test();
+        pruned = {{"threshold", cfg.method.sst_prune}, {"singular_values", count}, {"test_accuracy_before", before}};
+        if (!rank_log_path.empty() && root) run.rank_log().write_jsonl(rank_log_path);
+    }
+
     const double samples = static_cast<double>(batcher.samples_per_epoch()) * cfg.epochs;
     nlohmann::ordered_json result;
     result["method"] = cfg.method.method;
@@ -412,6 +425,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     nlohmann::ordered_json ranks = nlohmann::ordered_json::object();
     for (const auto& layer : model.layers()) ranks[layer.name()] = layer.rank();
     result["final_ranks"] = ranks;
+    result["sst_prune"] = pruned;
     result["layer_kinds"] = layer_kinds(model);
     if (rank_log_path.empty())
         result["rank_log"] = nullptr;
