@@ -19,11 +19,10 @@ one thread each. Every number comes from the runs' JSON output; raw outputs stay
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
-from results_common import (METHODS, ROOT, build_byte_trainer, check_methods, format_ci, machine_line, mean_ci,
+from results_common import (METHODS, ROOT, add_byte_run_options, build_byte_trainer, check_methods, format_ci, machine_line, mean_ci,
                             relative_command, replace_block, run_grid)
 
 BEGIN, END = "<!-- compare-bytes:begin -->", "<!-- compare-bytes:end -->"
@@ -45,13 +44,7 @@ def parse_args():
                          "epoch; default %(default)s)")
     ap.add_argument("--eval-windows", type=int, default=128)
     ap.add_argument("--rank", type=int, default=0, help="0: n_embd / 4")
-    ap.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
-    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once (default 2)")
-    ap.add_argument("--binary", default=None, help="a built lowrank-gpt2 (default: build the release preset)")
-    ap.add_argument("--data", default=str(ROOT / "data" / "text" / "corpus-bytes"))
-    ap.add_argument("--out", default=str(ROOT / "build" / "results" / "bytes"))
-    ap.add_argument("--reuse", action="store_true",
-                    help="read back a run kept in --out with the same command instead of running it again")
+    add_byte_run_options(ap, "bytes")
     ap.add_argument("--write-docs", action="store_true",
                     help="write the table into README.md and docs/results.md (their compare-bytes blocks)")
     ap.add_argument("extra", nargs="*", help="further lowrank-gpt2 options, after --")

@@ -28,11 +28,10 @@ and rank logs; raw outputs stay in --out.
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
-from results_common import (ROOT, build_byte_trainer, format_ci, machine_line, mean_ci, relative_command,
+from results_common import (ROOT, add_byte_run_options, build_byte_trainer, format_ci, machine_line, mean_ci, relative_command,
                             replace_block, run_grid)
 
 CF_BEGIN, CF_END = "<!-- defaults-cuttlefish:begin -->", "<!-- defaults-cuttlefish:end -->"
@@ -56,13 +55,7 @@ def parse_args():
                          "the default detector does not switch in every seed (default %(default)s)")
     ap.add_argument("--always-track", action="store_true",
                     help="run the --track-steps set of Cuttlefish arms even when the default detector switches")
-    ap.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
-    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once (default 2)")
-    ap.add_argument("--binary", default=None, help="a built lowrank-gpt2 (default: build the release preset)")
-    ap.add_argument("--data", default=str(ROOT / "data" / "text" / "corpus-bytes"))
-    ap.add_argument("--out", default=str(ROOT / "build" / "results" / "defaults_ablation"))
-    ap.add_argument("--reuse", action="store_true",
-                    help="read back a run kept in --out with the same command instead of running it again")
+    add_byte_run_options(ap, "defaults_ablation")
     ap.add_argument("--write-docs", action="store_true",
                     help="write the blocks into docs/methods/cuttlefish.md and docs/methods/sst.md")
     return ap.parse_args()

@@ -203,6 +203,19 @@ def format_ci(mean, half, digits=3):
     return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def add_byte_run_options(ap, out):
+    """The options every byte-model script shares: threads per run, runs at once, the
+    binary, the byte corpus, the folder of the raw runs (`out`, under build/results) and
+    --reuse."""
+    ap.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once (default 2)")
+    ap.add_argument("--binary", default=None, help="a built lowrank-gpt2 (default: build the release preset)")
+    ap.add_argument("--data", default=str(ROOT / "data" / "text" / "corpus-bytes"))
+    ap.add_argument("--out", default=str(ROOT / "build" / "results" / out))
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back a run kept in --out with the same command instead of running it again")
+
+
 def build_byte_trainer(binary=None):
     """The lowrank-gpt2 to run: `binary`, or the release preset's, built after the corpus is
     tokenized (scripts/prepare_text.sh writes the byte streams too)."""
