@@ -22,8 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-from results_common import (METHODS, ROOT, add_byte_run_options, build_byte_trainer, check_methods, format_ci, machine_line, mean_ci,
-                            relative_command, replace_block, run_grid)
+from results_common import (METHODS, ROOT, add_byte_run_options, build_byte_trainer, check_methods,
+                            format_ci, machine_line, mean_ci, paired_verdict, relative_command,
+                            replace_block, run_grid)
 
 BEGIN, END = "<!-- compare-bytes:begin -->", "<!-- compare-bytes:end -->"
 DEFAULT_METHODS = ["dense", "sst", "inrank", "cuttlefish"]
@@ -72,12 +73,7 @@ def summarise(runs, seeds):
 
 
 def verdict(delta):
-    mean, half = delta
-    if half is None:
-        return "one seed: no interval"
-    if abs(mean) <= half:
-        return "within seed noise"
-    return "worse than dense" if mean > 0 else "better than dense"
+    return paired_verdict(delta, " than dense")
 
 
 def ranks_text(ranks):

@@ -31,8 +31,8 @@ import json
 import sys
 from pathlib import Path
 
-from results_common import (ROOT, add_byte_run_options, build_byte_trainer, format_ci, machine_line, mean_ci, relative_command,
-                            replace_block, run_grid)
+from results_common import (ROOT, add_byte_run_options, build_byte_trainer, format_ci, machine_line, mean_ci,
+                            paired_verdict, relative_command, replace_block, run_grid)
 
 CF_BEGIN, CF_END = "<!-- defaults-cuttlefish:begin -->", "<!-- defaults-cuttlefish:end -->"
 SST_BEGIN, SST_END = "<!-- defaults-sst:begin -->", "<!-- defaults-sst:end -->"
@@ -80,12 +80,7 @@ def switch_step(run):
 
 
 def verdict(delta):
-    mean, half = delta
-    if half is None:
-        return "one seed: no interval"
-    if abs(mean) <= half:
-        return "within seed noise"
-    return "worse" if mean > 0 else "better"
+    return paired_verdict(delta, "")
 
 
 def summarise(runs, pairs, seeds):

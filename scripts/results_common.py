@@ -199,6 +199,17 @@ def mean_ci(values):
     return mean, t * (var / n) ** 0.5
 
 
+def paired_verdict(delta, than=""):
+    """A paired difference (mean, half-width; bits per byte, higher is worse) in words:
+    within seed noise when the interval holds 0, else worse / better (+ `than`)."""
+    mean, half = delta
+    if half is None:
+        return "one seed: no interval"
+    if abs(mean) <= half:
+        return "within seed noise"
+    return ("worse" if mean > 0 else "better") + than
+
+
 def format_ci(mean, half, digits=3):
     return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
