@@ -47,12 +47,12 @@ METHODS = {
 
 
 def header(path):
-    """The tensors of a safetensors file: {name: bytes}, and the header's own size."""
+    """The tensors of a safetensors file: {name: bytes}."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         doc = json.loads(f.read(n))
     doc.pop("__metadata__", None)
-    return {name: t["data_offsets"][1] - t["data_offsets"][0] for name, t in doc.items()}, 8 + n
+    return {name: t["data_offsets"][1] - t["data_offsets"][0] for name, t in doc.items()}
 
 
 def mb(n):
@@ -88,7 +88,7 @@ def main():
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
             result = json.loads((run / "result.json").read_text())
             ckpt = run / "checkpoint.safetensors"
-            tensors, head = header(ckpt)
+            tensors = header(ckpt)
             state = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
             ranks = sorted(set(result["final_ranks"].values()))
             rows.append({
@@ -99,9 +99,7 @@ def main():
                 "state": sum(state.values()),
                 "state_tensors": len(state),
                 "tensors": len(tensors),
-                "header": head,
                 "export": (run / "lowrank.safetensors").stat().st_size,
-                "trainable": result.get("trainable_params"),
             })
     finally:
         shutil.rmtree(out, ignore_errors=True)

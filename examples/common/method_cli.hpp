@@ -271,8 +271,8 @@ inline InRankOptions inrank_options(const MethodConfig& m) {
 
 /// Refuses a method option that the chosen method would ignore after training.
 inline void check_method_options(const MethodConfig& m) {
-    check(m.sst_prune == 0.0 || m.method == "sst", "--sst-prune", "prunes SST's singular values: expected --method sst, got --method ",
-          m.method);
+    check(m.sst_prune == 0.0 || m.method == "sst", "--sst-prune",
+          "prunes SST's singular values: expected --method sst, got --method ", m.method);
 }
 
 /// --sst-prune: after training, every singular value of each SpectralLinear layer of `model`

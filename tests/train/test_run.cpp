@@ -325,7 +325,7 @@ TEST_CASE("run: a checkpoint's optimizer state covers only what the method train
         h.run->save(path.string());
         SafetensorsReader file(path.string());
 
-        Index state = 0, trained = 0, frozen = 0, inactive = 0;
+        Index state = 0, frozen = 0, inactive = 0;
         for (const Parameter<double>* p : h.run->parameters()) {
             const Index elements = p->rows() * p->active_cols();
             for (const char* moment : {"exp_avg", "exp_avg_sq"}) {
@@ -341,7 +341,7 @@ TEST_CASE("run: a checkpoint's optimizer state covers only what the method train
                 CHECK(n == elements);
                 state += static_cast<Index>(n);
             }
-            (p->trainable ? trained : frozen) += elements;
+            if (!p->trainable) frozen += elements;
             inactive += p->rows() * (p->cols() - p->active_cols());
         }
         // Every state tensor belongs to a parameter the model has now and trains: none is
@@ -359,7 +359,6 @@ TEST_CASE("run: a checkpoint's optimizer state covers only what the method train
             CHECK(trained_names.count(param) == 1);
         }
         CHECK(state_tensors == 2 * static_cast<Index>(trained_names.size()));
-        CHECK(state == 2 * trained);
         const std::string method = c.method;
         if (method == "dense") dense_state = state;
         if (method == "lora") CHECK(frozen > 0);      // the bases: weights in the file, no state
