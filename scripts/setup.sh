@@ -36,6 +36,7 @@ packages=(
     catch2 libbenchmark-dev                # tests, benchmarks
     libcli11-dev                           # examples' command lines
     libopenblas-dev                        # optional GEMM backend (lowrank-gpt2-openblas, benchmarks)
+    libopenblas-openmp-dev                 # ... its OpenMP build, which those link (shares OpenMP's threads)
     libopenmpi-dev openmpi-bin             # data-parallel training (LOWRANK_WITH_MPI) and its tests
     dataset-fashion-mnist                  # real data for examples/mlp
     gnuplot-nox python3                    # plots, helper scripts

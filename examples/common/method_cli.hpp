@@ -151,6 +151,11 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
                            "cuttlefish: scaled (ceil(srank * xi), the paper's) or vanilla (floor(srank))")
         ->check(CLI::IsMember({"scaled", "vanilla"}))
         ->capture_default_str();
+    cuttlefish->add_option("--cuttlefish-rank-floor", m.cuttlefish.rank_floor,
+                           "cuttlefish: a factorized layer's rank is at least ceil(this * d), 0 <= f <= 1 (0: none; "
+                           "the imagenet preset's is 0.2)")
+        ->check(non_negative)
+        ->capture_default_str();
     cuttlefish->add_option("--cuttlefish-track-pattern", m.cuttlefish_track_pattern,
                            "cuttlefish: regex of the layer names whose stable ranks decide the switch (any "
                            "role); empty: the factorized layers");
@@ -275,20 +280,14 @@ inline void check_method_options(const MethodConfig& m) {
           "prunes SST's singular values: expected --method sst, got --method ", m.method);
 }
 
-/// --sst-prune: after training, every singular value of each SpectralLinear layer of `model`
-/// below `threshold` set to zero (sst_prune_sigma), one "prune" event per layer in the run's
-/// rank log (old -> new rank, the threshold). Returns how many were pruned in all.
-template <class T, class Model>
-Index prune_spectral_layers(Model& model, TrainingContext<T>& ctx, double threshold) {
-    Index total = 0;
-    for (auto& slot : model.layer_slots()) {
-        auto* layer = slot.layer->template get_if<SpectralLinear<T>>();
-        if (layer == nullptr) continue;
-        const Index before = layer->rank();
-        total += sst_prune_sigma(*layer, threshold);
-        ctx.record("sst", slot.layer->name(), "prune", before, layer->rank(), "sigma_threshold", threshold);
-    }
-    return total;
+/// --sst-prune: after training, Sst::prune of the run's SST policy (every singular value below
+/// `threshold` set to zero, one "prune" event per layer in the run's rank log). Returns how
+/// many were pruned in all. check_method_options() allows --sst-prune only with --method sst.
+template <class T>
+Index prune_sst(PolicyList<T>& policies, TrainingContext<T>& ctx, double threshold) {
+    auto* sst = policies.template find<Sst<T>>();
+    check(sst != nullptr, "--sst-prune", "expected the run to hold an sst policy, it holds none");
+    return sst->prune(ctx, threshold);
 }
 
 /// The policies of m.method acting on the layers `select` names (none for dense).

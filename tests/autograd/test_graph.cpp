@@ -295,6 +295,28 @@ TEST_CASE("backward accumulates into Parameter::grad", "[autograd][graph]") {
     CHECK(w.grad.isApprox(2 * expected, 1e-14));
 }
 
+TEST_CASE("tape_bytes counts the node outputs and output gradients the tape keeps", "[autograd][graph]") {
+    Rng rng(3);
+    Parameter<double> w("w", random_matrix(4, 7, rng));
+    const MatrixD x = random_matrix(5, 7, rng), r = random_matrix(5, 4, rng);
+    Graph<double> g;
+    CHECK(g.tape_bytes() == 0);
+    const auto loss = lowrank::sum(g, lowrank::mul(g, lowrank::linear(g, g.input(x), g.param(w)), g.input(r)));
+    // Outputs: x 5x7, the parameter leaf none (its value is w's), x W^T 5x4, r 5x4, the
+    // product 5x4, the sum 1x1.
+    const std::size_t outputs = 35 + 20 + 20 + 20 + 1;
+    CHECK(g.tape_bytes() == outputs * sizeof(double));
+    g.backward(loss);
+    // Gradients of the nodes that need one (not the inputs; the leaf's is w.grad).
+    CHECK(g.tape_bytes() == (outputs + 20 + 20 + 1) * sizeof(double));
+    // A one-row step without backward: its two outputs take their new shapes (x 1x7, x W^T
+    // 1x4), every other buffer keeps the shape the last step left it in.
+    g.clear();
+    const MatrixD x1 = x.topRows(1);
+    (void)lowrank::linear(g, g.input(x1), g.param(w));
+    CHECK(g.tape_bytes() == (outputs + 20 + 20 + 1 - (35 - 7) - (20 - 4)) * sizeof(double));
+}
+
 TEST_CASE("an input recorded with requires_grad gets its gradient in Var::grad", "[autograd][graph]") {
     Rng rng(8);
     const MatrixD x = random_matrix(5, 7, rng), b = random_matrix(7, 3, rng), r = random_matrix(5, 3, rng);

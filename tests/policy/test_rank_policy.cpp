@@ -174,4 +174,26 @@ TEST_CASE("PolicyList calls its policies in order at every hook, and rewarm rest
     CHECK(f.schedule.factor(43) == 1.0);
 }
 
+
+// A policy of another type than Tracer, to tell find<> apart from "the first policy".
+class Other : public RankPolicy<double> {
+public:
+    std::string_view name() const override { return "other"; }
+};
+
+TEST_CASE("PolicyList::find returns the first policy of the asked type, or null", "[policy]") {
+    std::vector<std::string> trace;
+    PolicyList<double> list;
+    CHECK(list.find<Tracer>() == nullptr);
+    list.add<Other>();
+    Tracer& first = list.add<Tracer>("first", trace);
+    list.add<Tracer>("second", trace);
+    CHECK(list.find<Tracer>() == &first);
+    CHECK(list.find<Other>() == &list[0]);
+    CHECK(list.find<RankPolicy<double>>() == &list[0]);
+    PolicyList<double> without;
+    without.add<Other>();
+    CHECK(without.find<Tracer>() == nullptr);
+}
+
 }  // namespace test_rank_policy

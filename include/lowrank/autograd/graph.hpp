@@ -129,6 +129,17 @@ public:
     /// Rewinds the tape for a new step; keeps every buffer for reuse.
     void clear() { cursor_ = 0; }
 
+    /// Bytes of the node outputs and output gradients the tape holds, at their current
+    /// shapes: after a step's backward, that step's activations and their gradients. Buffers
+    /// an op keeps beside them (saved statistics, scratch, a fused node's block) are not
+    /// counted; parameter leaves count nothing (their value and grad are the parameter's).
+    std::size_t tape_bytes() const {
+        std::size_t n = 0;
+        for (const auto& node : tape_)
+            if (node) n += static_cast<std::size_t>(node->out.size() + node->dout.size());
+        return n * sizeof(T);
+    }
+
     /// Records a constant input (copied into a reused buffer). With requires_grad its
     /// gradient is computed too (gradient checks with respect to an input use this).
     Var<T> input(const ConstMatrixRef<T>& x, bool requires_grad = false) {

@@ -67,4 +67,38 @@ inline std::int64_t peak_rss_bytes() {
 #endif
 }
 
+/// Sets the kernel's peak-RSS mark of this process (VmHWM) back to its resident memory now,
+/// so that peak_rss_since_reset_bytes() measures from here: a trainer calls it before its
+/// first step, so that the peak is the steps' and not the data loading's. Linux: "5" written
+/// to /proc/self/clear_refs. Returns false where that is not possible. getrusage's
+/// ru_maxrss (peak_rss_bytes) follows the same mark and drops with it: read it before the
+/// reset to keep the whole process's peak.
+inline bool reset_peak_rss() {
+#if defined(__linux__)
+    std::FILE* f = std::fopen("/proc/self/clear_refs", "w");
+    if (f == nullptr) return false;
+    const bool written = std::fputs("5", f) >= 0;
+    return std::fclose(f) == 0 && written;
+#else
+    return false;
+#endif
+}
+
+/// The most resident memory the process has held since the last reset_peak_rss() (or since
+/// it started), in bytes: VmHWM of /proc/self/status; 0 where it is not known.
+inline std::int64_t peak_rss_since_reset_bytes() {
+#if defined(__linux__)
+    std::FILE* f = std::fopen("/proc/self/status", "r");
+    if (f == nullptr) return 0;
+    char line[256];
+    long long kb = -1;
+    while (kb < 0 && std::fgets(line, sizeof line, f) != nullptr)
+        if (std::sscanf(line, "VmHWM: %lld kB", &kb) != 1) kb = -1;
+    std::fclose(f);
+    return kb < 0 ? 0 : static_cast<std::int64_t>(kb) * 1024;
+#else
+    return 0;
+#endif
+}
+
 }  // namespace lowrank

@@ -318,6 +318,15 @@ public:
     bool empty() const { return policies_.empty(); }
     RankPolicy<T>& operator[](std::size_t i) { return *policies_.at(i); }
 
+    /// The first policy of the list whose type is Policy (or derives from it), or nullptr:
+    /// how a trainer reaches one method's own calls, e.g. Sst<T>::prune after training.
+    template <class Policy>
+    Policy* find() {
+        for (auto& p : policies_)
+            if (auto* found = dynamic_cast<Policy*>(p.get())) return found;
+        return nullptr;
+    }
+
 private:
     // Each policy in turn, the context told which one acts (its claims on layers name it).
     template <class F>

@@ -1,0 +1,41 @@
+// The process's resident-memory readings (core/memory.hpp): the peak mark the trainers reset
+// before their first step, so that peak_rss_steps_bytes is the steps' own.
+#include <catch2/catch.hpp>
+
+#include <lowrank/core/memory.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+// A namespace of its own: the module's files may be compiled as one unity translation unit.
+namespace test_memory {
+
+#if defined(__linux__)
+TEST_CASE("reset_peak_rss moves the peak mark down to the memory held now", "[core][memory]") {
+    constexpr std::int64_t size = 64 << 20;
+    REQUIRE(lowrank::reset_peak_rss());
+    const std::int64_t low = lowrank::peak_rss_since_reset_bytes();
+    REQUIRE(low > 0);
+    CHECK(low >= lowrank::current_rss_bytes() - (1 << 20));
+
+    // 64 MiB touched and handed back to the kernel: the mark keeps it, the RSS does not.
+    void* block = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(block != MAP_FAILED);
+    std::memset(block, 1, static_cast<std::size_t>(size));
+    REQUIRE(munmap(block, size) == 0);
+    const std::int64_t high = lowrank::peak_rss_since_reset_bytes();
+    CHECK(high >= low + size - (4 << 20));
+    CHECK(lowrank::peak_rss_bytes() >= high);  // getrusage's mark holds it too
+
+    REQUIRE(lowrank::reset_peak_rss());
+    CHECK(lowrank::peak_rss_since_reset_bytes() < high - size / 2);
+    CHECK(lowrank::peak_rss_bytes() < high - size / 2);  // the same mark: a caller keeps the old peak itself
+}
+#endif
+
+}  // namespace test_memory
