@@ -8,7 +8,12 @@ Programs, each started once per round and thread count, in turn (so that a chang
 background load cannot favour one of them):
 
   lowrank           build/release/examples/gpt2/lowrank-gpt2 (Eigen's own GEMM)
-  lowrank+openblas  lowrank-gpt2-openblas (Eigen's products in OpenBLAS, AVX-512 kernel)
+  lowrank+openblas  lowrank-gpt2-openblas (Eigen's products in OpenBLAS, AVX-512 kernel), linked to
+                    OpenBLAS's OpenMP build where it is installed (CMakeLists.txt)
+  lowrank+openblas-pthread
+                    the same binary loading Debian's default pthread build of OpenBLAS instead
+                    (LD_LIBRARY_PATH), to compare the two thread pools in one run; only when
+                    asked for with --programs
   pytorch           /usr/bin/python3 bench/pytorch_gpt2.py (Debian's python3-torch, at its best)
 
 All three train the same model (dense `tiny` GPT-2: 4 layers, 4 heads, width 256,
@@ -39,6 +44,8 @@ from results_common import ROOT, build, cpu_name, replace_block, trainer_env
 
 BEGIN, END = "<!-- bench-gpt2:begin -->", "<!-- bench-gpt2:end -->"
 PROGRAMS = ["lowrank", "lowrank+openblas", "pytorch"]
+OPTIONAL = ["lowrank+openblas-pthread"]
+PTHREAD_OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread")
 CONFIGS = {"tiny": (4, 256), "mini": (2, 128)}  # (layers, width): models/gpt2.hpp's gpt2_config
 VOCAB = 50257
 
@@ -85,14 +92,17 @@ def parse_args():
     return ap.parse_args()
 
 
-def run_lowrank(binary, args, threads):
+def run_lowrank(binary, args, threads, library_path=None):
+    env = trainer_env(threads)
+    if library_path:
+        env["LD_LIBRARY_PATH"] = str(library_path)  # before the binary's run path
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "metrics.jsonl"
         cmd = [binary, "--config", args.config, "--batch", str(args.batch), "--context", str(args.context),
                "--steps", str(args.warm + args.steps), "--eval-every", str(args.warm), "--eval-windows", "1",
                "--threads", str(threads), "--data", args.data, "--log", str(log), "--quiet",
                "--rank-log", str(Path(tmp) / "ranks.jsonl")]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=trainer_env(threads))
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         # An evaluation line every --warm steps; every interval after the first is timed
         # (the log's "step" lines time the steps alone, without reading the batches).
@@ -109,6 +119,18 @@ def run_pytorch(args, threads):
     return json.loads(out.strip().splitlines()[-1])["tokens_per_second"]
 
 
+def loaded_openblas(binary, library_path=None):
+    """The libopenblas the binary loads (ldd), with library_path as LD_LIBRARY_PATH."""
+    env = dict(os.environ)
+    if library_path:
+        env["LD_LIBRARY_PATH"] = str(library_path)
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, env=env).stdout
+    for line in out.splitlines():
+        if "libopenblas" in line and "=>" in line:
+            return line.split("=>", 1)[1].split("(")[0].strip()
+    return "no libopenblas"
+
+
 def torch_version():
     out = subprocess.run(["/usr/bin/python3", "-c", "import torch; print(torch.__version__)"],
                          capture_output=True, text=True)
@@ -121,19 +143,24 @@ def main():
         raise SystemExit("bench_gpt2: --steps must be a multiple of --warm (lowrank times whole intervals)")
     programs = [p for p in args.programs.split(",") if p]
     for p in programs:
-        if p not in PROGRAMS:
-            raise SystemExit(f"bench_gpt2: unknown program '{p}', expected one of {', '.join(PROGRAMS)}")
+        if p not in PROGRAMS + OPTIONAL:
+            raise SystemExit(f"bench_gpt2: unknown program '{p}', expected one of {', '.join(PROGRAMS + OPTIONAL)}")
+    if "lowrank+openblas-pthread" in programs and not PTHREAD_OPENBLAS.is_dir():
+        raise SystemExit(f"bench_gpt2: lowrank+openblas-pthread needs {PTHREAD_OPENBLAS} (libopenblas0-pthread)")
     threads_list = [int(t) for t in args.threads.split(",") if t]
     folder = ROOT / "build" / "release" / "examples" / "gpt2"
     if not args.no_build:
         subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--bench"], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["bash", str(ROOT / "scripts" / "prepare_text.sh")], check=True, stdout=sys.stderr)
-        targets = {"lowrank": "lowrank-gpt2", "lowrank+openblas": "lowrank-gpt2-openblas"}
+        targets = {"lowrank": "lowrank-gpt2", "lowrank+openblas": "lowrank-gpt2-openblas",
+                   "lowrank+openblas-pthread": "lowrank-gpt2-openblas"}
         for p in programs:
             if p in targets:
                 build(targets[p])
         build("lowrank-bench")
-    binaries = {"lowrank": str(folder / "lowrank-gpt2"), "lowrank+openblas": str(folder / "lowrank-gpt2-openblas")}
+    binaries = {"lowrank": str(folder / "lowrank-gpt2"), "lowrank+openblas": str(folder / "lowrank-gpt2-openblas"),
+                "lowrank+openblas-pthread": str(folder / "lowrank-gpt2-openblas")}
+    library_paths = {"lowrank+openblas-pthread": PTHREAD_OPENBLAS}
     probe = machine_probe(str(ROOT / "build" / "release" / "bench" / "lowrank-bench"))
     flops = flops_per_token(args.config, args.context)
 
@@ -142,7 +169,8 @@ def main():
     for r in range(args.rounds):
         for t in threads_list:
             for p in programs:
-                tps = run_pytorch(args, t) if p == "pytorch" else run_lowrank(binaries[p], args, t)
+                tps = run_pytorch(args, t) if p == "pytorch" else \
+                    run_lowrank(binaries[p], args, t, library_paths.get(p))
                 samples[(p, t)].append(tps)
                 print(f"bench_gpt2: round {r + 1}/{args.rounds}, {t} thread(s), {p}: {tps:,.0f} tokens/s",
                       file=sys.stderr, flush=True)
@@ -152,6 +180,9 @@ def main():
               f"1-minute load average {load_start:.2f} at the start and {os.getloadavg()[0]:.2f} at the end; "
               f"PyTorch {torch_version()}. Config `{args.config}`, B = {args.batch}, T = {args.context}, dense; "
               f"tokens/s over {args.steps} steps after {args.warm} untimed ones.")
+    for p in programs:
+        if p.startswith("lowrank+openblas"):
+            header += f" `{p}` loads {loaded_openblas(binaries[p], library_paths.get(p))}."
     peaks = {}
     for t in threads_list:
         key = "1" if t == 1 else "all"
@@ -178,7 +209,8 @@ def main():
                         f"| {mfu} |")
     table = "\n".join(rows)
     print(header + "\n\n" + table)
-    command = "python3 scripts/bench_gpt2.py --write-docs" + (f" --rounds {args.rounds}" if args.rounds != 5 else "")
+    command = "python3 scripts/bench_gpt2.py --write-docs" + (f" --rounds {args.rounds}" if args.rounds != 5 else "") \
+        + (f" --programs {args.programs}" if programs != PROGRAMS else "")
     if args.write_docs:
         replace_block(ROOT / "docs" / "performance.md", BEGIN, END,
                       "\n".join([BEGIN, header, "", table, "", f"Command: `{command}`.", END]))
