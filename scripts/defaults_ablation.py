@@ -3,7 +3,7 @@
 default against the alternative on the byte-level GPT (`lowrank-gpt2 --tokenizer bytes`, the
 settings of scripts/compare_bytes.py), paired by seed.
 
-    python3 scripts/defaults_ablation.py                  # 15 runs, 24 with the tracked set: about 3 minutes on 2 cores
+    python3 scripts/defaults_ablation.py                  # 30 runs, 39 with the tracked set: about 6 minutes on 2 cores
     python3 scripts/defaults_ablation.py --write-docs     # also the defaults-cuttlefish block of
                                                           # docs/methods/cuttlefish.md and the
                                                           # defaults-sst block of docs/methods/sst.md
@@ -14,7 +14,9 @@ The pairs (default vs alternative, the same seeds, hence the same batches):
 - Cuttlefish: `reset_optimizer_at_switch` off vs on (`--cuttlefish-reset-optimizer`, the
   authors build a new optimizer at the switch);
 - SST: `rewarm_scope` all vs spectral (`--sst-rewarm-scope spectral`), with T3 shortened
-  (--sst-iteration-steps) so the schedule acts several times in the run.
+  (--sst-iteration-steps) so the schedule acts several times in the run;
+- SST: T3 = 200 (the default, whose source is not verified) vs --t3-sweep's other values,
+  and the default's 20-step re-warm-up vs none (`--sst-rewarm 0`), all at T3 = 200.
 Cuttlefish runs with its default detector, tracking once an epoch (an epoch is one
 evaluation interval, --eval-every steps). A pair is only about the switch if the switch
 happens: when the default detector does not switch in every seed, the three Cuttlefish arms
@@ -50,6 +52,8 @@ def parse_args():
     ap.add_argument("--eval-windows", type=int, default=128)
     ap.add_argument("--sst-iteration-steps", type=int, default=50,
                     help="SST's T3 in both SST arms (default %(default)s: 10 iterations in 500 steps)")
+    ap.add_argument("--t3-sweep", default="25,50,100",
+                    help="SST's T3 values run beside the default 200 (default %(default)s)")
     ap.add_argument("--track-steps", type=int, default=10,
                     help="Cuttlefish's --cuttlefish-track-steps for the second set of Cuttlefish arms, run when "
                          "the default detector does not switch in every seed (default %(default)s)")
@@ -71,6 +75,16 @@ def cuttlefish_specs(extra=(), suffix=""):
 def sst_specs(args):
     base = ["--method", "sst", "--sst-iteration-steps", str(args.sst_iteration_steps)]
     return {"sst": base, "sst+rewarm-spectral": [*base, "--sst-rewarm-scope", "spectral"]}
+
+
+def sst_t3_specs(args):
+    """The default T3 = 200 first (the reference), then the sweep, then no re-warm-up at 200."""
+    arm = lambda t3, extra=(): ["--method", "sst", "--sst-iteration-steps", str(t3), *extra]  # noqa: E731
+    specs = {"sst@T3=200": arm(200)}
+    for t3 in (int(t) for t in args.t3_sweep.split(",") if t):
+        specs[f"sst@T3={t3}"] = arm(t3)
+    specs["sst@T3=200+no-rewarm"] = arm(200, ["--sst-rewarm", "0"])
+    return specs
 
 
 def switch_step(run):
@@ -157,7 +171,8 @@ def main():
     start = datetime.datetime.now()
     cf = cuttlefish_specs()
     sst = sst_specs(args)
-    runs = run_grid(binary, {**cf, **sst}, seeds, common, out, args.jobs, args.threads, reuse=args.reuse)
+    t3 = sst_t3_specs(args)
+    runs = run_grid(binary, {**cf, **sst, **t3}, seeds, common, out, args.jobs, args.threads, reuse=args.reuse)
     # A switch at the last step leaves no training after it: the optimizer state at the switch
     # and what the factors learn from there are then not measured, so it does not count.
     default_switched = all((switch_step(runs["cuttlefish"][s]) or args.steps) < args.steps for s in seeds)
@@ -168,7 +183,7 @@ def main():
     seconds = (datetime.datetime.now() - start).total_seconds()
 
     pairs = {}
-    for group in (cf, tracked, sst):
+    for group in (cf, tracked, sst, t3):
         labels = list(group)
         for alt in labels[1:]:
             pairs[alt] = labels[0]
@@ -176,9 +191,12 @@ def main():
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
     cf_table = table(rows, [*cf, *tracked], len(seeds), with_switch=True)
     sst_table = table(rows, list(sst), len(seeds), with_switch=False)
+    t3_table = table(rows, list(t3), len(seeds), with_switch=False)
     print(cf_table)
     print()
     print(sst_table)
+    print()
+    print(t3_table)
     print(f"defaults_ablation: {len(runs) * len(seeds)} runs in {seconds / 60:.1f} minutes", file=sys.stderr)
     if not args.write_docs:
         return
@@ -235,11 +253,19 @@ def main():
         "times in the run; the re-warm-up length and everything else at the defaults); "
         + finding(rows, "sst+rewarm-spectral") + ".",
         "",
+        "```text",
+        t3_table,
+        "```",
+        "",
+        f"T3 against the default 200 (a re-SVD comes every T2 x T3 steps, T2 = ceil(d / r) iterations), and the "
+        "default's re-warm-up against none at T3 = 200: "
+        + "; ".join(finding(rows, label) for label in list(t3)[1:]) + ".",
+        "",
         f"Written by `python3 scripts/defaults_ablation.py --write-docs` on {now}, {machine_line()}: {setting}. "
         + stats + " The arms' commands (seed 0):",
         "",
         "```",
-        commands(runs, list(sst)),
+        commands(runs, [*sst, *t3]),
         "```",
         SST_END,
     ]

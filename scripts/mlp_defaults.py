@@ -3,11 +3,12 @@
 the default against the authors' values on `lowrank-mlp` (its defaults: 784-256-256-10,
 AdamW lr 1e-3, batch 128, 10 epochs), beside dense, over several seeds, paired by seed.
 
-    python3 scripts/mlp_defaults.py                  # both groups, 39 runs: about 3 minutes on 2 cores
+    python3 scripts/mlp_defaults.py                  # every group, 57 runs: about 4 minutes on 2 cores
     python3 scripts/mlp_defaults.py --only inrank    # one group
     python3 scripts/mlp_defaults.py --write-docs     # also the cuttlefish-detector block of
-                                                     # docs/methods/cuttlefish.md and the
-                                                     # inrank-defaults block of docs/methods/inrank.md
+                                                     # docs/methods/cuttlefish.md, the inrank-defaults
+                                                     # block of docs/methods/inrank.md and the
+                                                     # lora-defaults / relora-defaults blocks
 
 Groups:
 - cuttlefish: the default detector (w 3, L 2, tau 0.3, chosen on this MLP's histories)
@@ -20,6 +21,10 @@ Groups:
   0.97) against the authors' buffer 100, the authors' stage 1 of 130 optimizer steps at
   this trainer's one forward call per step, and the authors' whole schedule as their
   forward-call counter runs it (130 steps at 8 forward calls a step: 33 rank checks).
+- lora: alpha = r (scale 1, the default) against PEFT's lora_alpha 8 at the trainer's
+  r = 64 (scale 1/8) and ReLoRA's authors' scale 32/128 = 1/4 (alpha 16 at r = 64).
+- relora: the default (period 500, re-warm-up 50, scale 1) against the authors'
+  re-warm-up of 100 steps and their scale 1/4.
 
 An arm the trainer refuses before its first step (a schedule that cannot act) is run once
 and its error message is quoted instead of a row. Printed per arm: test accuracy (mean ±
@@ -43,7 +48,9 @@ from results_common import (ROOT, build, format_ci, machine_line, mean_ci, relat
 IMAGENET_FLOOR = 0.2  # the imagenet preset's rank floor, d/5: the default+floor arms add it alone
 PAGES = {"cuttlefish": ("docs/methods/cuttlefish.md", "<!-- cuttlefish-detector:begin -->",
                         "<!-- cuttlefish-detector:end -->"),
-         "inrank": ("docs/methods/inrank.md", "<!-- inrank-defaults:begin -->", "<!-- inrank-defaults:end -->")}
+         "inrank": ("docs/methods/inrank.md", "<!-- inrank-defaults:begin -->", "<!-- inrank-defaults:end -->"),
+         "lora": ("docs/methods/lora.md", "<!-- lora-defaults:begin -->", "<!-- lora-defaults:end -->"),
+         "relora": ("docs/methods/relora.md", "<!-- relora-defaults:begin -->", "<!-- relora-defaults:end -->")}
 
 
 def parse_args():
@@ -87,9 +94,19 @@ def inrank_arms():
             "stage1-130,F8": [*ir, "--inrank-stage1-steps", "130", "--inrank-forward-calls-per-step", "8"]}
 
 
+def lora_arms():
+    lo = ["--method", "lora"]
+    return {"default": lo, "alpha8": [*lo, "--lora-alpha", "8"], "alpha16": [*lo, "--lora-alpha", "16"]}
+
+
+def relora_arms():
+    re_ = ["--method", "relora"]
+    return {"default": re_, "rewarm100": [*re_, "--relora-rewarm", "100"], "alpha16": [*re_, "--lora-alpha", "16"]}
+
+
 # Arms that may be refused before their first step (their schedule cannot act in the run):
 # each is tried once alone, to quote the refusal; one that is not refused is run as usual.
-MAY_REFUSE = {"cuttlefish": {"cifar"}, "inrank": {"stage1-130"}}
+MAY_REFUSE = {"cuttlefish": {"cifar"}, "inrank": {"stage1-130"}, "lora": set(), "relora": set()}
 
 
 def refusal(binary, common, spec, threads):
@@ -145,8 +162,17 @@ def inrank_did(by, seeds, steps_per_epoch):
             f"final ranks {', '.join(finals)}")
 
 
+def lora_did(by, seeds, steps_per_epoch):
+    """The factors' scale alpha / r, and ReLoRA's restarts."""
+    del steps_per_epoch
+    r = by[seeds[0]]["result"]
+    restarts = len(events(by[seeds[0]], "restart")) // max(1, len(events(by[seeds[0]], "init")))
+    text = f"r {list(r['final_ranks'].values())[0]}"
+    return text + (f", {restarts} restarts" if restarts else "")
+
+
 def group_table(group, specs, runs, refused, seeds, steps_per_epoch):
-    did = {"cuttlefish": cuttlefish_did, "inrank": inrank_did}[group]
+    did = {"cuttlefish": cuttlefish_did, "inrank": inrank_did, "lora": lora_did, "relora": lora_did}[group]
     rows = []
     for label in ["dense", *specs]:
         if label in refused:
@@ -179,7 +205,8 @@ def main():
         binary = str(ROOT / "build" / "release" / "examples" / "mlp" / "lowrank-mlp")
     common = ["--epochs", str(args.epochs), "--data", args.data]
     groups = [args.only] if args.only else sorted(PAGES)
-    arms = {"cuttlefish": cuttlefish_arms(args.track_steps), "inrank": inrank_arms()}
+    arms = {"cuttlefish": cuttlefish_arms(args.track_steps), "inrank": inrank_arms(), "lora": lora_arms(),
+            "relora": relora_arms()}
     start = datetime.datetime.now()
     runs = run_grid(binary, {"dense": ["--method", "dense"]}, seeds, common, Path(args.out), args.jobs, args.threads,
                     reuse=args.reuse)
