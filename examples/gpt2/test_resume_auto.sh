@@ -22,7 +22,7 @@ result() {  # the result line without its timings and where it wrote
 import json, sys
 r = json.loads(sys.stdin.read())
 for k in ("tokens_per_second", "train_seconds", "eval_seconds", "wall_seconds", "allreduce_seconds",
-          "peak_rss_bytes", "rss_before_steps_bytes", "out_dir", "rank_log"):
+          "peak_rss_bytes", "peak_rss_steps_bytes", "rss_before_steps_bytes", "out_dir", "rank_log"):
     r.pop(k, None)
 print(json.dumps(r, sort_keys=True))'
 }

@@ -27,7 +27,7 @@ result() {  # the result line without its timings and where it wrote
 import json, sys
 r = json.loads(sys.stdin.read())
 for k in ("train_seconds", "eval_seconds", "wall_seconds", "samples_per_second", "allreduce_seconds",
-          "peak_rss_bytes", "rss_before_steps_bytes", "rank_log"):
+          "peak_rss_bytes", "peak_rss_steps_bytes", "rss_before_steps_bytes", "rank_log"):
     r.pop(k, None)
 print(json.dumps(r, sort_keys=True))'
 }
