@@ -251,9 +251,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
             .select = {.roles = roles}, .alphas = cfg.track_update_rank, .log = &*log});
     dp.broadcast_parameters();  // runs begin(); the replicas start from process 0's weights
     const std::int64_t rss_before_steps = lowrank::current_rss_bytes();  // data, model, policies set up
-    // The peak so far (data loading), kept: the reset lowers getrusage's mark too.
-    const std::int64_t peak_before_steps = lowrank::peak_rss_bytes();
-    const bool peak_reset = lowrank::reset_peak_rss();  // peak_rss_steps_bytes counts from here
+    const lowrank::PeakRss peak;  // peak_rss_steps_bytes counts from here
     cfg.quiet = cfg.quiet || !root;
     // A method that discards the layers' weights (InRank's efficient form, Deep LoRA without
     // a base) says so in the rank log; loaded weights would otherwise be lost without a word.
@@ -339,7 +337,6 @@ int train(Config cfg, const lowrank::Communicator& world) {
                             {"params_at_start", params_at_start}});
     };
     std::vector<std::int32_t> x, y;
-    std::size_t tape_bytes = 0;  // the largest step's activations and their gradients (Graph::tape_bytes)
     const std::int64_t last_step = cfg.stop_at > 0 ? std::min(cfg.stop_at, cfg.steps) : cfg.steps;
     while (run.global_step() < last_step) {
         train.next(x, y);  // the global batch, the same on every process: this one reads its shard
@@ -352,7 +349,6 @@ int train(Config cfg, const lowrank::Communicator& world) {
         });
         interval_loss += r.loss;
         ++interval_steps;
-        tape_bytes = std::max(tape_bytes, run.graph().tape_bytes());
         if (r.step % cfg.eval_every == 0 ||
             r.step == cfg.steps) {  // the run has just ended the policies' epoch
             const double seconds = seconds_since(interval_start);
@@ -505,11 +501,11 @@ int train(Config cfg, const lowrank::Communicator& world) {
         // and the process's peak resident memory beside what it held before the first step.
         {"optimizer_state_bytes", opt.state_bytes()},
         {"adamw_state_bytes", 2 * run.parameter_count(true) * static_cast<lowrank::Index>(sizeof(float))},
-        {"peak_rss_bytes", std::max(peak_before_steps, lowrank::peak_rss_bytes())},
+        {"peak_rss_bytes", peak.process()},
         {"rss_before_steps_bytes", rss_before_steps},
         // The peak since the first step (0 where the kernel mark could not be reset).
-        {"peak_rss_steps_bytes", peak_reset ? lowrank::peak_rss_since_reset_bytes() : 0},
-        {"tape_bytes", tape_bytes},
+        {"peak_rss_steps_bytes", peak.steps()},
+        {"tape_bytes", run.peak_tape_bytes()},
         {"gemm", kGemm},
         {"train_seconds", train_seconds},
         {"eval_seconds", eval_seconds},

@@ -245,9 +245,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     }
     dp.broadcast_parameters();  // runs begin()
     const std::int64_t rss_before_steps = lowrank::current_rss_bytes();  // data, model, policies set up
-    // The peak so far (data loading), kept: the reset lowers getrusage's mark too.
-    const std::int64_t peak_before_steps = lowrank::peak_rss_bytes();
-    const bool peak_reset = lowrank::reset_peak_rss();  // peak_rss_steps_bytes counts from here
+    const lowrank::PeakRss peak;  // peak_rss_steps_bytes counts from here
     // A resumed run reports the sizes the run started with, as the uninterrupted run does.
     const lowrank::Index params = cfg.resume.empty() ? parameter_count(model)
                                                      : static_cast<lowrank::Index>(saved_number("params_at_start"));
@@ -304,7 +302,6 @@ int train(Config cfg, const lowrank::Communicator& world) {
     std::vector<std::int32_t> yb;
 
     double train_seconds = 0.0, eval_seconds = 0.0, train_loss = 0.0, lr_now = 0.0;
-    std::size_t tape_bytes = 0;  // the largest step's activations and their gradients (Graph::tape_bytes)
     lowrank::EvalResult test;
     bool evaluated = false;
     // The epoch in progress: its loss so far, over `seen` samples (a checkpoint keeps them, so
@@ -356,7 +353,6 @@ int train(Config cfg, const lowrank::Communicator& world) {
             const lowrank::StepResult r = run.step(
                 [&](lowrank::Graph<float>& g) { return lowrank::cross_entropy(g, model.forward(g, g.input(xb)), yb); });
             lr_now = r.lr;
-            tape_bytes = std::max(tape_bytes, run.graph().tape_bytes());
             const auto k = static_cast<std::int64_t>(idx.size());
             loss_sum += r.loss * static_cast<double>(k);
             seen += k;
@@ -458,11 +454,11 @@ int train(Config cfg, const lowrank::Communicator& world) {
     // and the process's peak resident memory beside what it held before the first step.
     result["optimizer_state_bytes"] = opt.state_bytes();
     result["adamw_state_bytes"] = 2 * trainable_count(model) * static_cast<lowrank::Index>(sizeof(float));
-    result["peak_rss_bytes"] = std::max(peak_before_steps, lowrank::peak_rss_bytes());
+    result["peak_rss_bytes"] = peak.process();
     result["rss_before_steps_bytes"] = rss_before_steps;
     // The peak since the first step (0 where the kernel mark could not be reset).
-    result["peak_rss_steps_bytes"] = peak_reset ? lowrank::peak_rss_since_reset_bytes() : 0;
-    result["tape_bytes"] = tape_bytes;
+    result["peak_rss_steps_bytes"] = peak.steps();
+    result["tape_bytes"] = run.peak_tape_bytes();
     result["train_seconds"] = train_seconds;
     result["eval_seconds"] = eval_seconds;
     result["wall_seconds"] = seconds_since(wall_start);

@@ -35,6 +35,29 @@ TEST_CASE("reset_peak_rss moves the peak mark down to the memory held now", "[co
     REQUIRE(lowrank::reset_peak_rss());
     CHECK(lowrank::peak_rss_since_reset_bytes() < high - size / 2);
 }
+
+TEST_CASE("PeakRss: steps() from its construction, process() never below it nor the earlier peak",
+          "[core][memory]") {
+    constexpr std::int64_t size = 64 << 20;
+    // An earlier peak (the "data loading"), handed back before the run starts.
+    void* early = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(early != MAP_FAILED);
+    std::memset(early, 1, static_cast<std::size_t>(size));
+    REQUIRE(munmap(early, size) == 0);
+    const std::int64_t early_peak = lowrank::peak_rss_since_reset_bytes();
+
+    const lowrank::PeakRss peak;
+    const std::int64_t start = peak.steps();
+    REQUIRE(start > 0);
+    CHECK(start < early_peak - size / 2);  // the steps' peak does not hold the loading's
+    void* block = mmap(nullptr, size / 2, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(block != MAP_FAILED);
+    std::memset(block, 1, static_cast<std::size_t>(size / 2));
+    REQUIRE(munmap(block, size / 2) == 0);
+    CHECK(peak.steps() >= start + size / 2 - (4 << 20));
+    CHECK(peak.process() >= early_peak);
+    CHECK(peak.process() >= peak.steps());
+}
 #endif
 
 }  // namespace test_memory

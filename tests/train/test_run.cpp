@@ -158,6 +158,22 @@ TEST_CASE("run: a step calls the hooks in their order and the counters move betw
                       Contains("ends its epochs itself") && Contains("epoch 1 has run 1"));
 }
 
+TEST_CASE("run: peak_tape_bytes is the largest step's tape, read after each backward", "[train][run]") {
+    Harness h(Setup{});
+    CHECK(h.run->peak_tape_bytes() == 0);
+    h.step();
+    const std::size_t full = h.run->graph().tape_bytes();
+    CHECK(full > 0);
+    CHECK(h.run->peak_tape_bytes() == full);
+    // A step on 3 rows records a smaller tape; the peak keeps the 12-row step's.
+    const Batch b = batch_for(h.run->global_step());
+    const MatrixD x = b.x.topRows(3);
+    const std::vector<std::int32_t> y(b.y.begin(), b.y.begin() + 3);
+    h.run->step([&](Graph<double>& g) { return cross_entropy(g, h.model.forward(g, g.input(x)), y); });
+    CHECK(h.run->graph().tape_bytes() < full);
+    CHECK(h.run->peak_tape_bytes() == full);
+}
+
 TEST_CASE("run: without steps_per_epoch the caller ends epochs", "[train][run]") {
     std::vector<std::string> trace;
     Setup s;

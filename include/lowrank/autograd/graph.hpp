@@ -129,14 +129,15 @@ public:
     /// Rewinds the tape for a new step; keeps every buffer for reuse.
     void clear() { cursor_ = 0; }
 
-    /// Bytes of the node outputs and output gradients the tape holds, at their current
-    /// shapes: after a step's backward, that step's activations and their gradients. Buffers
-    /// an op keeps beside them (saved statistics, scratch, a fused node's block) are not
-    /// counted; parameter leaves count nothing (their value and grad are the parameter's).
+    /// Bytes of the outputs and output gradients of the nodes recorded since the last
+    /// clear(), at their current shapes: after a step's backward, that step's activations
+    /// and their gradients. Nodes kept past the cursor for reuse, and buffers an op keeps
+    /// beside its output (saved statistics, scratch, a fused node's block), are not counted;
+    /// parameter leaves count nothing (their value and grad are the parameter's).
     std::size_t tape_bytes() const {
         std::size_t n = 0;
-        for (const auto& node : tape_)
-            if (node) n += static_cast<std::size_t>(node->out.size() + node->dout.size());
+        for (std::size_t i = 0; i < cursor_; ++i)
+            n += static_cast<std::size_t>(tape_[i]->out.size() + tape_[i]->dout.size());
         return n * sizeof(T);
     }
 

@@ -5,6 +5,7 @@
 // every step (Eigen's GEMM packing buffers are) pays for fresh pages every time. Keeping
 // freed memory in the process avoids that.
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -71,8 +72,8 @@ inline std::int64_t peak_rss_bytes() {
 /// so that peak_rss_since_reset_bytes() measures from here: a trainer calls it before its
 /// first step, so that the peak is the steps' and not the data loading's. Linux: "5" written
 /// to /proc/self/clear_refs. Returns false where that is not possible. getrusage's
-/// ru_maxrss (peak_rss_bytes) follows the same mark and drops with it: read it before the
-/// reset to keep the whole process's peak.
+/// ru_maxrss (peak_rss_bytes) may drop with it (it also keeps the mark of threads that have
+/// exited): PeakRss reads it before the reset to keep the whole process's peak.
 inline bool reset_peak_rss() {
 #if defined(__linux__)
     std::FILE* f = std::fopen("/proc/self/clear_refs", "w");
@@ -100,5 +101,21 @@ inline std::int64_t peak_rss_since_reset_bytes() {
     return 0;
 #endif
 }
+
+/// The peak-memory readings of a training run: construct it right before the first step.
+/// It keeps the process's peak so far (data loading) and resets the kernel's mark, so that
+/// steps() is the peak since then and process() the whole process's, never below steps().
+class PeakRss {
+public:
+    PeakRss() : before_(peak_rss_bytes()), reset_(reset_peak_rss()) {}
+    /// The peak since construction; 0 where the kernel's mark could not be reset.
+    std::int64_t steps() const { return reset_ ? peak_rss_since_reset_bytes() : 0; }
+    /// The peak of the whole process.
+    std::int64_t process() const { return std::max({before_, peak_rss_bytes(), steps()}); }
+
+private:
+    std::int64_t before_;
+    bool reset_;
+};
 
 }  // namespace lowrank

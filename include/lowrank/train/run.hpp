@@ -320,6 +320,7 @@ public:
 
         optimizer_->zero_grad();
         if (finite_loss) graph_.backward(loss);
+        peak_tape_bytes_ = std::max(peak_tape_bytes_, graph_.tape_bytes());
         if (reducer_ != nullptr) {
             r.loss = reducer_->reduce(params_, r.loss);
             if (!std::isfinite(r.loss)) return non_finite(r, start, "loss");
@@ -393,6 +394,9 @@ public:
     const StepResult& last() const { return last_; }
 
     Graph<T>& graph() { return graph_; }
+    /// The largest Graph::tape_bytes() of the steps this run has taken (read after each
+    /// backward): the activations of its largest step and their gradients.
+    std::size_t peak_tape_bytes() const { return peak_tape_bytes_; }
     Optimizer<T>& optimizer() { return *optimizer_; }
     const LrSchedule& schedule() const { return schedule_; }
     RankLog& rank_log() { return log_; }
@@ -648,6 +652,7 @@ private:
     std::vector<TrackedRng> rngs_;
     GradientReducer<T>* reducer_ = nullptr;
     StepResult last_;
+    std::size_t peak_tape_bytes_ = 0;
     std::int64_t steps_in_epoch_ = 0;
     std::int64_t skipped_ = 0;
     bool begun_ = false;
