@@ -82,6 +82,12 @@ def parts(result):
             "grads": grads, "opt": opt, "tape": tape, "rest": peak - before - grads - opt - tape}
 
 
+def mlp_shape(result):
+    """The MLP's layer widths and batch as its result line gives them (784 pixels in, 10 classes out)."""
+    widths = ["784", *[str(result["hidden"])] * result["layers"], "10"]
+    return f"{'-'.join(widths)}, batch {result['batch']}"
+
+
 def table(rows):
     out = ["| method | peak RSS of the steps | before the first step | added by the steps | gradients | "
            "optimizer state | activations (tape) | the rest | parameters (in \"before\") |",
@@ -132,11 +138,12 @@ def main():
         "",
         tables["gpt2"],
         "",
-        "The MLP (784-256-256-10, batch 128), one epoch:",
+        f"The MLP ({mlp_shape(runs[('mlp', methods[0])]['result'])}), one epoch:",
         "",
         tables["mlp"],
         "",
-        "Commands (dense; the others add `--method M` and the short-run options of scripts/memory.py's SHORT, "
+        f"Commands ({methods[0]}; the others take their own `--method M` and the short-run options of "
+        "scripts/memory.py's SHORT, "
         "which make ReLoRA restart, InRank check its ranks and Cuttlefish switch within the run):",
         "",
         "```sh",

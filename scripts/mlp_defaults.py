@@ -55,7 +55,7 @@ PAGES = {"cuttlefish": ("docs/methods/cuttlefish.md", "<!-- cuttlefish-detector:
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=sorted(PAGES), help="one group (default: both)")
+    ap.add_argument("--only", choices=sorted(PAGES), help="one group (default: all of them)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per arm (default %(default)s)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--track-steps", type=int, default=100,
@@ -236,7 +236,10 @@ def main():
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()[:10]
     for group in groups:
         got, refused = done[group]
-        setting = (f"`lowrank-mlp` with its defaults (784-256-256-10, AdamW lr 1e-3, batch 128, {args.epochs} epochs "
+        dense = runs["dense"][seeds[0]]["result"]
+        shape = "-".join(["784", *[str(dense["hidden"])] * dense["layers"], "10"])
+        setting = (f"`lowrank-mlp` with its defaults ({shape}, AdamW lr {dense['lr']:g}, batch {dense['batch']}, "
+                   f"{args.epochs} epochs "
                    f"of {steps_per_epoch} steps), seeds {seeds[0]}-{seeds[-1]}, {args.jobs} runs at a time with "
                    f"{args.threads} thread each. The intervals are 95% (Student's t over the seeds); a difference is "
                    "paired by seed (the same batches); a verdict is \"better\" or \"worse\" only when its interval "
