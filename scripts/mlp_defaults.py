@@ -3,7 +3,7 @@
 the default against the authors' values on `lowrank-mlp` (its defaults: 784-256-256-10,
 AdamW lr 1e-3, batch 128, 10 epochs), beside dense, over several seeds, paired by seed.
 
-    python3 scripts/mlp_defaults.py                  # every group, 99 runs: about 8 minutes on 2 cores
+    python3 scripts/mlp_defaults.py                  # every group, 87 runs: about 20 minutes on 2 cores
     python3 scripts/mlp_defaults.py --only inrank    # one group
     python3 scripts/mlp_defaults.py --write-docs     # also the cuttlefish-detector block of
                                                      # docs/methods/cuttlefish.md, the inrank-defaults
