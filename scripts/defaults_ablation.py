@@ -3,10 +3,13 @@
 default against the alternative on the byte-level GPT (`lowrank-gpt2 --tokenizer bytes`, the
 settings of scripts/compare_bytes.py), paired by seed.
 
-    python3 scripts/defaults_ablation.py                  # 30 runs, 39 with the tracked set: about 6 minutes on 2 cores
+    python3 scripts/defaults_ablation.py                  # 54 runs, 63 with the tracked set: about 15 minutes on 2 cores
+    python3 scripts/defaults_ablation.py --only lora      # one group (--only may be repeated)
     python3 scripts/defaults_ablation.py --write-docs     # also the defaults-cuttlefish block of
-                                                          # docs/methods/cuttlefish.md and the
-                                                          # defaults-sst block of docs/methods/sst.md
+                                                          # docs/methods/cuttlefish.md, the defaults-sst
+                                                          # and defaults-sst-rank blocks of docs/methods/sst.md,
+                                                          # the defaults-lora block of docs/methods/lora.md and
+                                                          # the defaults-deeplora block of docs/methods/deep_lora.md
 
 The pairs (default vs alternative, the same seeds, hence the same batches):
 - Cuttlefish: `init_in_history` off vs on (`--cuttlefish-init-in-history`, the authors record
@@ -16,7 +19,16 @@ The pairs (default vs alternative, the same seeds, hence the same batches):
 - SST: `rewarm_scope` all vs spectral (`--sst-rewarm-scope spectral`), with T3 shortened
   (--sst-iteration-steps) so the schedule acts several times in the run;
 - SST: T3 = 200 (the default, whose source is not verified) vs --t3-sweep's other values,
-  and the default's 20-step re-warm-up vs none (`--sst-rewarm 0`), all at T3 = 200.
+  and the default's 20-step re-warm-up vs none (`--sst-rewarm 0`), all at T3 = 200;
+- SST (group sst-rank): T2 = ceil(d / r) (the default, no source) vs T2 = 1 and 2, and the
+  trainer's r = d/4 vs r = 8 (SstOptions' default, about the paper's 6% of the width), at
+  --sst-iteration-steps so that re-SVDs happen in the run;
+- LoRA (group lora): the layers converted, the byte model's four projections (the default)
+  vs PEFT's GPT-2 target (`c_attn`, the fused query-key-value projection: `--roles
+  attn_qkv`) and vs the two MLP projections;
+- Deep LoRA (group deeplora): the four projections (the default) vs the query-key-value
+  projection alone (`--roles attn_qkv`, the nearest this model has to the authors' query and
+  value projections).
 Cuttlefish runs with its default detector, tracking once an epoch (an epoch is one
 evaluation interval, --eval-every steps). A pair is only about the switch if the switch
 happens: when the default detector does not switch in every seed, the three Cuttlefish arms
@@ -38,6 +50,12 @@ from results_common import (ROOT, add_byte_run_options, build_byte_trainer, form
 
 CF_BEGIN, CF_END = "<!-- defaults-cuttlefish:begin -->", "<!-- defaults-cuttlefish:end -->"
 SST_BEGIN, SST_END = "<!-- defaults-sst:begin -->", "<!-- defaults-sst:end -->"
+# The groups of plain pairs (every arm against the group's first): page and markers.
+PAIR_PAGES = {"sst-rank": ("docs/methods/sst.md", "<!-- defaults-sst-rank:begin -->", "<!-- defaults-sst-rank:end -->"),
+              "lora": ("docs/methods/lora.md", "<!-- defaults-lora:begin -->", "<!-- defaults-lora:end -->"),
+              "deeplora": ("docs/methods/deep_lora.md", "<!-- defaults-deeplora:begin -->",
+                           "<!-- defaults-deeplora:end -->")}
+GROUPS = ["cuttlefish", "sst", *PAIR_PAGES]
 
 
 def parse_args():
@@ -59,6 +77,8 @@ def parse_args():
                          "the default detector does not switch in every seed (default %(default)s)")
     ap.add_argument("--always-track", action="store_true",
                     help="run the --track-steps set of Cuttlefish arms even when the default detector switches")
+    ap.add_argument("--only", choices=GROUPS, action="append",
+                    help="a group to run and write (may be repeated; default: every group)")
     add_byte_run_options(ap, "defaults_ablation")
     ap.add_argument("--write-docs", action="store_true",
                     help="write the blocks into docs/methods/cuttlefish.md and docs/methods/sst.md")
@@ -92,6 +112,20 @@ def rewarms(args, t3):
     return (args.steps - 1) // t3
 
 
+def pair_specs(args):
+    """group -> {label: options}, the group's reference first."""
+    sst = sst_specs(args)["sst"]
+    return {"sst-rank": {"sst": sst,
+                         "sst+T2=1": [*sst, "--sst-round-iterations", "1"],
+                         "sst+T2=2": [*sst, "--sst-round-iterations", "2"],
+                         "sst+rank8": [*sst, "--rank", "8"]},
+            "lora": {"lora": ["--method", "lora"],
+                     "lora+roles=attn_qkv": ["--method", "lora", "--roles", "attn_qkv"],
+                     "lora+roles=mlp": ["--method", "lora", "--roles", "mlp_fc,mlp_proj"]},
+            "deeplora": {"deeplora": ["--method", "deeplora"],
+                         "deeplora+roles=attn_qkv": ["--method", "deeplora", "--roles", "attn_qkv"]}}
+
+
 def switch_step(run):
     """The step of the first switch event in the run's rank log, or None."""
     steps = [e["step"] for e in run["events"] if e.get("event") == "switch"]
@@ -109,7 +143,8 @@ def summarise(runs, pairs, seeds):
         bpb = [by_seed[s]["result"]["val_bpb"] for s in seeds]
         row = {"bpb": mean_ci(bpb), "train_seconds": mean_ci([by_seed[s]["result"]["train_seconds"] for s in seeds]),
                "switch": [switch_step(by_seed[s]) for s in seeds],
-               "params": mean_ci([by_seed[s]["result"]["params"] for s in seeds])}
+               "params": mean_ci([by_seed[s]["result"]["params"] for s in seeds]),
+               "trainable": mean_ci([by_seed[s]["result"].get("trainable_params", 0) for s in seeds])}
         if label in pairs:
             base = runs[pairs[label]]
             row["vs"] = pairs[label]
@@ -125,12 +160,15 @@ def switch_text(switch):
     return f"{', '.join(str(s) for s in switch if s is not None)} ({len(got)}/{len(switch)})"
 
 
-def table(rows, labels, n_seeds, with_switch):
+def table(rows, labels, n_seeds, with_switch, with_params=False):
     head = f"| arm | val bits/byte ({n_seeds} seeds) | alternative - default (paired) | verdict |"
     rule = "|---|---:|---:|---|"
     if with_switch:
         head += " switch step (seeds switched) | parameters at the end |"
         rule += "---|---:|"
+    elif with_params:
+        head += " parameters at the end | trainable |"
+        rule += "---:|---:|"
     head += " train s |"
     rule += "---:|"
     out = [head, rule]
@@ -140,6 +178,8 @@ def table(rows, labels, n_seeds, with_switch):
         line = f"| `{label}` | {format_ci(*r['bpb'])} | {delta} | {verdict(r['delta']) if 'delta' in r else 'reference'} |"
         if with_switch:
             line += f" {switch_text(r['switch'])} | {r['params'][0]:,.0f} |"
+        elif with_params:
+            line += f" {r['params'][0]:,.0f} | {r['trainable'][0]:,.0f} |"
         line += f" {r['train_seconds'][0]:.1f} |"
         out.append(line)
     return "\n".join(out)
@@ -173,27 +213,32 @@ def main():
               str(args.batch), "--context", str(args.context), "--lr", str(args.lr), "--eval-every",
               str(args.eval_every), "--eval-windows", str(args.eval_windows), "--data", args.data]
     out = Path(args.out)
+    groups = set(args.only) if args.only else set(GROUPS)
     start = datetime.datetime.now()
-    cf = cuttlefish_specs()
-    sst = sst_specs(args)
-    t3 = sst_t3_specs(args)
+    cf = cuttlefish_specs() if "cuttlefish" in groups else {}
+    sst = sst_specs(args) if "sst" in groups else {}
+    t3 = sst_t3_specs(args) if "sst" in groups else {}
+    paired = {g: specs for g, specs in pair_specs(args).items() if g in groups}
     # A T3 of the sweep equal to the SST arms' is the `sst` arm itself: run once, shown under both labels.
     same = {label: other for label, spec in t3.items() for other, theirs in sst.items() if spec == theirs}
-    distinct = {**cf, **sst, **{label: spec for label, spec in t3.items() if label not in same}}
-    runs = run_grid(binary, distinct, seeds, common, out, args.jobs, args.threads, reuse=args.reuse)
+    every = {**cf, **sst, **{label: spec for label, spec in t3.items() if label not in same}}
+    for specs in paired.values():
+        every.update(specs)
+    runs = run_grid(binary, every, seeds, common, out, args.jobs, args.threads, reuse=args.reuse)
     for label, other in same.items():
         runs[label] = runs[other]
     # A switch at the last step leaves no training after it: the optimizer state at the switch
     # and what the factors learn from there are then not measured, so it does not count.
-    default_switched = all((switch_step(runs["cuttlefish"][s]) or args.steps) < args.steps for s in seeds)
+    default_switched = "cuttlefish" not in groups or \
+        all((switch_step(runs["cuttlefish"][s]) or args.steps) < args.steps for s in seeds)
     tracked = {}
-    if not default_switched or args.always_track:
+    if "cuttlefish" in groups and (not default_switched or args.always_track):
         tracked = cuttlefish_specs(["--cuttlefish-track-steps", str(args.track_steps)], f"@track{args.track_steps}")
         runs.update(run_grid(binary, tracked, seeds, common, out, args.jobs, args.threads, reuse=args.reuse))
     seconds = (datetime.datetime.now() - start).total_seconds()
 
     pairs = {}
-    for group in (cf, tracked, sst, t3):
+    for group in (cf, tracked, sst, t3, *paired.values()):
         labels = list(group)
         for alt in labels[1:]:
             pairs[alt] = labels[0]
@@ -202,11 +247,11 @@ def main():
     cf_table = table(rows, [*cf, *tracked], len(seeds), with_switch=True)
     sst_table = table(rows, list(sst), len(seeds), with_switch=False)
     t3_table = table(rows, list(t3), len(seeds), with_switch=False)
-    print(cf_table)
-    print()
-    print(sst_table)
-    print()
-    print(t3_table)
+    pair_tables = {g: table(rows, list(specs), len(seeds), with_switch=False, with_params=True)
+                   for g, specs in paired.items()}
+    for text in ([cf_table] if cf else []) + ([sst_table, t3_table] if sst else []) + list(pair_tables.values()):
+        print(text)
+        print()
     print(f"defaults_ablation: {(len(runs) - len(same)) * len(seeds)} runs in {seconds / 60:.1f} minutes",
           file=sys.stderr)
     if not args.write_docs:
@@ -223,6 +268,37 @@ def main():
              "validation bits per byte to the default arm run with the same seed (the same batches); a verdict "
              "is \"better\" or \"worse\" only when that interval excludes 0.")
 
+    written = {}  # group -> (page, begin, end, the block's lines)
+    for g, specs in paired.items():
+        page, begin, end = PAIR_PAGES[g]
+        written[g] = (ROOT / page, begin, end, [
+            begin,
+            "```text",
+            pair_tables[g],
+            "```",
+            "",
+            "; ".join(finding(rows, label) for label in list(specs)[1:]) + ".",
+            "",
+            f"Written by `python3 scripts/defaults_ablation.py --only {g} --write-docs` on {now}, {machine_line()}: "
+            f"{setting}. " + stats + " The arms' commands (seed 0):",
+            "",
+            "```",
+            commands(runs, list(specs)),
+            "```",
+            end,
+        ])
+    if cf:
+        written.update(cuttlefish_block(args, rows, runs, cf, tracked, seeds, default_switched, now, setting, stats,
+                                         cf_table))
+    if sst:
+        written["sst"] = sst_block(args, rows, runs, sst, t3, now, setting, stats, sst_table, t3_table)
+    for page, begin, end, body in written.values():
+        if begin not in page.read_text():
+            raise SystemExit(f"defaults_ablation: {page} has no {begin} marker (put the pair where the block belongs)")
+        replace_block(page, begin, end, "\n".join(body))
+
+
+def cuttlefish_block(args, rows, runs, cf, tracked, seeds, default_switched, now, setting, stats, cf_table):
     sw = rows["cuttlefish"]["switch"]
     n_before_end = sum(1 for s in sw if s is not None and s < args.steps)
     if default_switched:
@@ -237,7 +313,7 @@ def main():
                     f"measure little of what follows a switch. The `@track{args.track_steps}` arms track "
                     f"the stable ranks every {args.track_steps} steps (`--cuttlefish-track-steps {args.track_steps}`) "
                     "so the detector has enough points to switch early in the run.")
-    cf_findings = [finding(rows, l) for l in [*cf, *tracked] if l in pairs]
+    cf_findings = [finding(rows, l) for l in [*cf, *tracked] if "delta" in rows[l]]
     cf_body = [
         CF_BEGIN,
         "```text",
@@ -254,6 +330,10 @@ def main():
         "```",
         CF_END,
     ]
+    return {"cuttlefish": (ROOT / "docs" / "methods" / "cuttlefish.md", CF_BEGIN, CF_END, cf_body)}
+
+
+def sst_block(args, rows, runs, sst, t3, now, setting, stats, sst_table, t3_table):
     sst_body = [
         SST_BEGIN,
         "```text",
@@ -281,11 +361,7 @@ def main():
         "```",
         SST_END,
     ]
-    for page, begin, end, body in ((ROOT / "docs" / "methods" / "cuttlefish.md", CF_BEGIN, CF_END, cf_body),
-                                   (ROOT / "docs" / "methods" / "sst.md", SST_BEGIN, SST_END, sst_body)):
-        if begin not in page.read_text():
-            raise SystemExit(f"defaults_ablation: {page} has no {begin} marker (put the pair where the block belongs)")
-        replace_block(page, begin, end, "\n".join(body))
+    return ROOT / "docs" / "methods" / "sst.md", SST_BEGIN, SST_END, sst_body
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 the default against the authors' values on `lowrank-mlp` (its defaults: 784-256-256-10,
 AdamW lr 1e-3, batch 128, 10 epochs), beside dense, over several seeds, paired by seed.
 
-    python3 scripts/mlp_defaults.py                  # every group, 57 runs: about 4 minutes on 2 cores
+    python3 scripts/mlp_defaults.py                  # every group, 87 runs: about 20 minutes on 2 cores
     python3 scripts/mlp_defaults.py --only inrank    # one group
     python3 scripts/mlp_defaults.py --write-docs     # also the cuttlefish-detector block of
                                                      # docs/methods/cuttlefish.md, the inrank-defaults
                                                      # block of docs/methods/inrank.md and the
-                                                     # lora-defaults / relora-defaults blocks
+                                                     # lora-defaults / relora-defaults blocks, the
+                                                     # cuttlefish-rewarm block of docs/methods/cuttlefish.md
+                                                     # and the galore-defaults block of docs/methods/galore.md
 
 Groups:
 - cuttlefish: the default detector (w 3, L 2, tau 0.3, chosen on this MLP's histories)
@@ -17,14 +19,23 @@ Groups:
   cadence (one tracking point an epoch) and tracking every --track-steps steps. The
   `default+floor` arms are the default detector with the imagenet preset's rank floor alone
   (--cuttlefish-rank-floor 0.2): they tell the detector's effect from the floor's.
+- cuttlefish-rewarm: the default re-warm-up after the switch (100 steps from 0) against
+  the authors' ramp (from 1/4 of the lr back to all of it over 5 epochs:
+  --cuttlefish-rewarm-start 0.25 --cuttlefish-rewarm 5 epochs), that ramp over the
+  default's 100 steps, and none.
 - inrank: the trainer's InRank (buffer max(2, d/8) = 32 here, stage 1 one epoch, alpha
   0.97) against the authors' buffer 100, the authors' stage 1 of 130 optimizer steps at
-  this trainer's one forward call per step, and the authors' whole schedule as their
-  forward-call counter runs it (130 steps at 8 forward calls a step: 33 rank checks).
+  this trainer's one forward call per step, the authors' whole schedule as their
+  forward-call counter runs it (130 steps at 8 forward calls a step: 33 rank checks), and
+  the authors' zeroed bias (--inrank-zero-bias).
 - lora: alpha = r (scale 1, the default) against PEFT's lora_alpha 8 at the trainer's
-  r = 64 (scale 1/8) and ReLoRA's authors' scale 32/128 = 1/4 (alpha 16 at r = 64).
-- relora: the default (period 500, re-warm-up 50, scale 1) against the authors'
-  re-warm-up of 100 steps and their scale 1/4.
+  r = 64 (scale 1/8) and ReLoRA's authors' scale 32/128 = 1/4 (alpha 16 at r = 64), and
+  the trained bias against PEFT's frozen one (--lora-freeze-bias).
+- relora: the default (period 500, re-warm-up 50, scale 1, r = d/4 = 64, full optimizer
+  reset) against the authors' re-warm-up of 100 steps, their scale 1/4, their lora_r 128,
+  their r/d of the 250M model (128/768: r = 43 here) and their magnitude pruning of 90% of
+  each moment (--relora-state-reset 0.9).
+- galore: the library's Adam epsilon 1e-8 against GaLore's AdamW's 1e-6 (--adam-eps).
 
 An arm the trainer refuses before its first step (a schedule that cannot act) is run once
 and its error message is quoted instead of a row. Printed per arm: test accuracy (mean ±
@@ -50,12 +61,16 @@ PAGES = {"cuttlefish": ("docs/methods/cuttlefish.md", "<!-- cuttlefish-detector:
                         "<!-- cuttlefish-detector:end -->"),
          "inrank": ("docs/methods/inrank.md", "<!-- inrank-defaults:begin -->", "<!-- inrank-defaults:end -->"),
          "lora": ("docs/methods/lora.md", "<!-- lora-defaults:begin -->", "<!-- lora-defaults:end -->"),
-         "relora": ("docs/methods/relora.md", "<!-- relora-defaults:begin -->", "<!-- relora-defaults:end -->")}
+         "relora": ("docs/methods/relora.md", "<!-- relora-defaults:begin -->", "<!-- relora-defaults:end -->"),
+         "cuttlefish-rewarm": ("docs/methods/cuttlefish.md", "<!-- cuttlefish-rewarm:begin -->",
+                               "<!-- cuttlefish-rewarm:end -->"),
+         "galore": ("docs/methods/galore.md", "<!-- galore-defaults:begin -->", "<!-- galore-defaults:end -->")}
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=sorted(PAGES), help="one group (default: all of them)")
+    ap.add_argument("--only", choices=sorted(PAGES), action="append",
+                    help="a group to run (may be repeated; default: every group)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per arm (default %(default)s)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--track-steps", type=int, default=100,
@@ -86,27 +101,46 @@ def cuttlefish_arms(track_steps):
             f"cifar@{track_steps}": [*cf, "--cuttlefish-preset", "cifar", *every]}
 
 
+def cuttlefish_rewarm_arms(steps_per_epoch):
+    cf = ["--method", "cuttlefish"]
+    ramp = ["--cuttlefish-rewarm-start", "0.25"]
+    return {"default": cf,
+            "authors-ramp": [*cf, *ramp, "--cuttlefish-rewarm", str(5 * steps_per_epoch)],
+            "quarter-ramp@100": [*cf, *ramp],
+            "no-rewarm": [*cf, "--cuttlefish-rewarm", "0"]}
+
+
 def inrank_arms():
     ir = ["--method", "inrank"]
     return {"default": ir,
             "buffer100": [*ir, "--inrank-buffer", "100"],
             "stage1-130": [*ir, "--inrank-stage1-steps", "130"],
-            "stage1-130,F8": [*ir, "--inrank-stage1-steps", "130", "--inrank-forward-calls-per-step", "8"]}
+            "stage1-130,F8": [*ir, "--inrank-stage1-steps", "130", "--inrank-forward-calls-per-step", "8"],
+            "zero-bias": [*ir, "--inrank-zero-bias"]}
 
 
 def lora_arms():
     lo = ["--method", "lora"]
-    return {"default": lo, "alpha8": [*lo, "--lora-alpha", "8"], "alpha16": [*lo, "--lora-alpha", "16"]}
+    return {"default": lo, "alpha8": [*lo, "--lora-alpha", "8"], "alpha16": [*lo, "--lora-alpha", "16"],
+            "freeze-bias": [*lo, "--lora-freeze-bias"]}
 
 
 def relora_arms():
     re_ = ["--method", "relora"]
-    return {"default": re_, "rewarm100": [*re_, "--relora-rewarm", "100"], "alpha16": [*re_, "--lora-alpha", "16"]}
+    return {"default": re_, "rewarm100": [*re_, "--relora-rewarm", "100"], "alpha16": [*re_, "--lora-alpha", "16"],
+            "rank128": [*re_, "--rank", "128"], "rank43": [*re_, "--rank", "43"],
+            "state-reset0.9": [*re_, "--relora-state-reset", "0.9"]}
+
+
+def galore_arms():
+    ga = ["--method", "galore"]
+    return {"default": ga, "eps1e-6": [*ga, "--adam-eps", "1e-6"]}
 
 
 # Arms that may be refused before their first step (their schedule cannot act in the run):
 # each is tried once alone, to quote the refusal; one that is not refused is run as usual.
-MAY_REFUSE = {"cuttlefish": {"cifar"}, "inrank": {"stage1-130"}, "lora": set(), "relora": set()}
+MAY_REFUSE = {"cuttlefish": {"cifar"}, "inrank": {"stage1-130"}, "lora": set(), "relora": set(),
+              "cuttlefish-rewarm": set(), "galore": set()}
 
 
 def refusal(binary, common, spec, threads):
@@ -171,8 +205,16 @@ def lora_did(by, seeds, steps_per_epoch):
     return text + (f", {restarts} restarts" if restarts else "")
 
 
+def galore_did(by, seeds, steps_per_epoch):
+    """The optimizer's state against AdamW's."""
+    del steps_per_epoch
+    r = by[seeds[0]]["result"]
+    return f"optimizer state {r['optimizer_state_bytes']:,} B (AdamW's {r['adamw_state_bytes']:,})"
+
+
 def group_table(group, specs, runs, refused, seeds, steps_per_epoch):
-    did = {"cuttlefish": cuttlefish_did, "inrank": inrank_did, "lora": lora_did, "relora": lora_did}[group]
+    did = {"cuttlefish": cuttlefish_did, "inrank": inrank_did, "lora": lora_did, "relora": lora_did,
+           "cuttlefish-rewarm": cuttlefish_did, "galore": galore_did}[group]
     rows = []
     for label in ["dense", *specs]:
         if label in refused:
@@ -204,13 +246,14 @@ def main():
         build("lowrank-mlp")
         binary = str(ROOT / "build" / "release" / "examples" / "mlp" / "lowrank-mlp")
     common = ["--epochs", str(args.epochs), "--data", args.data]
-    groups = [args.only] if args.only else sorted(PAGES)
-    arms = {"cuttlefish": cuttlefish_arms(args.track_steps), "inrank": inrank_arms(), "lora": lora_arms(),
-            "relora": relora_arms()}
+    groups = sorted(set(args.only)) if args.only else sorted(PAGES)
     start = datetime.datetime.now()
     runs = run_grid(binary, {"dense": ["--method", "dense"]}, seeds, common, Path(args.out), args.jobs, args.threads,
                     reuse=args.reuse)
     steps_per_epoch = runs["dense"][seeds[0]]["result"]["steps"] // args.epochs
+    arms = {"cuttlefish": cuttlefish_arms(args.track_steps), "inrank": inrank_arms(), "lora": lora_arms(),
+            "relora": relora_arms(), "cuttlefish-rewarm": cuttlefish_rewarm_arms(steps_per_epoch),
+            "galore": galore_arms()}
     tables, done = {}, {}
     for group in groups:
         specs = arms[group]
@@ -244,6 +287,9 @@ def main():
                    f"{args.threads} thread each. The intervals are 95% (Student's t over the seeds); a difference is "
                    "paired by seed (the same batches); a verdict is \"better\" or \"worse\" only when its interval "
                    "excludes 0. Train seconds vary with the machine's other load.")
+        if group == "cuttlefish-rewarm":
+            setting += (" Every arm runs the default detector (tracking once an epoch); `authors-ramp` is "
+                        f"`--cuttlefish-rewarm-start 0.25 --cuttlefish-rewarm {5 * steps_per_epoch}` (5 epochs).")
         if group == "cuttlefish":
             setting += (f" An arm without `@N` tracks once an epoch (the authors' cadence), `@{args.track_steps}` every "
                         f"{args.track_steps} steps (`--cuttlefish-track-steps {args.track_steps}`).")

@@ -29,5 +29,14 @@ inline CLI::Validator number_check(bool allow_zero) {
 inline const CLI::Validator positive = detail::number_check(false);
 /// A number >= 0.
 inline const CLI::Validator non_negative = detail::number_check(true);
+/// A fraction in [0, 1): a multiple that is less than the whole.
+inline const CLI::Validator below_one = CLI::Validator(
+    [](std::string& text) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        const bool ok = !text.empty() && end == text.c_str() + text.size() && v >= 0.0 && v < 1.0;
+        return ok ? std::string() : std::string("expected a number in [0, 1), got ") + text;
+    },
+    "[0, 1)");
 
 }  // namespace lowrank::examples

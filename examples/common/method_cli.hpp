@@ -61,12 +61,21 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
     CLI::Option_group* lora = app.add_option_group("lora", "LoRA and ReLoRA (docs/methods/lora.md)");
     lora->add_option("--lora-alpha", m.lora.alpha,
                      "lora, relora: alpha, the factors' scale is alpha / rank (default: rank)");
+    lora->add_flag("!--lora-freeze-bias", m.lora.train_bias,
+                   "lora, relora: freeze the converted layers' biases (PEFT's bias=\"none\"; default: they "
+                   "train)");
     CLI::Option_group* relora = app.add_option_group("relora", "ReLoRA (docs/methods/relora.md)");
     relora->add_option("--relora-period", m.relora.period, "relora: optimizer steps between merges")
         ->check(positive)
         ->capture_default_str();
     relora->add_option("--relora-rewarm", m.relora.rewarm_steps, "relora: LR re-warm-up steps after a merge")
         ->check(non_negative)
+        ->capture_default_str();
+    relora->add_option("--relora-state-reset", m.relora.state_reset,
+                       "relora: share of each factor moment zeroed at a merge, in [0, 1]: 1 a full reset, "
+                       "below 1 the smallest entries by magnitude with the step count kept (the authors' "
+                       "--optimizer_magnitude_pruning 0.9)")
+        ->check(CLI::Range(0.0, 1.0))
         ->capture_default_str();
 
     CLI::Option_group* inrank = app.add_option_group("inrank", "InRank (docs/methods/inrank.md)");
@@ -110,6 +119,9 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
     inrank->add_flag("!--inrank-no-grow", m.inrank.grow,
                      "inrank: the fixed-rank control: --inrank-initial-rank columns, no buffer, no rank "
                      "check");
+    inrank->add_flag("--inrank-zero-bias", m.inrank.zero_bias,
+                     "inrank: start the converted layers' biases at 0, as the authors' layer (default: keep "
+                     "the model's)");
     inrank->add_flag("--inrank-keep-base", m.inrank.keep_base,
                      "inrank: keep the layer's weight as a frozen base W0 + U V^T (default: the efficient "
                      "form U V^T, which discards it)");
@@ -130,6 +142,15 @@ inline void add_method_options(CLI::App& app, MethodConfig& m, const std::string
     cuttlefish->add_option("--cuttlefish-track-steps", m.cuttlefish.track_every_steps,
                            "cuttlefish: track stable ranks every N steps (0: every epoch)")
         ->check(non_negative)
+        ->capture_default_str();
+    cuttlefish->add_option("--cuttlefish-rewarm", m.cuttlefish.rewarm_steps,
+                           "cuttlefish: optimizer steps of LR re-warm-up after the switch (0: none)")
+        ->check(non_negative)
+        ->capture_default_str();
+    cuttlefish->add_option("--cuttlefish-rewarm-start", m.cuttlefish.rewarm_start,
+                           "cuttlefish: the re-warm-up's first multiple of the lr, in [0, 1) (the authors': "
+                           "0.25, from 1 / scale_factor, over 5 epochs)")
+        ->check(below_one)
         ->capture_default_str();
     cuttlefish->add_option("--cuttlefish-frobenius", m.cuttlefish.frobenius_decay,
                            "cuttlefish: Frobenius decay lambda on the factors after the switch (0: off)")
@@ -307,6 +328,7 @@ PolicyList<T> make_policies(const MethodConfig& m, Index default_rank, const Lay
         auto o = m.relora;
         o.rank = rank;
         o.alpha = m.lora.alpha;
+        o.train_bias = m.lora.train_bias;
         o.select = select;
         o.seed = seed;
         list.template add<ReLora<T>>(o);

@@ -65,6 +65,7 @@ struct Config {
     lowrank::Index batch = 128;
     double lr = 1e-3;
     double weight_decay = 0.01;
+    double adam_eps = 1e-8;  // the library's Adam default (PyTorch's too; GaLore's AdamW: 1e-6)
     std::int64_t warmup_steps = 200;
     std::string schedule = "cosine";
     std::uint64_t seed = 0;
@@ -170,7 +171,8 @@ int train(Config cfg, const lowrank::Communicator& world) {
     // AdamW; weight decay on the weights only, not on the biases.
     lowrank::ParameterList<float> weights, biases;
     for (auto* p : model.parameters()) (p->name().ends_with(".bias") ? biases : weights).push_back(p);
-    lowrank::AdamW<float> opt(weights, lowrank::AdamOptions{.lr = cfg.lr, .weight_decay = cfg.weight_decay});
+    lowrank::AdamW<float> opt(
+        weights, lowrank::AdamOptions{.lr = cfg.lr, .eps = cfg.adam_eps, .weight_decay = cfg.weight_decay});
     if (!biases.empty()) opt.add_group(biases, lowrank::GroupOptions{.weight_decay = 0.0, .name = "no_decay"});
 
     lowrank::Batcher batcher(train_n, lowrank::BatcherOptions{.batch_size = cfg.batch, .seed = rng.next_u64()});
@@ -440,6 +442,7 @@ int train(Config cfg, const lowrank::Communicator& world) {
     result["batch"] = cfg.batch;
     result["lr"] = cfg.lr;
     result["weight_decay"] = cfg.weight_decay;
+    result["adam_eps"] = cfg.adam_eps;
     result["warmup_steps"] = warmup;
     result["schedule"] = cfg.schedule;
     result["seed"] = cfg.seed;
@@ -498,6 +501,9 @@ int main(int argc, char** argv) {
     app.add_option("--lr", cfg.lr, "Peak learning rate (AdamW)")->check(lowrank::examples::positive)->capture_default_str();
     app.add_option("--weight-decay", cfg.weight_decay, "AdamW decoupled weight decay (weights only, not biases)")
         ->check(lowrank::examples::non_negative)
+        ->capture_default_str();
+    app.add_option("--adam-eps", cfg.adam_eps, "AdamW's epsilon, added to the root of the second moment")
+        ->check(lowrank::examples::positive)
         ->capture_default_str();
     app.add_option("--warmup-steps", cfg.warmup_steps, "Steps of linear warm-up (capped at total steps - 1)")
         ->check(lowrank::examples::non_negative)

@@ -68,3 +68,29 @@ outside="$(cd empty && find . -path ./run -prune -o -type f -print)"
 got="$(cd empty/run && ls | tr '\n' ' ')"
 [[ "$got" == "checkpoint.safetensors metrics.jsonl ranks.jsonl result.json " ]] || { echo "--out-dir: got $got" >&2; exit 1; }
 echo "--out-dir run from an empty folder: only run/ written: $got"
+
+# The options of issue 15's measurements: each runs, each refuses a value out of its range
+# before training (a nonzero exit and the option's name on stderr).
+common=(--data . --epochs 2 --hidden 16 --layers 1 --batch 16 --threads 1 --quiet)
+for spec in "--method lora --lora-freeze-bias" "--method relora --relora-period 3 --relora-rewarm 1 --relora-state-reset 0.9" \
+    "--method inrank --inrank-zero-bias --inrank-stage1-epochs 0 --inrank-warmup 1 --inrank-gap 2" \
+    "--method cuttlefish --cuttlefish-track-steps 1 --cuttlefish-rewarm 4 --cuttlefish-rewarm-start 0.25" \
+    "--method galore --adam-eps 1e-6"; do
+    # shellcheck disable=SC2086
+    last="$("$mlp" "${common[@]}" $spec | tail -n 1)"
+    [[ "$last" == "{"*"}" ]] || { echo "$spec: the last line is not a JSON object: $last" >&2; exit 1; }
+done
+python3 - "$mlp" <<'PY' || { echo "the new options' values out of range were not refused (above)" >&2; exit 1; }
+import subprocess, sys
+common = ["--data", ".", "--epochs", "1", "--hidden", "16", "--layers", "1", "--batch", "16", "--quiet"]
+for bad in (["--method", "relora", "--relora-state-reset", "1.5"], ["--method", "relora", "--relora-state-reset", "-0.1"],
+            ["--method", "cuttlefish", "--cuttlefish-rewarm-start", "1"],
+            ["--method", "cuttlefish", "--cuttlefish-rewarm", "-1"], ["--adam-eps", "0"]):
+    p = subprocess.run([sys.argv[1], *common, *bad], capture_output=True, text=True)
+    assert p.returncode != 0 and bad[-2] in p.stderr, (bad, p.returncode, p.stderr)
+    print(f"refused: {' '.join(bad)}")
+PY
+# The run's result line says which epsilon AdamW used.
+"$mlp" "${common[@]}" --adam-eps 1e-6 | tail -n 1 | grep -q '"adam_eps":1e-06' ||
+    { echo "--adam-eps 1e-6: the result line does not say adam_eps 1e-06" >&2; exit 1; }
+echo "issue-15 options: run and range-checked"

@@ -70,6 +70,32 @@ TEST_CASE("a re-warm-up ramps the factor again and a later one replaces it", "[o
     CHECK(s.factor(200) == Approx(0.8));
 }
 
+TEST_CASE("a re-warm-up with a start ramps from that multiple of the factor", "[optim][schedule]") {
+    LrSchedule s(ScheduleOptions{.kind = ScheduleKind::warmup_linear, .total_steps = 1000});
+    s.rewarm(100, 4, 0.25);
+    CHECK(s.rewarm_state() == LrSchedule::Rewarm{100, 4, 0.25});
+    CHECK(s.factor(99) == Approx(1.0 - 0.099));
+    CHECK(s.factor(100) == Approx(0.9 * (0.25 + 0.75 * 0.25)));
+    CHECK(s.factor(102) == Approx(0.898 * (0.25 + 0.75 * 0.75)));
+    CHECK(s.factor(103) == Approx(0.897));
+    CHECK(s.factor(104) == Approx(0.896));
+
+    // Restored from the saved state, the same factors.
+    LrSchedule restored(s.options());
+    restored.set_rewarm_state(s.rewarm_state());
+    for (std::int64_t t = 98; t < 106; ++t) CHECK(restored.factor(t) == s.factor(t));
+
+    // A start of 0 is the plain re-warm-up.
+    LrSchedule plain(s.options()), zero(s.options());
+    plain.rewarm(100, 4);
+    zero.rewarm(100, 4, 0.0);
+    for (std::int64_t t = 98; t < 106; ++t) CHECK(plain.factor(t) == zero.factor(t));
+
+    CHECK_THROWS_WITH(s.rewarm(10, 3, 1.0), Contains("0 <= start < 1, got 1"));
+    CHECK_THROWS_WITH(s.rewarm(10, 3, -0.5), Contains("0 <= start < 1, got -0.5"));
+    CHECK_THROWS_WITH(s.set_rewarm_state(LrSchedule::Rewarm{10, 3, std::nan("")}), Contains("0 <= start < 1"));
+}
+
 TEST_CASE("apply sets the optimizer's lr scale", "[optim][schedule]") {
     Parameter<float> p("w", MatrixF::Zero(1, 1));
     Sgd<float> opt({&p}, SgdOptions{.lr = 0.5});

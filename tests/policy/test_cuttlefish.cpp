@@ -233,14 +233,15 @@ struct SwitchFixture : Fixture {
     MatrixD x = MatrixD::Identity(6, 6);
     MatrixD before, after, bias;
 
-    explicit SwitchFixture(double lambda)
+    explicit SwitchFixture(double lambda, double rewarm_start = 0.0)
         : Fixture({6, 5}),
           policy(CuttlefishOptions{.select = {.pattern = ".*", .roles = {"output"}},
                                    .window = 1,
                                    .tail = 1,
                                    .min_speedup = 0.5,
                                    .frobenius_decay = lambda,
-                                   .rewarm_steps = 7}) {
+                                   .rewarm_steps = 7,
+                                   .rewarm_start = rewarm_start}) {
         weight(0) = with_singular_values(5, 6, {2, 1.5, 1, 1, 0.5}, 21);
         policy.on_train_begin(ctx());
         weight(0) = with_singular_values(5, 6, {3, 1, 0.5, 0.2, 0.1}, 23);
@@ -295,6 +296,14 @@ TEST_CASE("Cuttlefish's switch gives the factors fresh state, their own decay-fr
     CHECK_FALSE(opt.has_state(f.low().U.id()));
     CHECK(f.schedule().rewarm_state() == LrSchedule::Rewarm{40, 7});
     CHECK(f.schedule().factor(40) == Approx(1.0 / 7.0));
+
+    // The authors' ramp: from a quarter of the lr back to all of it (rewarm_start 0.25).
+    SwitchFixture quarter(1e-4, 0.25);
+    CHECK(quarter.schedule().rewarm_state() == LrSchedule::Rewarm{40, 7, 0.25});
+    CHECK(quarter.schedule().factor(40) == Approx(0.25 + 0.75 / 7.0));
+    CHECK(quarter.schedule().factor(43) == Approx(0.25 + 0.75 * 4.0 / 7.0));
+    CHECK(quarter.schedule().factor(46) == Approx(1.0));
+    CHECK(quarter.schedule().factor(47) == 1.0);
 
     // With the decay off, the factors keep the weight decay of the dense weight's group.
     SwitchFixture plain(0.0);
@@ -438,6 +447,8 @@ TEST_CASE("Cuttlefish rejects bad options and layers it cannot start from", "[po
     fails(O{.threshold = std::nan("")}, "threshold", "got nan");
     fails(O{.relax_two = 0.5}, "relax_two", "got 0.5");
     fails(O{.relax_one = 0.0}, "relax_one", "got 0");
+    fails(O{.rewarm_start = 1.0}, "rewarm_start", "got 1");
+    fails(O{.rewarm_start = -0.25}, "rewarm_start", "got -0.25");
     fails(O{.track_every_steps = -1}, "track_every_steps", "got -1");
     fails(O{.rank_floor = 1.5}, "rank_floor", "got 1.5");
     fails(O{.keep_first_dense = -2}, "keep_first_dense", "got -2");

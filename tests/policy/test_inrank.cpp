@@ -182,6 +182,25 @@ TEST_CASE("InRank checks run every gap optimizer steps after the warm-up (cadenc
     CHECK_FALSE(inrank_is_check_step(12, 10, 4));
 }
 
+TEST_CASE("InRank with zero_bias starts the converted layers' biases at 0, as the authors' layer",
+          "[policy][inrank]") {
+    for (const bool keep_base : {false, true}) {
+        INFO("keep_base " << keep_base);
+        Fixture f({16, 16, 4});
+        const MatrixD bias = *f.ctx().layers()[0].layer->bias();
+        REQUIRE(bias.cwiseAbs().maxCoeff() > 0.0);  // the model's bias is not zero
+        InRank<double> policy(InRankOptions{.keep_base = keep_base, .zero_bias = true});
+        policy.on_train_begin(f.ctx());
+        auto& l = f.layer(0);
+        REQUIRE(l.has_bias());
+        CHECK(l.bias.value == MatrixD::Zero(1, 16));
+        CHECK(l.bias.trainable);
+        CHECK(f.opt->group_of(l.bias) == 1);  // the no-decay group, as a kept bias
+        // The output layer is not selected: its bias stays.
+        CHECK(f.model.layers()[1].get<Linear<double>>().bias.value.cwiseAbs().maxCoeff() > 0.0);
+    }
+}
+
 TEST_CASE("InRank converts the selected layers, keeps their bias and logs an init event each",
           "[policy][inrank]") {
     SECTION("efficient form, random factors, buffer derived from the width") {

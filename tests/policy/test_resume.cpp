@@ -270,15 +270,15 @@ Setup inrank_setup(bool keep_base = false) {
             }};
 }
 
-Setup cuttlefish_setup(std::int64_t track_every_steps) {
-    return {.name = "cuttlefish-every" + std::to_string(track_every_steps),
+Setup cuttlefish_setup(std::int64_t track_every_steps, double rewarm_start = 0.0) {
+    return {.name = "cuttlefish-every" + std::to_string(track_every_steps) + (rewarm_start > 0.0 ? "-ramp" : ""),
             .sizes = {16, 16, 16, 4},
             .lr = 1e-3,
             .steps_per_epoch = 3,
             .policies =
-                [track_every_steps](PolicyList<double>& l) {
-                    l.add<Cuttlefish<double>>(
-                        CuttlefishOptions{.track_every_steps = track_every_steps, .rewarm_steps = 2});
+                [track_every_steps, rewarm_start](PolicyList<double>& l) {
+                    l.add<Cuttlefish<double>>(CuttlefishOptions{
+                        .track_every_steps = track_every_steps, .rewarm_steps = 2, .rewarm_start = rewarm_start});
                 },
             // Trained-looking hidden weights whose stable ranks stay put: a switch at rank < d.
             .prepare =
@@ -451,6 +451,16 @@ TEST_CASE("Cuttlefish resumes exactly before and after its switch, tracking by s
         REQUIRE(policy.factor_group().has_value());
         CHECK(o.resumed->opt->group(*policy.factor_group()).options.name == "cuttlefish.factors");
     }
+}
+
+TEST_CASE("Cuttlefish's re-warm-up from a quarter of the lr resumes in the middle of its ramp",
+          "[policy][resume][cuttlefish]") {
+    // The switch at step 6 starts a 2-step ramp from 0.25: saved after 7 steps, one step of it is left.
+    const Outcome o = check_resume(cuttlefish_setup(2, 0.25), 7, 4);
+    const auto& rw = o.resumed->training->schedule().rewarm_state();
+    CHECK(rw.length == 2);
+    CHECK(rw.start == 0.25);
+    CHECK(dynamic_cast<Cuttlefish<double>&>(o.resumed->policies()[0]).switch_step() == 6);
 }
 
 TEST_CASE("Cuttlefish resumes exactly with its newer options, before and after the switch",

@@ -50,6 +50,7 @@ public:
     struct Rewarm {
         std::int64_t at_step = 0;
         std::int64_t length = 0;
+        double start = 0.0;  // the ramp's floor: it rises from this multiple of the factor, in [0, 1)
         bool active() const { return length > 0; }
         bool operator==(const Rewarm&) const = default;
     };
@@ -74,14 +75,17 @@ public:
         check(step >= 0, "LrSchedule::factor", "expected step >= 0, got ", step);
         double f = base_factor(step);
         if (rewarm_.active() && step >= rewarm_.at_step && step - rewarm_.at_step < rewarm_.length)
-            f *= static_cast<double>(step - rewarm_.at_step + 1) / static_cast<double>(rewarm_.length);
+            f *= rewarm_.start + (1.0 - rewarm_.start) * static_cast<double>(step - rewarm_.at_step + 1) /
+                                     static_cast<double>(rewarm_.length);
         return f;
     }
 
     /// Ramps the factor linearly again over [at_step, at_step + length): at step s in
-    /// that range it is multiplied by (s - at_step + 1) / length. Replaces an earlier one.
-    void rewarm(std::int64_t at_step, std::int64_t length) {
-        set_rewarm_state(Rewarm{at_step, length});
+    /// that range it is multiplied by start + (1 - start)·(s - at_step + 1) / length, so
+    /// start = 0 ramps from 0 and start = 0.25 from a quarter of the factor (Cuttlefish's
+    /// authors' ramp after the switch). Replaces an earlier one.
+    void rewarm(std::int64_t at_step, std::int64_t length, double start = 0.0) {
+        set_rewarm_state(Rewarm{at_step, length, start});
     }
     void clear_rewarm() { rewarm_ = Rewarm{}; }
 
@@ -90,6 +94,7 @@ public:
     void set_rewarm_state(const Rewarm& r) {
         check(r.at_step >= 0, "LrSchedule::rewarm", "expected at_step >= 0, got ", r.at_step);
         check(r.length >= 0, "LrSchedule::rewarm", "expected length >= 0, got ", r.length);
+        check(r.start >= 0.0 && r.start < 1.0, "LrSchedule::rewarm", "expected 0 <= start < 1, got ", r.start);
         rewarm_ = r;
     }
 

@@ -137,6 +137,11 @@ struct CuttlefishOptions {
     double frobenius_decay = 1e-4;
     /// Steps of LR re-warm-up after the switch (0: none).
     std::int64_t rewarm_steps = 100;
+    /// Where that ramp starts, as a multiple of the schedule's factor, in [0, 1): 0 ramps from
+    /// 0; the authors' main.py starts the low-rank optimizer at 1 / scale_factor = 1/4 of the
+    /// dense phase's lr and ramps it back over 5 epochs (rewarm_start 0.25, rewarm_steps 5
+    /// epochs).
+    double rewarm_start = 0.0;
     /// The history starts with floor(srank(W_init)), as in both of the authors' scripts.
     /// Off by default: the drop from a random init dominates the first derivatives, and the
     /// default short-run detector (w 3) was chosen on histories without it.
@@ -537,6 +542,8 @@ private:
         check(std::isfinite(o.frobenius_decay) && o.frobenius_decay >= 0.0, what,
               "option frobenius_decay must be finite and >= 0, got ", o.frobenius_decay);
         check(o.rewarm_steps >= 0, what, "option rewarm_steps must be >= 0, got ", o.rewarm_steps);
+        check(o.rewarm_start >= 0.0 && o.rewarm_start < 1.0, what,
+              "option rewarm_start must be in [0, 1), got ", o.rewarm_start);
         check(o.preset == CuttlefishPreset::none || o.preset == CuttlefishPreset::cifar ||
                   o.preset == CuttlefishPreset::imagenet,
               what, "option preset must be none, cifar or imagenet, got the value ", static_cast<int>(o.preset));
@@ -662,7 +669,7 @@ private:
         switched_ = true;
         switch_step_ = ctx.step();
         switch_epoch_ = ctx.epoch();
-        ctx.rewarm(options_.rewarm_steps);
+        ctx.rewarm(options_.rewarm_steps, options_.rewarm_start);
     }
 
     /// Replaces tracked layer i (dense) by the balanced rank-r split of its weight, the

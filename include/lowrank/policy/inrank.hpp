@@ -51,7 +51,8 @@
 //   GPT-2 small's d = 768, while 100 would take most of a small layer's capacity.
 // - Both stages run in one training run with the optimizer moments sliced at the switch;
 //   the authors run stage 2 as a separate job from a pruned checkpoint.
-// - The converted layer keeps the model's bias (the authors' layer starts it at zero).
+// - The converted layer keeps the model's bias (the authors' layer starts it at zero;
+//   zero_bias does that).
 
 #include <lowrank/core/error.hpp>
 #include <lowrank/core/init.hpp>
@@ -115,6 +116,8 @@ struct InRankOptions {
                                 // rank; false: one stage, the ranks grow throughout
     std::int64_t stage1_steps = 0;   // stage-1 length in optimizer steps; 0: use stage1_epochs
     std::int64_t stage1_epochs = 1;  // stage-1 length in epochs, used when stage1_steps is 0
+    bool zero_bias = false;  // true: the converted layer's bias starts at 0, as the authors' layer's does;
+                             // false: it keeps the model's bias
     // The layers to convert (GPT-2: the two MLP projections).
     LayerSelector select{.pattern = ".*", .roles = {"hidden"}};
     std::uint64_t seed = 0;  // the policy's RNG (the random factors)
@@ -507,7 +510,12 @@ private:
     IncrementalRankLinear<T> convert(const AnyLinear<T>& slot, const InRankLayerState& s) {
         const Index out = slot.out_features(), in = slot.in_features(), k = s.rank + s.buffer;
         const Matrix<T> w = slot.dense_weight();
+        Matrix<T> zeroed;  // the bias with zero_bias: the authors' layer starts it at 0
         const Matrix<T>* bias = slot.bias();
+        if (options_.zero_bias && bias != nullptr) {
+            zeroed = Matrix<T>::Zero(bias->rows(), bias->cols());
+            bias = &zeroed;
+        }
         Matrix<T> u(out, s.capacity), v(in, s.capacity);
         if (options_.keep_base) {
             u.setZero();

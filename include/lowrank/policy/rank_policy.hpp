@@ -173,9 +173,10 @@ public:
                             std::string(statistic), value});
     }
 
-    /// Restarts the LR warm-up at the next step for `length` steps (0: nothing).
-    void rewarm(std::int64_t length) {
-        if (length > 0) schedule_->rewarm(step_, length);
+    /// Restarts the LR warm-up at the next step for `length` steps (0: nothing), ramping from
+    /// `start` times the schedule's factor (LrSchedule::rewarm).
+    void rewarm(std::int64_t length, double start = 0.0) {
+        if (length > 0) schedule_->rewarm(step_, length, start);
     }
 
 private:

@@ -443,7 +443,8 @@ public:
         run["steps_in_epoch"] = steps_in_epoch_;
         run["skipped_steps"] = skipped_;
         run["rewarm"] = {{"at_step", schedule_.rewarm_state().at_step},
-                         {"length", schedule_.rewarm_state().length}};
+                         {"length", schedule_.rewarm_state().length},
+                         {"start", schedule_.rewarm_state().start}};
         run["graph_rng"] = rng_state_to_json(graph_.rng().state());
         nlohmann::json rngs = nlohmann::json::object();
         for (const auto& r : rngs_) rngs[r.name] = rng_state_to_json(r.rng->state());
@@ -494,7 +495,8 @@ public:
             const detail::PolicyStateReader rewarm = run.object("rewarm");
             const LrSchedule::Rewarm rw{
                 rewarm.integer("at_step", 0, std::numeric_limits<std::int64_t>::max()),
-                rewarm.integer("length", 0, std::numeric_limits<std::int64_t>::max())};
+                rewarm.integer("length", 0, std::numeric_limits<std::int64_t>::max()),
+                rewarm.has("start") ? rewarm.number("start") : 0.0};  // a state without it: a ramp from 0
             const Rng::State graph_rng = run.rng("graph_rng");
             const detail::PolicyStateReader rngs = run.object("rngs");
             std::vector<Rng::State> rng_states;
