@@ -126,10 +126,10 @@ Matrix<T> naive_product(const Matrix<T>& a, const Matrix<T>& b) {
 }
 
 TEST_CASE("every register tile and packed panel shape equals a naive product in double", "[linalg]") {
-    // Rows 1-13 (every tile height the balanced split makes, one tile or two), columns over
-    // every count of whole packets in a panel group and the single packets after it, up to
-    // past the widest panel, and depths across a k-block: against a triple loop, not Eigen,
-    // so that an error shared with Eigen's product cannot hide.
+    // Rows 1-13 (every tile height the balanced split makes, one tile or two) and two from
+    // kPackTransposedRows on, columns over every count of whole packets in a panel group and
+    // the single packets after it, up to past the widest panel, and depths across a k-block:
+    // against a triple loop, not Eigen, so that an error shared with Eigen's product cannot hide.
     using T = double;
     constexpr Index w = linalg::detail::kPacket<T>, group = linalg::detail::kTilePackets * w;
     std::vector<Index> cols;
@@ -138,8 +138,13 @@ TEST_CASE("every register tile and packed panel shape equals a naive product in 
     // Past the widest panel of a pass of 64 steps, so that such a pass takes two panels.
     const Index widest = linalg::detail::kPanelElements / 64;
     cols.push_back(widest + group + w);
+    // And heights from which A^T B packs its B too (with 16 registers; read in place otherwise).
+    std::vector<Index> heights;
+    for (Index m = 1; m <= 13; ++m) heights.push_back(m);
+    heights.push_back(linalg::detail::kPackTransposedRows);
+    heights.push_back(linalg::detail::kPackTransposedRows + 7);
     std::uint64_t seed = 500;
-    for (Index m = 1; m <= 13; ++m)
+    for (const Index m : heights)
         for (const Index n : cols)
             for (const Index k : {Index(1), Index(7), Index(64), linalg::detail::kKBlock + 3}) {
                 if (n > widest && m > 3) continue;  // the widest panels once per small height

@@ -15,8 +15,9 @@
 // panels (kKBlock, kPanelElements); each such block of B is first copied into a contiguous
 // per-thread buffer in the order the tiles read it (pack_panel), so that its rows, 4 KiB
 // apart in a 1024-wide matrix, do not all fall into the same few sets of L1. That is done
-// where B is the small factor, x V and (x V) U^T; in dy^T (x V) B is dy or x, read in place,
-// and the tile's entries of A are copied instead.
+// where B is the small factor, x V and (x V) U^T; in dy^T (x V) B is dy or x, read in place
+// where C has few rows or the register file is wide (and packed otherwise, see tiled_block),
+// and the tile's entries of A are copied too.
 //
 // Any scalar type Eigen vectorises takes this path (float and double alike, so the
 // double-precision gradient checks run it); the columns past the last whole packet, and
@@ -66,6 +67,10 @@ inline constexpr int kTilePackets = kWideRegisterFile ? 4 : 2;  // SIMD packets 
 inline constexpr int kDotRows = kWideRegisterFile ? 3 : 2;   // rows of C per dot-product tile
 inline constexpr int kDotCols = kWideRegisterFile ? 8 : 4;   // columns per dot-product tile
                                                              // (dot_row covers the last 1-7)
+
+// Rows of C from which A^T B packs its B where the register file has 16 registers (see
+// tiled_block): 4 row tiles, r >= 24.
+inline constexpr Index kPackTransposedRows = 4 * kTileRows;
 
 /// Throws the error of a product whose operand shapes do not chain; formatted only then,
 /// so that a product that is called per tile of tokens builds no strings.
@@ -131,18 +136,19 @@ void tile_row(const T* a, Index a_row, Index a_k, const T* bp, Index ldb, T* c, 
 /// fall into the same few sets of L1 and are fetched from L2 at every tile; packed, they
 /// stay in L1 and the hardware prefetcher sees one stream. Costs one copy of the block per
 /// pass, against the row tiles' 2 * rows FLOPs per entry.
+/// B is read row by row (cols contiguous entries each), so that a B read from memory, 4 KiB
+/// a row apart, streams through the hardware prefetcher instead of one line per row.
 template <class T>
 void pack_panel(const T* b, Index ldb, Index depth, Index cols, T* bp) {
     constexpr int W = kPacket<T>;
-    Index j = 0;
-    auto group = [&](Index width) {
-        T* out = bp + depth * j;
-        for (Index k = 0; k < depth; ++k)
-            std::copy(b + k * ldb + j, b + k * ldb + j + width, out + k * width);
-        j += width;
-    };
-    while (j + kTilePackets * W <= cols) group(kTilePackets * W);
-    while (j + W <= cols) group(W);
+    constexpr Index wide = kTilePackets * W;
+    const Index wide_cols = cols / wide * wide;  // then groups of one packet, as tile_row walks them
+    for (Index k = 0; k < depth; ++k) {
+        const T* row = b + k * ldb;
+        Index j = 0;
+        for (; j < wide_cols; j += wide) std::copy(row + j, row + j + wide, bp + depth * j + k * wide);
+        for (; j + W <= cols; j += W) std::copy(row + j, row + j + W, bp + depth * j + k * W);
+    }
 }
 
 template <class T>
@@ -187,10 +193,14 @@ void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index 
         const Index panel = std::max<Index>(group, kPanelElements / kd / group * group);
         for (Index j0 = 0; j0 < vec_cols; j0 += panel) {
             const Index nd = std::min(panel, vec_cols - j0);
-            // A B packs its B (a factor, small, read by every row tile); A^T B reads its B in
-            // place: there B is dy or x, large and read by few row tiles (r rows of C), and
-            // its copy cost more than the copy saved (at r = 8 it halved the speed).
-            const bool packed = a_k == 1;
+            // A B packs its B (a factor, small, read by every row tile). A^T B's B is dy or
+            // x, large, read by only ceil(r / 6) row tiles: its copy cost more than it saved
+            // at r = 8 (half the speed), so it is read in place there; with 16 registers
+            // (AVX2: 16-column tiles, one 64-byte line of each row of B per step of k, rows
+            // 4 KiB apart, past the prefetcher and into one set of L1) and at least
+            // kPackTransposedRows rows of C, it is packed too (docs/performance.md, "Thin
+            // products"). The copy changes no sum.
+            const bool packed = a_k == 1 || (!kWideRegisterFile && rows >= kPackTransposedRows);
             const T* bp = b + k0 * ldb + j0;
             if (packed) {
                 T* buffer = panel_buffer<T>();
