@@ -12,7 +12,8 @@ docs/models/gpt2.md), written here with plain torch.nn modules:
   x = wte[ids] + wpe[t]; per block: x += c_proj(attn(c_attn(ln_1(x)))); x += mlp(ln_2(x));
   logits = ln_f(x) @ wte^T (the LM head tied to the token embedding); mean cross-entropy.
 
-  - configs: tiny (4 layers, 4 heads, width 256, context 128), mini (2, 2, 128, 64);
+  - configs: gpt2 (124M: 12 layers, 12 heads, width 768, context 1024), tiny (4 layers, 4 heads,
+    width 256, context 128), mini (2, 2, 128, 64);
     vocabulary 50257 (not padded), biases everywhere, no dropout (GPT-2 trains without);
   - pre-LayerNorm blocks (eps 1e-5), GELU in its tanh form, the fused qkv projection
     c_attn (3C x C, output columns [q | k | v]);
@@ -66,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pytorch_bench import REEXEC_MARK, cpu_model, prepared_environment, torch_python  # noqa: E402
 
 # name: (n_layer, n_head, n_embd, block_size), as lowrank::gpt2_config()
-CONFIGS = {"tiny": (4, 4, 256, 128), "mini": (2, 2, 128, 64)}
+CONFIGS = {"gpt2": (12, 12, 768, 1024), "tiny": (4, 4, 256, 128), "mini": (2, 2, 128, 64)}
 VOCAB = 50257
 
 

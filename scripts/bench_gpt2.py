@@ -2,7 +2,7 @@
 """A GPT-2 training step, lowrank against PyTorch on this machine, in one interleaved run.
 
     python3 scripts/bench_gpt2.py                    # tiny config, 1 and 2 threads, 5 rounds
-    python3 scripts/bench_gpt2.py --write-docs       # also the block in docs/performance.md
+    python3 scripts/bench_gpt2.py --write-docs       # also this machine's block in docs/performance.md
 
 Programs, each started once per round and thread count, in turn (so that a change of
 background load cannot favour one of them):
@@ -34,19 +34,23 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from results_common import ROOT, build, cpu_name, replace_block, trainer_env
+from results_common import ROOT, build, cpu_name, trainer_env
 
-BEGIN, END = "<!-- bench-gpt2:begin -->", "<!-- bench-gpt2:end -->"
+# One block per CPU and ISA, <!-- bench-gpt2:<cpu>-f<family>m<model>-<isa>:begin --> ... :end -->,
+# kept in docs/performance.md before the ANCHOR line; a run replaces its own machine's block.
+ANCHOR = "<!-- bench-gpt2s:end -->"
 PROGRAMS = ["lowrank", "lowrank+openblas", "pytorch"]
 OPTIONAL = ["lowrank+openblas-pthread"]
-PTHREAD_OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread")
-CONFIGS = {"tiny": (4, 256), "mini": (2, 128)}  # (layers, width): models/gpt2.hpp's gpt2_config
+# Debian's pthread OpenBLAS, in the multiarch directory of whatever architecture this is.
+PTHREAD_OPENBLAS = next(iter(sorted(Path("/usr/lib").glob("*/openblas-pthread"))), Path("/usr/lib/openblas-pthread"))
+CONFIGS = {"gpt2": (12, 768), "tiny": (4, 256), "mini": (2, 128)}  # (layers, width): models/gpt2.hpp's gpt2_config
 VOCAB = 50257
 
 
@@ -55,6 +59,32 @@ def flops_per_token(config, context):
     (attention, MLP and the tied head) and 12 L T C for the attention scores and values."""
     layers, width = CONFIGS[config]
     return 6 * (12 * layers * width * width + VOCAB * width) + 12 * layers * context * width
+
+
+def machine_key():
+    """This CPU and the widest ISA of a native build, as bench_table.py names a machine block."""
+    info = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "cpu family", "model", "flags") and key.strip() not in info:
+            info[key.strip()] = value.strip()
+    model = re.sub(r"[^a-z0-9]+", "-", info.get("model name", "cpu").lower()).strip("-")
+    isa = "avx512" if "avx512f" in info.get("flags", "").split() else "avx2"
+    return f"{model}-f{info.get('cpu family', '?')}m{info.get('model', '?')}-{isa}"
+
+
+def write_block(page, key, body):
+    """Replaces this machine's block on the page, or adds it before ANCHOR."""
+    begin, end = f"<!-- bench-gpt2:{key}:begin -->", f"<!-- bench-gpt2:{key}:end -->"
+    text = page.read_text()
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + f"{begin}\n{body}\n{end}" + text[text.index(end) + len(end):]
+    elif ANCHOR in text:
+        text = text.replace(ANCHOR, f"{begin}\n{body}\n{end}\n\n{ANCHOR}", 1)
+    else:
+        raise SystemExit(f"bench_gpt2: {page} has neither {begin} nor {ANCHOR}")
+    page.write_text(text)
+    print(f"bench_gpt2: wrote {page} ({key})", file=sys.stderr)
 
 
 def machine_probe(binary):
@@ -78,7 +108,7 @@ def machine_probe(binary):
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny", choices=["tiny", "mini"])
+    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--warm", type=int, default=10, help="untimed steps first (default 10)")
@@ -92,10 +122,16 @@ def parse_args():
     return ap.parse_args()
 
 
+def with_library_path(directory, env):
+    """LD_LIBRARY_PATH with directory first and the caller's entries after it."""
+    rest = env.get("LD_LIBRARY_PATH", "")
+    return f"{directory}:{rest}" if rest else str(directory)
+
+
 def run_lowrank(binary, args, threads, library_path=None):
     env = trainer_env(threads)
     if library_path:
-        env["LD_LIBRARY_PATH"] = str(library_path)  # before the binary's run path
+        env["LD_LIBRARY_PATH"] = with_library_path(library_path, env)  # before the binary's run path
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "metrics.jsonl"
         cmd = [binary, "--config", args.config, "--batch", str(args.batch), "--context", str(args.context),
@@ -123,7 +159,7 @@ def loaded_openblas(binary, library_path=None):
     """The libopenblas the binary loads (ldd), with library_path as LD_LIBRARY_PATH."""
     env = dict(os.environ)
     if library_path:
-        env["LD_LIBRARY_PATH"] = str(library_path)
+        env["LD_LIBRARY_PATH"] = with_library_path(library_path, env)
     out = subprocess.run(["ldd", binary], capture_output=True, text=True, env=env).stdout
     for line in out.splitlines():
         if "libopenblas" in line and "=>" in line:
@@ -176,7 +212,9 @@ def main():
                       file=sys.stderr, flush=True)
 
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    header = (f"Run {now} on {cpu_name()} ({os.cpu_count()} vCPUs), {args.rounds} interleaved rounds, "
+    isa = "with avx512f" if machine_key().endswith("-avx512") else "AVX2 + FMA only, no avx512f"
+    header = (f"Run {now} on {cpu_name()} ({machine_key()}: {os.cpu_count()} vCPUs, {isa}), {args.rounds} "
+              "interleaved rounds, "
               f"1-minute load average {load_start:.2f} at the start and {os.getloadavg()[0]:.2f} at the end; "
               f"PyTorch {torch_version()}. Config `{args.config}`, B = {args.batch}, T = {args.context}, dense; "
               f"tokens/s over {args.steps} steps after {args.warm} untimed ones.")
@@ -212,8 +250,8 @@ def main():
     command = "python3 scripts/bench_gpt2.py --write-docs" + (f" --rounds {args.rounds}" if args.rounds != 5 else "") \
         + (f" --programs {args.programs}" if programs != PROGRAMS else "")
     if args.write_docs:
-        replace_block(ROOT / "docs" / "performance.md", BEGIN, END,
-                      "\n".join([BEGIN, header, "", table, "", f"Command: `{command}`.", END]))
+        write_block(ROOT / "docs" / "performance.md", machine_key(),
+                    "\n".join([header, "", table, "", f"Command: `{command}`."]))
 
 
 if __name__ == "__main__":
