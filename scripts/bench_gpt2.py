@@ -34,14 +34,13 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from results_common import ROOT, build, cpu_name, trainer_env
+from results_common import ROOT, build, cpu_info, cpu_name, machine_key, put_keyed_block, trainer_env
 
 # One block per CPU and ISA, <!-- bench-gpt2:<cpu>-f<family>m<model>-<isa>:begin --> ... :end -->,
 # kept in docs/performance.md before the ANCHOR line; a run replaces its own machine's block.
@@ -61,30 +60,11 @@ def flops_per_token(config, context):
     return 6 * (12 * layers * width * width + VOCAB * width) + 12 * layers * context * width
 
 
-def machine_key():
-    """This CPU and the widest ISA of a native build, as bench_table.py names a machine block."""
-    info = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "cpu family", "model", "flags") and key.strip() not in info:
-            info[key.strip()] = value.strip()
-    model = re.sub(r"[^a-z0-9]+", "-", info.get("model name", "cpu").lower()).strip("-")
+def this_machine():
+    """This CPU's block key and ISA, for a native build: AVX-512 where the CPU has it."""
+    info = cpu_info()
     isa = "avx512" if "avx512f" in info.get("flags", "").split() else "avx2"
-    return f"{model}-f{info.get('cpu family', '?')}m{info.get('model', '?')}-{isa}"
-
-
-def write_block(page, key, body):
-    """Replaces this machine's block on the page, or adds it before ANCHOR."""
-    begin, end = f"<!-- bench-gpt2:{key}:begin -->", f"<!-- bench-gpt2:{key}:end -->"
-    text = page.read_text()
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + f"{begin}\n{body}\n{end}" + text[text.index(end) + len(end):]
-    elif ANCHOR in text:
-        text = text.replace(ANCHOR, f"{begin}\n{body}\n{end}\n\n{ANCHOR}", 1)
-    else:
-        raise SystemExit(f"bench_gpt2: {page} has neither {begin} nor {ANCHOR}")
-    page.write_text(text)
-    print(f"bench_gpt2: wrote {page} ({key})", file=sys.stderr)
+    return machine_key(info, isa), isa
 
 
 def machine_probe(binary):
@@ -212,8 +192,9 @@ def main():
                       file=sys.stderr, flush=True)
 
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    isa = "with avx512f" if machine_key().endswith("-avx512") else "AVX2 + FMA only, no avx512f"
-    header = (f"Run {now} on {cpu_name()} ({machine_key()}: {os.cpu_count()} vCPUs, {isa}), {args.rounds} "
+    key, isa = this_machine()
+    isa_text = "with avx512f" if isa == "avx512" else "AVX2 + FMA only, no avx512f"
+    header = (f"Run {now} on {cpu_name()} ({key}: {os.cpu_count()} vCPUs, {isa_text}), {args.rounds} "
               "interleaved rounds, "
               f"1-minute load average {load_start:.2f} at the start and {os.getloadavg()[0]:.2f} at the end; "
               f"PyTorch {torch_version()}. Config `{args.config}`, B = {args.batch}, T = {args.context}, dense; "
@@ -250,8 +231,10 @@ def main():
     command = "python3 scripts/bench_gpt2.py --write-docs" + (f" --rounds {args.rounds}" if args.rounds != 5 else "") \
         + (f" --programs {args.programs}" if programs != PROGRAMS else "")
     if args.write_docs:
-        write_block(ROOT / "docs" / "performance.md", machine_key(),
-                    "\n".join([header, "", table, "", f"Command: `{command}`."]))
+        page = ROOT / "docs" / "performance.md"
+        page.write_text(put_keyed_block(page.read_text(), f"bench-gpt2:{key}",
+                                        "\n".join([header, "", table, "", f"Command: `{command}`."]), ANCHOR))
+        print(f"bench_gpt2: wrote {page} ({key})", file=sys.stderr)
 
 
 if __name__ == "__main__":

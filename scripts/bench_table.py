@@ -50,6 +50,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from results_common import cpu_info, machine_key, put_keyed_block
+
 RATES = ("GFLOPs", "GBps", "tokens_per_second", "samples_per_second")
 PHASES = (("forward_ms", "forward (input, forward, loss)"), ("backward_ms", "zero_grad + backward"),
           ("optimizer_ms", "optimizer step (AdamW)"))
@@ -474,29 +476,6 @@ def peak_line(peaks: Peaks) -> str:
             f"({peaks.widest:.1f}); both by wall clock, so a loaded machine lowers both alike.")
 
 
-def cpu_info() -> dict[str, str]:
-    """Model, family, model number and the SIMD flags of the first processor in /proc/cpuinfo."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "cpu family", "model", "flags") and key not in info:
-                info[key] = value.strip()
-            if not line.strip() and info:
-                break
-    except OSError:
-        pass
-    simd = re.compile(r"^(?:sse\S*|ssse3|avx\S*|fma|f16c|amx\S*)$")
-    info["simd"] = " ".join(f for f in info.get("flags", "").split() if simd.match(f))
-    return info
-
-
-def machine_slug(info: dict[str, str], peaks: Peaks) -> str:
-    model = re.sub(r"[^a-z0-9]+", "-", info.get("model name", "cpu").lower()).strip("-")
-    return f"{model}-f{info.get('cpu family', '?')}m{info.get('model', '?')}-{peaks.isa}"
-
-
 def machine_body(machine: dict[str, Result], lr_ctx: list[dict], lr: dict[str, Result], pt: dict[str, Result],
                  lr_low: dict[str, Result], pt_low: dict[str, Result], peaks: Peaks, command: str) -> str:
     first = lr_ctx[0] if lr_ctx else {}
@@ -552,13 +531,7 @@ def machine_body(machine: dict[str, Result], lr_ctx: list[dict], lr: dict[str, R
 
 
 def write_machine_block(text: str, slug: str, body: str) -> str:
-    tag = f"bench-machine:{slug}"
-    if f"<!-- {tag}:begin -->" in text:
-        return replace_block(text, tag, body)
-    anchor = "<!-- bench-machines:end -->"
-    if anchor not in text:
-        raise SystemExit(f"bench_table: marker {anchor} not found")
-    return text.replace(anchor, f"<!-- {tag}:begin -->\n{body}\n<!-- {tag}:end -->\n\n{anchor}", 1)
+    return put_keyed_block(text, f"bench-machine:{slug}", body, "<!-- bench-machines:end -->")
 
 
 def replace_block(text: str, tag: str, body: str) -> str:
@@ -631,7 +604,7 @@ def main() -> int:
         path = Path(args.write_docs)
         text = path.read_text()
         if machine_text:
-            text = write_machine_block(text, machine_slug(cpu_info(), peaks), machine_text)
+            text = write_machine_block(text, machine_key(cpu_info(), peaks.isa), machine_text)
         if args.machine_only:
             lr, low_body = {}, ""
         # Each block names what wrote it (tests/docs/check_generated_blocks.py checks that).

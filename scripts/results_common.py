@@ -5,6 +5,7 @@ output, and replacing a marked block of a docs page."""
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,41 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def cpu_info():
+    """Model, family, model number and the SIMD flags of the first processor in /proc/cpuinfo."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "flags") and key not in info:
+                info[key] = value.strip()
+            if not line.strip() and info:
+                break
+    except OSError:
+        pass
+    simd = re.compile(r"^(?:sse\S*|ssse3|avx\S*|fma|f16c|amx\S*)$")
+    info["simd"] = " ".join(f for f in info.get("flags", "").split() if simd.match(f))
+    return info
+
+
+def machine_key(info, isa):
+    """A machine block's key: CPU model, family and model number, and the build's ISA."""
+    model = re.sub(r"[^a-z0-9]+", "-", info.get("model name", "cpu").lower()).strip("-")
+    return f"{model}-f{info.get('cpu family', '?')}m{info.get('model', '?')}-{isa}"
+
+
+def put_keyed_block(text, tag, body, anchor):
+    """The page's text with the block <!-- tag:begin --> body <!-- tag:end --> replaced, or, when
+    the page has none yet, added before the line `anchor` (one block per machine, say)."""
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    if begin in text and end in text:
+        return text[: text.index(begin)] + f"{begin}\n{body}\n{end}" + text[text.index(end) + len(end):]
+    if anchor not in text:
+        raise SystemExit(f"results: the page has neither {begin} nor {anchor}")
+    return text.replace(anchor, f"{begin}\n{body}\n{end}\n\n{anchor}", 1)
 
 
 def relative_command(cmd):

@@ -69,7 +69,8 @@ got="$(cd empty/run && ls | tr '\n' ' ')"
 [[ "$got" == "checkpoint.safetensors metrics.jsonl ranks.jsonl result.json " ]] || { echo "--out-dir: got $got" >&2; exit 1; }
 echo "--out-dir run from an empty folder: only run/ written: $got"
 
-# The options of issue 15's measurements: each runs, each refuses a value out of its range
+# The options behind the defaults' measurements (docs/methods/): each runs, each refuses a
+# value out of its range
 # before training (a nonzero exit and the option's name on stderr).
 common=(--data . --epochs 2 --hidden 16 --layers 1 --batch 16 --threads 1 --quiet)
 for spec in "--method lora --lora-freeze-bias" "--method relora --relora-period 3 --relora-rewarm 1 --relora-state-reset 0.9" \
@@ -93,4 +94,4 @@ PY
 # The run's result line says which epsilon AdamW used.
 "$mlp" "${common[@]}" --adam-eps 1e-6 | tail -n 1 | grep -q '"adam_eps":1e-06' ||
     { echo "--adam-eps 1e-6: the result line does not say adam_eps 1e-06" >&2; exit 1; }
-echo "issue-15 options: run and range-checked"
+echo "the defaults' measurement options: run and range-checked"
