@@ -4,6 +4,9 @@
 //   BM_Gemm/d:1024/N:4096            the bare GEMM y = x * W^T, no tape, no bias (the kernel)
 //   BM_Linear_fwd/d:1024/N:4096      tape recorded with gradients off (inference)
 //   BM_Linear_fwdbwd/d:1024/N:4096   dx, dW and db, as for an inner layer of a network
+//   BM_LinearCrossEntropy_fwdbwd/N:1024/C:256/V:50257
+//                                    GPT-2 tiny's LM head and loss (linear_cross_entropy,
+//                                    the fused node) with dx and dW: B 8 x T 128 tokens
 //
 // What one fwdbwd iteration does, all through the public API:
 //   g.clear(); x = g.input(X, requires_grad = true)   copies X (N x d) into a reused buffer
@@ -21,11 +24,15 @@
 
 #include <lowrank/autograd/graph.hpp>
 #include <lowrank/autograd/ops_basic.hpp>
+#include <lowrank/autograd/ops_linear_cross_entropy.hpp>
 #include <lowrank/core/init.hpp>
 #include <lowrank/core/rng.hpp>
 #include <lowrank/nn/linear.hpp>
 
 #include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -90,6 +97,35 @@ void BM_Gemm(benchmark::State& state) {
         static_cast<double>(n), "tokens_per_second");
 }
 
+/// The LM head and its loss, fused (linear_cross_entropy, its default chunk of 128 tokens),
+/// forward and backward: x (N x C) and the tied weight W (V x C) both get gradients. In
+/// PyTorch the composition F.cross_entropy(x @ W.T, targets) (no bias, as GPT-2's head).
+void BM_LinearCrossEntropy_fwdbwd(benchmark::State& state) {
+    const Index n = state.range(0), c = state.range(1), vocab = state.range(2);
+    lowrank::Rng rng(42);
+    lowrank::Matrix<float> x(n, c), wv(vocab, c);
+    lowrank::init::normal<float>(x, rng);
+    lowrank::init::normal<float>(wv, rng, 0.0, 0.02);
+    lowrank::Parameter<float> w("wte", wv);
+    std::vector<std::int32_t> targets(static_cast<std::size_t>(n));
+    for (auto& t : targets) t = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(vocab)));
+    lowrank::Graph<float> g;
+    auto step = [&] {
+        g.clear();
+        const auto xv = g.input(x, /*requires_grad=*/true);
+        w.zero_grad();
+        const auto loss = lowrank::linear_cross_entropy(g, xv, g.param(w), targets);
+        g.backward(loss);
+        benchmark::DoNotOptimize(w.grad.data());
+        benchmark::ClobberMemory();
+    };
+    step();
+    for (auto _ : state) step();
+    lowrank::bench::set_rate_counters(
+        state, 6.0 * static_cast<double>(n) * static_cast<double>(c) * static_cast<double>(vocab),
+        static_cast<double>(n), "tokens_per_second");
+}
+
 void linear_shapes(benchmark::internal::Benchmark* b) {
     b->ArgNames({"d", "N"});
     for (const int d : {768, 1024})
@@ -102,3 +138,8 @@ void linear_shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_Gemm)->Apply(linear_shapes);
 BENCHMARK(BM_Linear_fwd)->Apply(linear_shapes);
 BENCHMARK(BM_Linear_fwdbwd)->Apply(linear_shapes);
+BENCHMARK(BM_LinearCrossEntropy_fwdbwd)
+    ->ArgNames({"N", "C", "V"})
+    ->Args({1024, 256, 50257})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);

@@ -7,6 +7,7 @@ Benchmarks (names as lowrank-bench prints them, without its "/real_time" suffix)
   BM_Gemm/d:D/N:N            torch.mm(x, W.t(), out=y): the BLAS kernel alone (OpenBLAS here)
   BM_Linear_fwd/d:D/N:N      nn.Linear(D, D) forward under torch.no_grad()
   BM_Linear_fwdbwd/d:D/N:N   forward, then y.backward(ones): dx, dW, db (x requires grad)
+  BM_LinearCrossEntropy_fwdbwd/N:1024/C:256/V:50257  F.cross_entropy(x @ W.T, targets).backward()
   BM_LowRankLinear_fwd/d:D/N:N/r:R     x V U^T + b as nn.Linear(D, R, bias=False) then
   BM_LowRankLinear_fwdbwd/d:D/N:N/r:R  nn.Linear(R, D): the composition of two GEMMs that
                              autograd differentiates as four; fwd and fwdbwd as above, with
@@ -241,6 +242,20 @@ def main() -> int:
                 fwd_flops = 2.0 * n * d * d
                 report(record(name, means, 3 * fwd_flops if backward else fwd_flops, n, "tokens_per_second"))
                 del lin, x
+
+    name = "BM_LinearCrossEntropy_fwdbwd/N:1024/C:256/V:50257"
+    if want.search(name):
+        n, c, vocab = 1024, 256, 50257
+        x = torch.randn(n, c, requires_grad=True)
+        w = (0.02 * torch.randn(vocab, c)).requires_grad_()
+        targets = torch.randint(0, vocab, (n,))
+
+        def step(x=x, w=w, targets=targets):
+            x.grad, w.grad = None, None
+            F.cross_entropy(x @ w.t(), targets).backward()
+        report(record(name, measure(step, args.repetitions, args.min_time, args.warmup), 6.0 * n * c * vocab, n,
+                      "tokens_per_second"))
+        del x, w, targets
 
     # Grouped by (d, N, r) as in bench_low_rank.cpp: the dense reference is timed right before
     # the low-rank layer it is compared with, so that a drift in load hits both alike.

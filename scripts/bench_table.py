@@ -69,6 +69,8 @@ TARGET_RANKS = (64, 128, 256)  # forward+backward reaches 75% of the ideal ratio
 TARGET_FRACTION = 0.75
 # The machine probes (bench/bench_machine.cpp) and the GEMM-bound rows held to PEAK_TARGET.
 MACHINE = re.compile(r"^BM_(?:Peak_FMA_(?P<isa>avx2|avx512)|Bandwidth_triad)/threads:(?P<threads>1|all)$")
+# Figures of a whole step or node shown beside PyTorch's in a machine block.
+STEP_LEVEL = re.compile(r"^BM_(?:LinearCrossEntropy_fwdbwd|Mlp_train_step)/")
 GEMM_BOUND = re.compile(r"^BM_(?:Gemm|Linear_fwd|Linear_fwdbwd)/"
                         r"|^BM_ThinProduct_\w+_kernel/d:\d+/N:4096/r:(?:64|128|256)$")
 PEAK_TARGET = 0.85
@@ -520,6 +522,16 @@ def machine_body(machine: dict[str, Result], lr_ctx: list[dict], lr: dict[str, R
             mark = "" if g / peaks.lowrank >= PEAK_TARGET else " (**below target**)"
             lines.append(f"| `{name}` | {fmt_num(g)} | {Peaks.of(g, peaks.lowrank)}{mark} | {fmt_num(gp)} "
                          f"| {Peaks.of(gp, peaks.widest)} |")
+    steps = [(n, r) for n, r in lr.items() if STEP_LEVEL.search(n)]
+    if steps:
+        lines += ["", "Whole steps against PyTorch in the same run (GFLOP/s count the GEMMs only):", "",
+                  "| benchmark | lowrank ms | PyTorch ms | lowrank speed-up | lowrank GFLOP/s | of peak |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, r in steps:
+            p = pt.get(name)
+            g = r.rate("GFLOPs")
+            lines.append(f"| `{name}` | {fmt_ms(r)} | {fmt_ms(p)} | {ratio(p.ms if p else None, r.ms)} "
+                         f"| {fmt_num(g)} | {Peaks.of(g, peaks.lowrank)} |")
     summary = targets_summary(lr_low)
     if summary:
         lines += ["", "Low-rank targets in this build (wall-clock medians):", "", summary]

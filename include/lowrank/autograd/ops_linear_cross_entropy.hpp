@@ -7,10 +7,12 @@
 #include <lowrank/autograd/graph.hpp>
 #include <lowrank/autograd/ops_loss.hpp>
 #include <lowrank/core/parallel.hpp>
+#include <lowrank/linalg/thin_gemm.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <vector>
 
@@ -28,6 +30,9 @@ struct LinearCrossEntropyOptions {
 
 namespace detail {
 
+/// Rows of the transposed logits per block of the softmax statistics.
+inline constexpr Index kLogitBlockRows = 1024;
+
 // The gradient does not wait for backward: the loss is linear in its output adjoint, so
 // forward computes the gradients for an adjoint of 1 while a chunk's probabilities are at
 // hand, and backward scales them. Recomputing the logits in backward instead would cost a
@@ -41,7 +46,10 @@ struct LinearCrossEntropyNode final : Node<T> {
     Matrix<T> dx_unit;  // dL/dx for dL = 1 (N x C)
     Matrix<T> dw_unit;  // dL/dW for dL = 1 (V x C)
     Matrix<T> db_unit;  // dL/db for dL = 1 (1 x V)
-    Matrix<T> block;    // one chunk's logits, then their softmax, then its gradient
+    Matrix<T> block;    // one chunk's logits, transposed (V x chunk), then their softmax, then its gradient
+    Matrix<T> xt;       // the chunk's input, transposed (C x chunk)
+    Matrix<T> part_max, part_sum;  // per block of the vocabulary and token: the logits' maximum, sum of e
+    Matrix<T> stats;    // per token of the chunk: maximum, sum of e, scale of the gradient
     std::vector<std::int32_t> targets;  // -1 for ignored rows
     std::vector<double> row_loss;       // lse - z_t per row, summed in row order
     Index counted = 0;
@@ -91,54 +99,111 @@ Var<T> linear_cross_entropy(Graph<T>& g, const Var<T>& x, const Var<T>& w, const
     const auto& xv = x.value();
     const auto& wv = w.value();
     const Index chunk = std::max<Index>(1, std::min(options.chunk_rows, n));
-    detail::ensure_shape(node.block, chunk, vocab);
+    // The chunk's logits are held transposed, (V x chunk): column i is token r0 + i. Then
+    // all three products are the shapes of linalg/thin_gemm.hpp, whose kernels broadcast W
+    // or read it in place instead of packing all of it per chunk as a general GEMM does:
+    // Z^T = W X^T (X^T, C x chunk, is the small packed operand), dX = (dZ^T)^T W and
+    // dW += dZ^T X. X^T's columns are padded with zeros to whole SIMD packets, so that Z^T
+    // has no column left to the kernels' slow path; the padding is never read back.
+    const Index packet = linalg::detail::kPacket<T>;
+    const Index padded = (chunk + packet - 1) / packet * packet;
+    const Index features = xv.cols();
+    detail::ensure_shape(node.block, vocab, padded);
+    detail::ensure_shape(node.xt, features, padded);
+    // The softmax statistics run over fixed blocks of the vocabulary (partial maxima and
+    // sums combined in block order), so that they do not depend on the thread count.
+    const Index vblocks = (vocab + detail::kLogitBlockRows - 1) / detail::kLogitBlockRows;
+    detail::ensure_shape(node.part_max, vblocks, padded);
+    detail::ensure_shape(node.part_sum, vblocks, padded);
+    detail::ensure_shape(node.stats, 3, padded);  // max, sum, then the scale of each column
     node.row_loss.assign(static_cast<std::size_t>(n), 0.0);
-    if (any_grad && node.grad_x) detail::ensure_shape(node.dx_unit, n, xv.cols());
+    if (any_grad && node.grad_x) detail::ensure_shape(node.dx_unit, n, features);
     if (any_grad && node.grad_w) {
-        detail::ensure_shape(node.dw_unit, vocab, xv.cols());
+        detail::ensure_shape(node.dw_unit, vocab, features);
         node.dw_unit.setZero();
     }
     if (any_grad && node.grad_b) {
         detail::ensure_shape(node.db_unit, 1, vocab);
         node.db_unit.setZero();
     }
-    // The same arithmetic as cross_entropy's, row by row: s = 1 / M, P = e / sum(e) with
+    // The arithmetic of cross_entropy, token by token: s = 1 / M, P = e / sum(e) with
     // e = exp(z - max z), dZ = s P - s at the target.
     const T s = node.counted > 0 ? T(1) / static_cast<T>(node.counted) : T(0);
+    const T* bias = node.b ? node.b->value->data() : nullptr;
     for (Index r0 = 0; r0 < n; r0 += chunk) {
         const Index rows = std::min(chunk, n - r0);
-        auto z = node.block.topRows(rows);
+        const Index cols = (rows + packet - 1) / packet * packet;
         const auto xc = xv.middleRows(r0, rows);
-        if (node.b) {
-            z.rowwise() = node.b->value->row(0);
-            z.noalias() += xc * wv.transpose();
-        } else {
-            z.noalias() = xc * wv.transpose();
-        }
-        // Rows are independent: splitting them over threads changes no sum.
-        detail::parallel_for(rows, vocab, [&](Index i) {
-            const auto row = static_cast<std::size_t>(r0 + i);
-            const std::int32_t t = node.targets[row];
-            auto zi = z.row(i);
-            if (t < 0) {
-                if (any_grad) zi.setZero();
-                return;
+        node.xt.leftCols(rows) = xc.transpose();
+        if (cols > rows) node.xt.middleCols(rows, cols - rows).setZero();
+        auto zt = node.block.leftCols(cols);
+        linalg::gemm_nn<T>(zt, wv, node.xt.leftCols(cols), T(1), false);
+        auto mx = node.stats.row(0).head(rows);
+        auto sum = node.stats.row(1).head(rows);
+        auto scale = node.stats.row(2).head(rows);
+        // Pass 1: the bias, and each block's maximum of every column.
+        detail::parallel_for(vblocks, detail::kLogitBlockRows * rows, [&](Index blk) {
+            const Index v0 = blk * detail::kLogitBlockRows, v1 = std::min(vocab, v0 + detail::kLogitBlockRows);
+            auto m = node.part_max.row(blk).head(rows);
+            m.setConstant(-std::numeric_limits<T>::infinity());
+            for (Index v = v0; v < v1; ++v) {
+                auto zv = zt.row(v).head(rows);
+                if (bias) zv.array() += bias[v];
+                m = m.cwiseMax(zv);
             }
-            const T m = zi.maxCoeff();
-            const T zt = zi(t);
-            zi.array() = (zi.array() - m).exp();
-            const T sum = zi.sum();
-            // From the log-sum-exp, not log(P): exact when the target's probability underflows.
-            node.row_loss[row] = static_cast<double>(m + std::log(sum) - zt);
-            if (!any_grad) return;
-            zi /= sum;
-            zi *= s;
-            zi(t) -= s;
         });
+        mx = node.part_max.row(0).head(rows);
+        for (Index blk = 1; blk < vblocks; ++blk) mx = mx.cwiseMax(node.part_max.row(blk).head(rows));
+        // The targets' logits, before pass 2 overwrites them.
+        for (Index i = 0; i < rows; ++i) {
+            const std::int32_t t = node.targets[static_cast<std::size_t>(r0 + i)];
+            if (t >= 0) node.row_loss[static_cast<std::size_t>(r0 + i)] = -static_cast<double>(zt(t, i));
+        }
+        // Pass 2: e = exp(z - max) in place, and each block's sum of every column.
+        detail::parallel_for(vblocks, detail::kLogitBlockRows * rows, [&](Index blk) {
+            const Index v0 = blk * detail::kLogitBlockRows, v1 = std::min(vocab, v0 + detail::kLogitBlockRows);
+            auto part = node.part_sum.row(blk).head(rows);
+            part.setZero();
+            for (Index v = v0; v < v1; ++v) {
+                auto zv = zt.row(v).head(rows);
+                zv.array() = (zv.array() - mx.array()).exp();
+                part += zv;
+            }
+        });
+        sum = node.part_sum.row(0).head(rows);
+        for (Index blk = 1; blk < vblocks; ++blk) sum += node.part_sum.row(blk).head(rows);
+        bool ignored = false;
+        for (Index i = 0; i < rows; ++i) {
+            const auto row = static_cast<std::size_t>(r0 + i);
+            if (node.targets[row] < 0) {
+                ignored = true;
+                scale(i) = T(0);
+                continue;
+            }
+            // From the log-sum-exp, not log(P): exact when the target's probability underflows.
+            node.row_loss[row] += static_cast<double>(mx(i) + std::log(sum(i)));
+            scale(i) = s / sum(i);
+        }
         if (!any_grad) continue;
-        if (node.grad_x) node.dx_unit.middleRows(r0, rows).noalias() = z * wv;
-        if (node.grad_w) node.dw_unit.noalias() += z.transpose() * xc;
-        if (node.grad_b) detail::add_column_sums(node.db_unit, z);
+        // Pass 3: dZ = s P, minus s at each target; an ignored token's column is zero.
+        detail::parallel_for(vblocks, detail::kLogitBlockRows * rows, [&](Index blk) {
+            const Index v0 = blk * detail::kLogitBlockRows, v1 = std::min(vocab, v0 + detail::kLogitBlockRows);
+            for (Index v = v0; v < v1; ++v) {
+                auto zv = zt.row(v).head(rows);
+                zv.array() *= scale.array();
+                if (ignored)
+                    for (Index i = 0; i < rows; ++i)
+                        if (node.targets[static_cast<std::size_t>(r0 + i)] < 0) zv(i) = T(0);
+            }
+        });
+        for (Index i = 0; i < rows; ++i) {
+            const std::int32_t t = node.targets[static_cast<std::size_t>(r0 + i)];
+            if (t >= 0) zt(t, i) -= s;
+        }
+        const auto dz = node.block.leftCols(rows);
+        if (node.grad_x) linalg::gemm_tn<T>(node.dx_unit.middleRows(r0, rows), dz, wv, T(1), false);
+        if (node.grad_w) linalg::gemm_nn<T>(node.dw_unit, dz, xc, T(1), true);
+        if (node.grad_b) node.db_unit.row(0).transpose() += dz.rowwise().sum();
     }
     // Summed serially in double, as cross_entropy: the loss does not depend on threads.
     double total = 0.0;
