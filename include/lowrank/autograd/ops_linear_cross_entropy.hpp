@@ -46,19 +46,27 @@ struct LinearCrossEntropyNode final : Node<T> {
     Matrix<T> dx_unit;  // dL/dx for dL = 1 (N x C)
     Matrix<T> dw_unit;  // dL/dW for dL = 1 (V x C)
     Matrix<T> db_unit;  // dL/db for dL = 1 (1 x V)
-    Matrix<T> block;    // one chunk's logits, transposed (V x chunk), then their softmax, then its gradient
-    Matrix<T> xt;       // the chunk's input, transposed (C x chunk)
+    Matrix<T> block;  // one chunk's logits, transposed (V x chunk), then their softmax, then its gradient
+    Matrix<T> xt;     // the chunk's input, transposed (C x chunk)
     Matrix<T> part_max, part_sum;  // per block of the vocabulary and token: the logits' maximum, sum of e
-    Matrix<T> stats;    // per token of the chunk: maximum, sum of e, scale of the gradient
+    Matrix<T> stats;  // per token of the chunk: maximum, sum of e, scale of the gradient
     std::vector<std::int32_t> targets;  // -1 for ignored rows
     std::vector<double> row_loss;       // lse - z_t per row, summed in row order
     Index counted = 0;
     void backward() override {
         if (counted == 0) return;
         const T s = this->dout(0, 0);
-        if (grad_x) x->grad->noalias() += s * dx_unit;
-        if (grad_w) w->grad->noalias() += s * dw_unit;
-        if (grad_b) b->grad->noalias() += s * db_unit;
+        // dW is the size of the vocabulary's embedding: split over threads.
+        const auto add = [s](Matrix<T>& to, const Matrix<T>& unit) {
+            T* out = to.data();
+            const T* in = unit.data();
+            parallel_blocks(unit.size(), Index(1) << 14, [&](Index b, Index e) {
+                for (Index i = b; i < e; ++i) out[i] += s * in[i];
+            });
+        };
+        if (grad_x) add(*x->grad, dx_unit);
+        if (grad_w) add(*w->grad, dw_unit);
+        if (grad_b) add(*b->grad, db_unit);
     }
 };
 
@@ -118,14 +126,9 @@ Var<T> linear_cross_entropy(Graph<T>& g, const Var<T>& x, const Var<T>& w, const
     detail::ensure_shape(node.stats, 3, padded);  // max, sum, then the scale of each column
     node.row_loss.assign(static_cast<std::size_t>(n), 0.0);
     if (any_grad && node.grad_x) detail::ensure_shape(node.dx_unit, n, features);
-    if (any_grad && node.grad_w) {
-        detail::ensure_shape(node.dw_unit, vocab, features);
-        node.dw_unit.setZero();
-    }
-    if (any_grad && node.grad_b) {
-        detail::ensure_shape(node.db_unit, 1, vocab);
-        node.db_unit.setZero();
-    }
+    // The first chunk writes dW's and db's unit gradients, the others add to them.
+    if (any_grad && node.grad_w) detail::ensure_shape(node.dw_unit, vocab, features);
+    if (any_grad && node.grad_b) detail::ensure_shape(node.db_unit, 1, vocab);
     // The arithmetic of cross_entropy, token by token: s = 1 / M, P = e / sum(e) with
     // e = exp(z - max z), dZ = s P - s at the target.
     const T s = node.counted > 0 ? T(1) / static_cast<T>(node.counted) : T(0);
@@ -202,8 +205,13 @@ Var<T> linear_cross_entropy(Graph<T>& g, const Var<T>& x, const Var<T>& w, const
         }
         const auto dz = node.block.leftCols(rows);
         if (node.grad_x) linalg::gemm_tn<T>(node.dx_unit.middleRows(r0, rows), dz, wv, T(1), false);
-        if (node.grad_w) linalg::gemm_nn<T>(node.dw_unit, dz, xc, T(1), true);
-        if (node.grad_b) node.db_unit.row(0).transpose() += dz.rowwise().sum();
+        if (node.grad_w) linalg::gemm_nn<T>(node.dw_unit, dz, xc, T(1), r0 > 0);
+        if (node.grad_b) {
+            if (r0 > 0)
+                node.db_unit.row(0).transpose() += dz.rowwise().sum();
+            else
+                node.db_unit.row(0).transpose() = dz.rowwise().sum();
+        }
     }
     // Summed serially in double, as cross_entropy: the loss does not depend on threads.
     double total = 0.0;

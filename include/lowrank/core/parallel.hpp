@@ -4,6 +4,8 @@
 
 #include <lowrank/core/types.hpp>
 
+#include <algorithm>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -37,6 +39,21 @@ void parallel_for(Index n, Index work_per_item, F&& f) {
     (void)work_per_item;
 #endif
     for (Index i = 0; i < n; ++i) f(i);
+}
+
+/// Calls f(begin, end) for the blocks [k * block, min(n, (k + 1) * block)) of [0, n), in
+/// parallel when n is large enough. The cut depends on n and block only, never on the
+/// thread count, so a per-block partial result combined in block order is deterministic.
+template <class F>
+void parallel_blocks(Index n, Index block, F&& f) {
+    const Index blocks = (n + block - 1) / block;
+    parallel_for(blocks, block, [&](Index k) { f(k * block, std::min(n, (k + 1) * block)); });
+}
+
+/// x[0, n) = value, split over threads when n is large (gradients of a whole model).
+template <class T>
+void parallel_fill(T* x, Index n, T value) {
+    parallel_blocks(n, Index(1) << 14, [&](Index b, Index e) { std::fill(x + b, x + e, value); });
 }
 
 }  // namespace lowrank::detail

@@ -2,6 +2,7 @@
 // A trainable tensor: stable id, dotted name, value, gradient.
 
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/parallel.hpp>
 #include <lowrank/core/types.hpp>
 
 #include <atomic>
@@ -106,7 +107,7 @@ public:
         if (grad.rows() != value.rows() || grad.cols() != value.cols())
             grad.setZero(value.rows(), value.cols());
         else
-            grad.setZero();
+            detail::parallel_fill(grad.data(), grad.size(), T(0));
     }
 
 private:

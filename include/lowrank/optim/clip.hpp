@@ -2,8 +2,10 @@
 // Gradient clipping by the global L2 norm (torch.nn.utils.clip_grad_norm_).
 
 #include <lowrank/core/error.hpp>
+#include <lowrank/core/parallel.hpp>
 #include <lowrank/core/parameter.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 
@@ -12,9 +14,9 @@ namespace lowrank {
 namespace detail {
 
 /// Sum of squares in double with eight fixed partial sums: the same result on every
-/// run and thread count, yet not one long dependency chain (which would be ~4x slower).
+/// run, yet not one long dependency chain (which would be ~4x slower).
 template <class T>
-double sum_of_squares(const T* x, Index n) {
+double sum_of_squares_serial(const T* x, Index n) {
     std::array<double, 8> acc{};
     Index i = 0;
     for (; i + 8 <= n; i += 8)
@@ -27,6 +29,22 @@ double sum_of_squares(const T* x, Index n) {
         acc[0] += v * v;
     }
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/// sum_of_squares_serial over at most 64 blocks of at least 2^16 entries (their size a
+/// function of n alone), in parallel, the partial sums added in block order: the same
+/// result at every thread count, and for n <= 2^16 the serial sum itself.
+template <class T>
+double sum_of_squares(const T* x, Index n) {
+    constexpr Index kMaxBlocks = 64;
+    const Index block = std::max<Index>(Index(1) << 16, (n + kMaxBlocks - 1) / kMaxBlocks);
+    std::array<double, kMaxBlocks> part{};
+    parallel_blocks(n, block, [&](Index b, Index e) {
+        part[static_cast<std::size_t>(b / block)] = sum_of_squares_serial(x + b, e - b);
+    });
+    double sum = 0.0;
+    for (Index k = 0; k * block < n; ++k) sum += part[static_cast<std::size_t>(k)];
+    return sum;
 }
 
 template <class T>
@@ -42,7 +60,12 @@ bool scale_grad_to_norm(const ParameterList<T>& params, double norm, double max_
     if (!(coef < 1.0)) return false;
     const auto c = static_cast<T>(coef);
     for (Parameter<T>* p : params)
-        if (has_gradient(*p)) p->grad *= c;
+        if (has_gradient(*p)) {
+            T* g = p->grad.data();
+            parallel_blocks(p->grad.size(), Index(1) << 14, [&](Index b, Index e) {
+                for (Index i = b; i < e; ++i) g[i] *= c;
+            });
+        }
     return true;
 }
 
