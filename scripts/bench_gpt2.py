@@ -204,8 +204,8 @@ def main():
             header += f" `{p}` loads {loaded_openblas(binaries[p], library_paths.get(p))}."
     peaks = {}
     for t in threads_list:
-        key = "1" if t == 1 else "all"
-        found = [probe[(isa, key)] for isa in ("avx2", "avx512") if (isa, key) in probe]
+        which = "1" if t == 1 else "all"
+        found = [probe[(isa, which)] for isa in ("avx2", "avx512") if (isa, which) in probe]
         peaks[t] = max(found) if found and (t == 1 or t == os.cpu_count()) else None
     if probe:
         cells = ", ".join(f"{'AVX-512' if isa == 'avx512' else 'AVX2' if isa == 'avx2' else 'triad bandwidth'} "
@@ -228,8 +228,15 @@ def main():
                         f"| {mfu} |")
     table = "\n".join(rows)
     print(header + "\n\n" + table)
-    command = "python3 scripts/bench_gpt2.py --write-docs" + (f" --rounds {args.rounds}" if args.rounds != 5 else "") \
-        + (f" --programs {args.programs}" if programs != PROGRAMS else "")
+    shape = [] if (args.config, args.batch, args.context) == ("tiny", 8, 128) else \
+        [f"--config {args.config} --batch {args.batch} --context {args.context}"]
+    steps = [] if (args.warm, args.steps) == (10, 20) else [f"--warm {args.warm} --steps {args.steps}"]
+    command = " ".join(["python3 scripts/bench_gpt2.py --write-docs", *shape, *steps]
+                       + ([f"--rounds {args.rounds}"] if args.rounds != 5 else [])
+                       + ([f"--programs {args.programs}"] if programs != PROGRAMS else []))
+    # One block per machine and shape: the default shape's block is keyed by the machine alone.
+    if shape:
+        key += f"-{args.config}-b{args.batch}-t{args.context}"
     if args.write_docs:
         page = ROOT / "docs" / "performance.md"
         page.write_text(put_keyed_block(page.read_text(), f"bench-gpt2:{key}",
