@@ -50,10 +50,17 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest accepted value on 64-bit, a
 REEXEC_MARK = "LOWRANK_PYTORCH_BENCH_ENV"
 
 
-def prepared_environment(threads: int, name: str) -> dict[str, str]:
-    """'best', or 'malloc-defaults' (the same without the malloc tuning)."""
+def prepared_environment(threads: int, name: str, isa: str = "native") -> dict[str, str]:
+    """'best', or 'malloc-defaults' (the same without the malloc tuning); isa 'avx2' holds
+    OpenBLAS to its Haswell kernels and ATen to its AVX2 ones, to compare with a lowrank
+    build for x86-64-v3 on an AVX-512 machine."""
     env = dict(os.environ)
-    env.pop("OPENBLAS_CORETYPE", None)  # Haswell here would force the AVX2 kernel (about half speed)
+    if isa == "avx2":
+        env["OPENBLAS_CORETYPE"] = "Haswell"
+        env["ATEN_CPU_CAPABILITY"] = "avx2"
+    else:
+        env.pop("OPENBLAS_CORETYPE", None)  # Haswell here would force the AVX2 kernel (about half speed)
+        env.pop("ATEN_CPU_CAPABILITY", None)
     if name == "best":
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
         env["MALLOC_TRIM_THRESHOLD_"] = str(INT_MAX)
@@ -88,6 +95,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "caller's environment unchanged (OPENBLAS_CORETYPE, malloc)")
     p.add_argument("--as-is", action="store_const", const="as-is", dest="environment",
                    help="the same as --environment as-is")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="native (default): the widest kernels the CPU has; avx2: OpenBLAS's Haswell and "
+                        "ATen's AVX2 kernels (OPENBLAS_CORETYPE=Haswell, ATEN_CPU_CAPABILITY=avx2)")
     p.add_argument("--adamw-foreach", choices=["both", "on", "off"], default="both",
                    help="AdamW implementation(s) to time; with 'both' the faster is reported (default)")
     args = p.parse_args(argv)
@@ -170,7 +180,7 @@ def main() -> int:
         # happen before any Python code runs, so the settings need a fresh process.
         python = torch_python()
         os.execve(python, [python, os.path.abspath(__file__), *sys.argv[1:]],
-                  prepared_environment(args.threads, args.environment))
+                  prepared_environment(args.threads, args.environment, args.isa))
 
     try:
         import torch  # after the environment is settled
@@ -332,7 +342,9 @@ def main() -> int:
         "python": platform.python_version(),
         "torch_num_threads": torch.get_num_threads(),
         "environment": args.environment,
+        "isa": args.isa,
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
+        "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", "(unset)"),
         "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "(unset)"),
         "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "(unset)"),
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "(unset)"),

@@ -164,6 +164,10 @@ gbench() {  # gbench <binary> <json> <filter> [env assignments...]
         { cat "$json.log" >&2; exit 1; }
 }
 
+# Beside a build for x86-64-v3 (AVX2 + FMA), PyTorch is held to its AVX2 kernels too.
+pytorch_isa=native
+[[ "$march" == x86-64-v3 ]] && pytorch_isa=avx2
+
 for ((round = 1; round <= rounds; round++)); do
     say "round $round/$rounds: lowrank-bench"
     # The machine probes run whatever the filter: every figure is shown against them.
@@ -175,7 +179,7 @@ for ((round = 1; round <= rounds; round++)); do
     if ((run_pytorch)); then
         say "round $round/$rounds: pytorch_bench.py (PyTorch's best environment)"
         "$python" bench/pytorch_bench.py --threads "$threads" --repetitions 1 --filter "$filter" \
-            --out "$out/pytorch.r$round.json" >"$out/pytorch.r$round.json.log"
+            --isa "$pytorch_isa" --out "$out/pytorch.r$round.json" >"$out/pytorch.r$round.json.log"
         if ((run_asis)); then
             say "round $round/$rounds: pytorch_bench.py --environment malloc-defaults"
             "$python" bench/pytorch_bench.py --environment malloc-defaults --threads "$threads" --repetitions 1 \

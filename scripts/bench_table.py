@@ -182,14 +182,17 @@ def throughput(r: Result | None) -> str:
 class Peaks:
     """The FMA peaks of the run (GFLOP/s, median over rounds) and which one each side is held to."""
 
-    def __init__(self, machine: dict[str, Result], lr_ctx: list[dict]) -> None:
+    def __init__(self, machine: dict[str, Result], lr_ctx: list[dict], pt_ctx: list[dict] | None = None) -> None:
         first = lr_ctx[0] if lr_ctx else {}
         self.threads = "1" if str(first.get("lowrank_threads", "1")) == "1" else "all"
         self.rates = {name: r.rate("GFLOPs") for name, r in machine.items() if r.rate("GFLOPs") is not None}
         simd = str(first.get("simd_isa", first.get("eigen_simd", "")))
         self.isa = "avx512" if "avx512" in simd.lower() else "avx2"
         self.lowrank = self.rates.get(f"BM_Peak_FMA_{self.isa}/threads:{self.threads}")
-        widest = [self.rates.get(f"BM_Peak_FMA_{isa}/threads:{self.threads}") for isa in ("avx2", "avx512")]
+        # PyTorch is held to its widest kernels, or to AVX2 beside a build for x86-64-v3.
+        self.pt_avx2 = bool(pt_ctx) and pt_ctx[0].get("isa") == "avx2"
+        pt_isas = ("avx2",) if self.pt_avx2 else ("avx2", "avx512")
+        widest = [self.rates.get(f"BM_Peak_FMA_{isa}/threads:{self.threads}") for isa in pt_isas]
         self.widest = max((x for x in widest if x is not None), default=None)
 
     @staticmethod
@@ -490,7 +493,9 @@ def machine_body(machine: dict[str, Result], lr_ctx: list[dict], lr: dict[str, R
         f"{cores or '?'} vCPUs at {first.get('mhz_per_cpu', '?')} MHz; build for {first.get('simd_isa', '?')} "
         f"(Eigen: {first.get('eigen_simd', '?')}); run {first.get('date', '?')}, {len(lr_ctx)} interleaved round(s), "
         f"1-minute load average {load_text} (2 vCPUs shared: above ~1 the figures are low and noisy); "
-        f"command `{command}`.",
+        f"command `{command}`."
+        + (" PyTorch is held to its AVX2 kernels in this run (`bench/pytorch_bench.py --isa avx2`: "
+           "OPENBLAS_CORETYPE=Haswell, ATEN_CPU_CAPABILITY=avx2)." if peaks.pt_avx2 else ""),
         "",
         f"CPU SIMD flags: `{info.get('simd', '?')}`.",
         "",
@@ -513,7 +518,8 @@ def machine_body(machine: dict[str, Result], lr_ctx: list[dict], lr: dict[str, R
         lines += ["", f"GEMM-bound figures of the same run against the peak lowrank's build uses "
                       f"({peaks.lowrank:.1f} GFLOP/s, {'AVX-512' if peaks.isa == 'avx512' else 'AVX2'}, "
                       f"{peaks.threads} thread(s)); target ≥ {PEAK_TARGET:.0%}:", "",
-                  "| benchmark | lowrank GFLOP/s | of peak | PyTorch GFLOP/s | of peak (its widest) |",
+                  "| benchmark | lowrank GFLOP/s | of peak | PyTorch GFLOP/s | of peak (its "
+                  f"{'AVX2' if peaks.pt_avx2 else 'widest'}) |",
                   "|---|---:|---:|---:|---:|"]
         for name, r in bound:
             g = r.rate("GFLOPs")
@@ -574,8 +580,8 @@ def main() -> int:
     lr_ctx, lr_all = load(args.lowrank)
     machine = {k: v for k, v in lr_all.items() if MACHINE.match(k)}
     lr_all = {k: v for k, v in lr_all.items() if not MACHINE.match(k)}
-    peaks = Peaks(machine, lr_ctx)
     pt_ctx, pt_all = load(args.pytorch)
+    peaks = Peaks(machine, lr_ctx, pt_ctx)
     lr, lr_low = split_low_rank(lr_all)
     pt, pt_low = split_low_rank(pt_all)
     lb_all = load(args.openblas)[1] if args.openblas else {}
