@@ -11,7 +11,8 @@
 #                     the shared build/release preset tree
 #   --march ISA       build lowrank's targets with -march=ISA (LOWRANK_MARCH) instead of native,
 #                     in a private tree (build/bench-ISA unless --build-dir): x86-64-v3 measures the
-#                     AVX2 + FMA code paths on an AVX-512 machine. --write-docs then writes only
+#                     AVX2 + FMA code paths on an AVX-512 machine (and PyTorch's AVX2 kernels:
+#                     pytorch_bench.py --isa avx2). --write-docs then writes only
 #                     that ISA's machine block; the docs' tables stay those of the native build
 #   --gxx             build by hand with g++ instead of CMake (see the command below)
 #   --no-build        use the binaries already built
