@@ -2,6 +2,7 @@
 #include <lowrank/optim/clip.hpp>  // first: the header compiles on its own
 
 #include <lowrank/core/rng.hpp>
+#include <lowrank/core/threads.hpp>
 
 #include "optim_test_support.hpp"
 
@@ -34,6 +35,28 @@ TEST_CASE("the global norm covers every trainable gradient as one vector", "[opt
         expected += static_cast<double>(big.grad.data()[k]) * big.grad.data()[k];
     }
     CHECK(grad_global_norm(ParameterList<float>{&big}) == Approx(std::sqrt(expected)).epsilon(1e-14));
+}
+
+TEST_CASE("the global norm of a gradient in many blocks has the same bits at 1 and 2 threads", "[optim][clip]") {
+    // 5 * 2^16 + 123 entries: six blocks of the parallel sum (the last one short), each a
+    // serial sum, added in block order whatever the thread count.
+    Rng rng(11);
+    Parameter<float> big("big", MatrixF::Zero(1, 5 * 65536 + 123));
+    big.grad.resize(1, big.value.cols());
+    double expected = 0.0;
+    for (Index k = 0; k < big.grad.size(); ++k) {
+        big.grad.data()[k] = static_cast<float>(rng.normal());
+        expected += static_cast<double>(big.grad.data()[k]) * big.grad.data()[k];
+    }
+    const ParameterList<float> params{&big};
+    const int saved = num_threads();
+    set_num_threads(1);
+    const double one = grad_global_norm(params);
+    set_num_threads(2);
+    const double two = grad_global_norm(params);
+    set_num_threads(saved);
+    CHECK(one == two);
+    CHECK(one == Approx(std::sqrt(expected)).epsilon(1e-13));
 }
 
 TEST_CASE("clipping scales the gradients to the target norm", "[optim][clip]") {

@@ -60,7 +60,7 @@ struct LinearCrossEntropyNode final : Node<T> {
         const auto add = [s](Matrix<T>& to, const Matrix<T>& unit) {
             T* out = to.data();
             const T* in = unit.data();
-            parallel_blocks(unit.size(), Index(1) << 14, [&](Index b, Index e) {
+            for_each_block(unit.size(), [&](Index b, Index e) {
                 for (Index i = b; i < e; ++i) out[i] += s * in[i];
             });
         };
@@ -175,11 +175,9 @@ Var<T> linear_cross_entropy(Graph<T>& g, const Var<T>& x, const Var<T>& w, const
         });
         sum = node.part_sum.row(0).head(rows);
         for (Index blk = 1; blk < vblocks; ++blk) sum += node.part_sum.row(blk).head(rows);
-        bool ignored = false;
         for (Index i = 0; i < rows; ++i) {
             const auto row = static_cast<std::size_t>(r0 + i);
             if (node.targets[row] < 0) {
-                ignored = true;
                 scale(i) = T(0);
                 continue;
             }
@@ -188,20 +186,18 @@ Var<T> linear_cross_entropy(Graph<T>& g, const Var<T>& x, const Var<T>& w, const
             scale(i) = s / sum(i);
         }
         if (!any_grad) continue;
-        // Pass 3: dZ = s P, minus s at each target; an ignored token's column is zero.
+        // Pass 3: dZ = s P, minus s at each target. An ignored token's column is set to zero
+        // outright: its scale of 0 would leave a NaN of overflowed logits in place.
         detail::parallel_for(vblocks, detail::kLogitBlockRows * rows, [&](Index blk) {
             const Index v0 = blk * detail::kLogitBlockRows, v1 = std::min(vocab, v0 + detail::kLogitBlockRows);
-            for (Index v = v0; v < v1; ++v) {
-                auto zv = zt.row(v).head(rows);
-                zv.array() *= scale.array();
-                if (ignored)
-                    for (Index i = 0; i < rows; ++i)
-                        if (node.targets[static_cast<std::size_t>(r0 + i)] < 0) zv(i) = T(0);
-            }
+            for (Index v = v0; v < v1; ++v) zt.row(v).head(rows).array() *= scale.array();
         });
         for (Index i = 0; i < rows; ++i) {
             const std::int32_t t = node.targets[static_cast<std::size_t>(r0 + i)];
-            if (t >= 0) zt(t, i) -= s;
+            if (t >= 0)
+                zt(t, i) -= s;
+            else
+                zt.col(i).setZero();
         }
         const auto dz = node.block.leftCols(rows);
         if (node.grad_x) linalg::gemm_tn<T>(node.dx_unit.middleRows(r0, rows), dz, wv, T(1), false);

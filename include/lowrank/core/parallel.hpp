@@ -5,6 +5,7 @@
 #include <lowrank/core/types.hpp>
 
 #include <algorithm>
+#include <utility>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -50,10 +51,17 @@ void parallel_blocks(Index n, Index block, F&& f) {
     parallel_for(blocks, block, [&](Index k) { f(k * block, std::min(n, (k + 1) * block)); });
 }
 
+/// parallel_blocks in blocks of 2^14 entries: for element-wise passes over a flat buffer
+/// (optimizer updates, gradient scaling), where how the range is split changes no result.
+template <class F>
+void for_each_block(Index n, F&& f) {
+    parallel_blocks(n, Index{1} << 14, std::forward<F>(f));
+}
+
 /// x[0, n) = value, split over threads when n is large (gradients of a whole model).
 template <class T>
 void parallel_fill(T* x, Index n, T value) {
-    parallel_blocks(n, Index(1) << 14, [&](Index b, Index e) { std::fill(x + b, x + e, value); });
+    for_each_block(n, [&](Index b, Index e) { std::fill(x + b, x + e, value); });
 }
 
 }  // namespace lowrank::detail

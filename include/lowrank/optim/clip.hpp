@@ -62,7 +62,7 @@ bool scale_grad_to_norm(const ParameterList<T>& params, double norm, double max_
     for (Parameter<T>* p : params)
         if (has_gradient(*p)) {
             T* g = p->grad.data();
-            parallel_blocks(p->grad.size(), Index(1) << 14, [&](Index b, Index e) {
+            for_each_block(p->grad.size(), [&](Index b, Index e) {
                 for (Index i = b; i < e; ++i) g[i] *= c;
             });
         }

@@ -25,19 +25,6 @@
 
 namespace lowrank {
 
-namespace detail {
-
-/// Calls f(begin, end) over [0, n) in blocks, in parallel when n is large. Optimizer
-/// updates are element-wise, so how the range is split changes no result.
-template <class F>
-void for_each_block(Index n, F&& f) {
-    constexpr Index block = Index{1} << 14;
-    const Index blocks = (n + block - 1) / block;
-    parallel_for(blocks, block, [&](Index b) { f(b * block, std::min(n, (b + 1) * block)); });
-}
-
-}  // namespace detail
-
 /// Options of one parameter group, as in PyTorch's `param_groups`. The optimizer's own
 /// options struct holds everything else (momentum, betas, eps), shared by all groups.
 struct GroupOptions {
