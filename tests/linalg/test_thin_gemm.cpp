@@ -126,9 +126,10 @@ Matrix<T> naive_product(const Matrix<T>& a, const Matrix<T>& b) {
 }
 
 TEST_CASE("every register tile and packed panel shape equals a naive product in double", "[linalg]") {
-    // Rows 1-13 (every tile height the balanced split makes, one tile or two) and two from
-    // kPackTransposedRows on, columns over every count of whole packets in a panel group and
-    // the single packets after it, up to past the widest panel, and depths across a k-block:
+    // Rows 1-13 (every tile height the balanced split makes, one tile or two), two from
+    // kPackTransposedRows on and one past a group of gathered tiles, columns over every count
+    // of whole packets in a panel group and the packets left after it, up to past the widest
+    // panel, and depths across a k-block (and, for narrow C, across A B's longest one):
     // against a triple loop, not Eigen, so that an error shared with Eigen's product cannot hide.
     using T = double;
     constexpr Index w = linalg::detail::kPacket<T>, group = linalg::detail::kTilePackets * w;
@@ -143,11 +144,14 @@ TEST_CASE("every register tile and packed panel shape equals a naive product in 
     for (Index m = 1; m <= 13; ++m) heights.push_back(m);
     heights.push_back(linalg::detail::kPackTransposedRows);
     heights.push_back(linalg::detail::kPackTransposedRows + 7);
+    heights.push_back(linalg::detail::kGatherTiles * linalg::detail::kTileRows + 7);
     std::uint64_t seed = 500;
     for (const Index m : heights)
         for (const Index n : cols)
-            for (const Index k : {Index(1), Index(7), Index(64), linalg::detail::kKBlock + 3}) {
+            for (const Index k : {Index(1), Index(7), Index(64), linalg::detail::kKBlock + 3,
+                                  linalg::detail::kLongKBlock + 3}) {
                 if (n > widest && m > 3) continue;  // the widest panels once per small height
+                if (k > linalg::detail::kKBlock + 3 && (n > group + w || m > 13)) continue;  // long passes: narrow C
                 INFO("m " << m << ", k " << k << ", n " << n);
                 const Matrix<T> a = gaussian(m, k, ++seed), at = a.transpose(), b = gaussian(k, n, ++seed);
                 const Matrix<T> c0 = gaussian(m, n, ++seed), want = naive_product<T>(a, b);

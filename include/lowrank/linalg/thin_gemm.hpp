@@ -51,9 +51,14 @@ namespace detail {
 // packed block of B holds at most kPanelElements (256 KiB of floats: in L2): a short inner
 // dimension (r in (x V) U^T) gets panels as wide as C, so that each pass over C, and the
 // copy of B, runs along whole rows (contiguous; 256-column pieces of 1024-wide rows, 4 KiB
-// apart, defeat the hardware prefetcher). The k-block is fixed: it decides how each sum is
-// split, which must depend on nothing but the operands.
+// apart, defeat the hardware prefetcher). A B with a narrow C (x V) takes longer blocks, up
+// to kLongKBlock steps, as many as a block of B of all of C's columns holds: each row of A
+// (x, read from memory) is then one stream of up to 4 KiB instead of four of 1 KiB, and C
+// is read back fewer times (x V at r 64: 1.17x the speed of 256-step blocks on an AVX-512
+// Xeon, docs/performance.md, "Thin products"). The k-block decides how each sum is split, so
+// it depends on nothing but the shapes of the operands (never on the thread count).
 inline constexpr Index kKBlock = 256;            // steps of the inner dimension per pass
+inline constexpr Index kLongKBlock = 1024;       // the longest pass of A B
 inline constexpr Index kPanelElements = 65536;   // entries of one packed block of B
 
 // Tile sizes that keep the accumulators, the packets of one row of B and a broadcast in the
@@ -71,6 +76,10 @@ inline constexpr int kDotCols = kWideRegisterFile ? 8 : 4;   // columns per dot-
 // Rows of C from which A^T B packs its B where the register file has 16 registers (see
 // tiled_block): 4 row tiles, r >= 24.
 inline constexpr Index kPackTransposedRows = 4 * kTileRows;
+
+// Row tiles of A^T B whose entries of A are gathered together, one k-block at a time (see
+// tiled_block): 96 columns of A, 384 bytes of each of its rows.
+inline constexpr Index kGatherTiles = 16;
 
 /// Throws the error of a product whose operand shapes do not chain; formatted only then,
 /// so that a product that is called per tile of tokens builds no strings.
@@ -98,14 +107,23 @@ void tile(const T* a, Index a_row, Index a_k, const T* b, Index ldb, T* c, Index
     Packet acc[R][NP];
     for (int i = 0; i < R; ++i)
         for (int j = 0; j < NP; ++j) acc[i][j] = pset1<Packet>(T(0));
-    for (Index k = 0; k < depth; ++k) {
+    const auto step = [&](Index k) {
         Packet row[NP];
         for (int j = 0; j < NP; ++j) row[j] = ploadu<Packet>(b + k * ldb + j * W);
         for (int i = 0; i < R; ++i) {
             const Packet ai = pset1<Packet>(a[i * a_row + k * a_k]);
             for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(ai, row[j], acc[i][j]);
         }
+    };
+    // Two steps per iteration: with one, the loop's own instructions kept the 6 x 4 tile at
+    // 82% of the FMA peak on an AVX-512 Xeon with A and B in L1, against 94% with two. The
+    // sums run over k in the same order either way.
+    Index k = 0;
+    for (; k + 2 <= depth; k += 2) {
+        step(k);
+        step(k + 1);
     }
+    if (k < depth) step(k);
     const Packet scale = pset1<Packet>(alpha);
     for (int i = 0; i < R; ++i)
         for (int j = 0; j < NP; ++j) {
@@ -117,7 +135,9 @@ void tile(const T* a, Index a_row, Index a_k, const T* b, Index ldb, T* c, Index
 
 /// One block of R rows of C over the columns [0, cols) that fill whole packets, B packed
 /// by pack_panel: the group of columns at j, w wide, is depth x w contiguous at bp + depth * j.
-/// With ldb > 0, B is read in place instead (row-major, leading dimension ldb).
+/// With ldb > 0, B is read in place instead (row-major, leading dimension ldb). Groups of
+/// kTilePackets packets, then the packets left in one tile (r 32 with AVX-512: 12
+/// accumulators, not two tiles of 6, too few to hide the FMA latency).
 template <class T, int R>
 void tile_row(const T* a, Index a_row, Index a_k, const T* bp, Index ldb, T* c, Index ldc, Index depth,
               Index cols, T alpha, bool add) {
@@ -127,7 +147,12 @@ void tile_row(const T* a, Index a_row, Index a_k, const T* bp, Index ldb, T* c, 
     for (; j + kTilePackets * W <= cols; j += kTilePackets * W)
         tile<T, R, kTilePackets>(a, a_row, a_k, at(j), ldb > 0 ? ldb : kTilePackets * W, c + j, ldc, depth, alpha,
                                  add);
-    for (; j + W <= cols; j += W) tile<T, R, 1>(a, a_row, a_k, at(j), ldb > 0 ? ldb : W, c + j, ldc, depth, alpha, add);
+    const Index rest = (cols - j) / W;  // fewer than kTilePackets
+    if constexpr (kTilePackets > 3)
+        if (rest == 3) return tile<T, R, 3>(a, a_row, a_k, at(j), ldb > 0 ? ldb : 3 * W, c + j, ldc, depth, alpha, add);
+    if constexpr (kTilePackets > 2)
+        if (rest == 2) return tile<T, R, 2>(a, a_row, a_k, at(j), ldb > 0 ? ldb : 2 * W, c + j, ldc, depth, alpha, add);
+    if (rest == 1) tile<T, R, 1>(a, a_row, a_k, at(j), ldb > 0 ? ldb : W, c + j, ldc, depth, alpha, add);
 }
 
 /// Copies the depth x cols block of B (row-major, leading dimension ldb; cols whole packets)
@@ -140,14 +165,13 @@ void tile_row(const T* a, Index a_row, Index a_k, const T* bp, Index ldb, T* c, 
 /// a row apart, streams through the hardware prefetcher instead of one line per row.
 template <class T>
 void pack_panel(const T* b, Index ldb, Index depth, Index cols, T* bp) {
-    constexpr int W = kPacket<T>;
-    constexpr Index wide = kTilePackets * W;
-    const Index wide_cols = cols / wide * wide;  // then groups of one packet, as tile_row walks them
+    constexpr Index wide = kTilePackets * kPacket<T>;
+    const Index wide_cols = cols / wide * wide;  // then one group of the packets left, as tile_row
+    const Index rest = cols - wide_cols;
     for (Index k = 0; k < depth; ++k) {
         const T* row = b + k * ldb;
-        Index j = 0;
-        for (; j < wide_cols; j += wide) std::copy(row + j, row + j + wide, bp + depth * j + k * wide);
-        for (; j + W <= cols; j += W) std::copy(row + j, row + j + W, bp + depth * j + k * W);
+        for (Index j = 0; j < wide_cols; j += wide) std::copy(row + j, row + j + wide, bp + depth * j + k * wide);
+        if (rest > 0) std::copy(row + wide_cols, row + cols, bp + depth * wide_cols + k * rest);
     }
 }
 
@@ -164,31 +188,54 @@ void tile_rows(Index rows, const T* a, Index a_row, Index a_k, const T* bp, Inde
     }
 }
 
-/// The calling thread's buffer for one packed block of B (kPanelElements), allocated at its
+/// The calling thread's buffer of `size` entries, one per use (`Use`), allocated at its
 /// first product and kept: a training step allocates nothing here.
+template <class T, int Use, Index Size>
+T* thread_buffer() {
+    thread_local std::unique_ptr<T[]> buffer;
+    if (!buffer) buffer = std::make_unique<T[]>(static_cast<std::size_t>(Size));
+    return buffer.get();
+}
+
+/// One packed block of B (kPanelElements).
 template <class T>
 T* panel_buffer() {
-    thread_local std::unique_ptr<T[]> buffer;
-    if (!buffer) buffer = std::make_unique<T[]>(static_cast<std::size_t>(kPanelElements));
-    return buffer.get();
+    return thread_buffer<T, 0, kPanelElements>();
+}
+
+/// The gathered entries of A for kGatherTiles row tiles of A^T B over one k-block.
+template <class T>
+T* gather_buffer() {
+    return thread_buffer<T, 1, kKBlock * kGatherTiles * kTileRows>();
+}
+
+/// The steps of the inner dimension per pass of tiled_block, from the product's shape alone
+/// (not a thread's slab of it): kKBlock, or for A B as many more, up to kLongKBlock, as a
+/// block of B of all vec_cols columns holds in kPanelElements.
+template <class T>
+Index k_block(bool transposed, Index vec_cols) {
+    if (transposed) return kKBlock;
+    constexpr Index group = kTilePackets * kPacket<T>;
+    const Index width = (vec_cols + group - 1) / group * group;
+    return std::clamp<Index>(kPanelElements / std::max<Index>(width, 1) / kKBlock * kKBlock, kKBlock, kLongKBlock);
 }
 
 /// C[:, :vec_cols] (+)= alpha * op(A) B where op(A)(i, k) = a[i * a_row + k * a_k], on one
 /// thread: the register-tiled part of both products. The inner dimension goes in blocks of
-/// kKBlock steps and the columns in panels of at most kPanelElements / kKBlock-or-fewer
+/// kb steps (k_block) and the columns in panels of at most kPanelElements / kb-or-fewer
 /// steps (whole tile groups), so that the packed block of B stays in L2 while every row
 /// block of C passes over it.
 template <class T>
 void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index a_row, Index a_k, const T* b,
-                 Index ldb, Index depth, T alpha, bool accumulate) {
+                 Index ldb, Index depth, Index kb, T alpha, bool accumulate) {
     if (depth == 0) {
         if (!accumulate)
             for (Index i = 0; i < rows; ++i) std::fill(c + i * ldc, c + i * ldc + vec_cols, T(0));
         return;
     }
     constexpr Index group = kTilePackets * kPacket<T>;
-    for (Index k0 = 0; k0 < depth; k0 += kKBlock) {
-        const Index kd = std::min(kKBlock, depth - k0);
+    for (Index k0 = 0; k0 < depth; k0 += kb) {
+        const Index kd = std::min(kb, depth - k0);
         const bool add = accumulate || k0 > 0;
         const Index panel = std::max<Index>(group, kPanelElements / kd / group * group);
         for (Index j0 = 0; j0 < vec_cols; j0 += panel) {
@@ -211,20 +258,36 @@ void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index 
             // Rows in tiles of equal height (6 and 5, say, not 6 and 1): a tile of one or two
             // rows has too few accumulators to keep the FMA units busy.
             const Index tiles = (rows + kTileRows - 1) / kTileRows;
-            for (Index t = 0; t < tiles; ++t) {
-                const Index i = rows * t / tiles, h = rows * (t + 1) / tiles - i;
-                const T* at = a + i * a_row + k0 * a_k;
-                if (a_k == 1) {  // A B: the tile's rows of A are contiguous already
-                    tile_rows<T>(h, at, a_row, 1, bp, bld, c + i * ldc + j0, ldc, kd, nd, alpha, add);
-                    continue;
+            if (a_k == 1) {  // A B: the tile's rows of A are contiguous already
+                for (Index t = 0; t < tiles; ++t) {
+                    const Index i = rows * t / tiles, h = rows * (t + 1) / tiles - i;
+                    tile_rows<T>(h, a + i * a_row + k0, a_row, 1, bp, bld, c + i * ldc + j0, ldc, kd, nd, alpha,
+                                 add);
                 }
-                // A^T B: the tile's entries of op(A) are a few of each row of A, a row apart,
-                // and would be fetched from L2 again for every group of columns; copied
-                // into one stream (ap[k * h + row]) they stay in L1.
-                alignas(64) T ap[kKBlock * kTileRows];
-                for (Index k = 0; k < kd; ++k)
-                    for (Index row = 0; row < h; ++row) ap[k * h + row] = at[row * a_row + k * a_k];
-                tile_rows<T>(h, ap, 1, h, bp, bld, c + i * ldc + j0, ldc, kd, nd, alpha, add);
+                continue;
+            }
+            // A^T B: a tile's entries of op(A) are a few of each row of A (dy or x), rows
+            // 4 KiB apart, all in one set of L1 and fetched again from L2 at every step.
+            // Those of kGatherTiles tiles are copied together, kd rows of w entries
+            // (ga[k * w + i]), each row of A read once and in one piece; the tiles then read
+            // a stream of rows w apart (A^T B at r 64: 1.25x the speed of copying one
+            // tile's entries at a time, docs/performance.md, "Thin products").
+            T* ga = gather_buffer<T>();
+            for (Index t0 = 0; t0 < tiles; t0 += kGatherTiles) {
+                const Index t1 = std::min(tiles, t0 + kGatherTiles);
+                const Index i0 = rows * t0 / tiles, w = rows * t1 / tiles - i0;
+                for (Index k = 0; k < kd; ++k) {
+                    const T* src = a + i0 * a_row + (k0 + k) * a_k;
+                    T* dst = ga + k * w;
+                    if (a_row == 1)
+                        std::copy(src, src + w, dst);
+                    else
+                        for (Index i = 0; i < w; ++i) dst[i] = src[i * a_row];
+                }
+                for (Index t = t0; t < t1; ++t) {
+                    const Index i = rows * t / tiles, h = rows * (t + 1) / tiles - i;
+                    tile_rows<T>(h, ga + (i - i0), 1, w, bp, bld, c + i * ldc + j0, ldc, kd, nd, alpha, add);
+                }
             }
         }
     }
@@ -236,6 +299,7 @@ void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index 
 template <class T>
 void tiled_product(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index a_row, Index a_k,
                    const T* b, Index ldb, Index depth, T alpha, bool accumulate) {
+    const Index kb = k_block<T>(a_k != 1, vec_cols);
     const bool by_rows = rows >= vec_cols;
     const Index unit = by_rows ? kTileRows : kPacket<T>;
     const Index units = ((by_rows ? rows : vec_cols) + unit - 1) / unit;
@@ -246,12 +310,12 @@ void tiled_product(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Inde
         if (by_rows) {
             const Index r = std::min(last, rows) - first;
             if (r > 0)
-                tiled_block<T>(c + first * ldc, ldc, r, vec_cols, a + first * a_row, a_row, a_k, b, ldb, depth,
+                tiled_block<T>(c + first * ldc, ldc, r, vec_cols, a + first * a_row, a_row, a_k, b, ldb, depth, kb,
                                alpha, accumulate);
         } else {
             const Index n = std::min(last, vec_cols) - first;
             if (n > 0)
-                tiled_block<T>(c + first, ldc, rows, n, a, a_row, a_k, b + first, ldb, depth, alpha, accumulate);
+                tiled_block<T>(c + first, ldc, rows, n, a, a_row, a_k, b + first, ldb, depth, kb, alpha, accumulate);
         }
     });
 }
