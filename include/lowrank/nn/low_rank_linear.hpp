@@ -48,7 +48,7 @@ inline Index& low_rank_one_pass_max_rank() {
 /// The fused node. Forward keeps xv = x V (N x r) for backward so that every product
 /// costs O(N r (m + n)); the dense m x n weight is never formed. Every product with a
 /// factor goes through the kernels of linalg/thin_gemm.hpp (gemm_narrow for the N x r
-/// results, gemm_nn for the N x m and N x n ones, gemm_tn for dU^T and dV^T), which read the
+/// results, gemm_nn for the N x m and N x n ones, gemm_tn for dU and dV), which read the
 /// activations in place instead of packing them; the factors are transposed once per step,
 /// in forward, into ut, vt (r x m, r x n) so that each product reads rows.
 ///
@@ -71,7 +71,8 @@ struct LowRankLinearNode final : Node<T> {
     Matrix<T> xv;   // x V
     Matrix<T> dxv;  // s dy U, the gradient reaching x V
     Matrix<T> ut, vt;  // the active U^T (r x m) and V^T (r x n), transposed in forward
-    Matrix<T> dut, dvt;  // dU^T, dV^T before they are added to the gradients (whole-matrix path)
+    Matrix<T> dut, dvt;  // dU^T, dV^T before they are added to the gradients (whole-matrix path,
+                         // r not a whole number of packets)
     std::vector<Matrix<T>> du_part, dv_part, db_part;  // per-thread partial sums (one-pass path),
                                                        // dU^T and dV^T
 
@@ -99,15 +100,30 @@ struct LowRankLinearNode final : Node<T> {
             ensure_shape(dxv, dy.rows(), k);
             linalg::gemm_narrow<T>(dxv, dy, u->value->leftCols(k), ut, scale, false);
         }
+        // dU = s dy^T (x V) and dV = x^T dxv go straight into the gradients (m x r, n x r)
+        // where r fills whole SIMD packets: with m or n rows of C and the activation as A,
+        // the kernel gathers the activation's rows once per 16 row tiles. With r x m rows of
+        // C (dU^T) it reads dy in place, rows 4 KiB apart, and ran 0.95 / 0.87 / 0.85x as
+        // fast at r 64 / 128 / 256 on an AVX-512 Xeon (docs/performance.md, "Thin
+        // products"). Any other r takes dU^T and dV^T, whose columns (m, n) fill packets.
+        const bool direct = k % linalg::detail::kPacket<T> == 0;
         if (u->requires_grad) {
-            ensure_shape(dut, k, dy.cols());
-            linalg::gemm_tn<T>(dut, xv, dy, scale, false);
-            u->grad->leftCols(k) += dut.transpose();
+            if (direct) {
+                linalg::gemm_tn<T>(u->grad->leftCols(k), dy, xv, scale, true);
+            } else {
+                ensure_shape(dut, k, dy.cols());
+                linalg::gemm_tn<T>(dut, xv, dy, scale, false);
+                u->grad->leftCols(k) += dut.transpose();
+            }
         }
         if (v->requires_grad) {
-            ensure_shape(dvt, k, x->value->cols());
-            linalg::gemm_tn<T>(dvt, dxv, *x->value, T(1), false);
-            v->grad->leftCols(k) += dvt.transpose();
+            if (direct) {
+                linalg::gemm_tn<T>(v->grad->leftCols(k), *x->value, dxv, T(1), true);
+            } else {
+                ensure_shape(dvt, k, x->value->cols());
+                linalg::gemm_tn<T>(dvt, dxv, *x->value, T(1), false);
+                v->grad->leftCols(k) += dvt.transpose();
+            }
         }
         if (x->requires_grad) {
             linalg::gemm_nn<T>(*x->grad, dxv, vt, T(1), true);
