@@ -107,23 +107,42 @@ void tile(const T* a, Index a_row, Index a_k, const T* b, Index ldb, T* c, Index
     Packet acc[R][NP];
     for (int i = 0; i < R; ++i)
         for (int j = 0; j < NP; ++j) acc[i][j] = pset1<Packet>(T(0));
-    const auto step = [&](Index k) {
-        Packet row[NP];
-        for (int j = 0; j < NP; ++j) row[j] = ploadu<Packet>(b + k * ldb + j * W);
-        for (int i = 0; i < R; ++i) {
-            const Packet ai = pset1<Packet>(a[i * a_row + k * a_k]);
-            for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(ai, row[j], acc[i][j]);
+    // Four steps of k per iteration (the compiler unrolls): with one, the loop's own
+    // instructions held the 6 x 4 tile at 82% of the FMA peak on an AVX-512 Xeon with A and
+    // B in L1, and in the products four steps ran up to 1.15x as fast as two with AVX-512
+    // and with AVX2 (docs/performance.md, "Thin products"). The sums run over k in order
+    // either way. Two loops, A B (a_k = 1) and A^T B: as one loop the compiler made a slower
+    // A^T B of it with AVX2; and no lambda per step, which a large translation unit left
+    // out of line with its accumulators in memory.
+    if (a_k == 1) {
+#if defined(__clang__)
+#pragma unroll 4
+#elif defined(__GNUC__)
+#pragma GCC unroll 4
+#endif
+        for (Index k = 0; k < depth; ++k) {
+            Packet row[NP];
+            for (int j = 0; j < NP; ++j) row[j] = ploadu<Packet>(b + k * ldb + j * W);
+            for (int i = 0; i < R; ++i) {
+                const Packet ai = pset1<Packet>(a[i * a_row + k]);
+                for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(ai, row[j], acc[i][j]);
+            }
         }
-    };
-    // Two steps per iteration: with one, the loop's own instructions kept the 6 x 4 tile at
-    // 82% of the FMA peak on an AVX-512 Xeon with A and B in L1, against 94% with two. The
-    // sums run over k in the same order either way.
-    Index k = 0;
-    for (; k + 2 <= depth; k += 2) {
-        step(k);
-        step(k + 1);
+    } else {
+#if defined(__clang__)
+#pragma unroll 4
+#elif defined(__GNUC__)
+#pragma GCC unroll 4
+#endif
+        for (Index k = 0; k < depth; ++k) {
+            Packet row[NP];
+            for (int j = 0; j < NP; ++j) row[j] = ploadu<Packet>(b + k * ldb + j * W);
+            for (int i = 0; i < R; ++i) {
+                const Packet ai = pset1<Packet>(a[i * a_row + k * a_k]);
+                for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(ai, row[j], acc[i][j]);
+            }
+        }
     }
-    if (k < depth) step(k);
     const Packet scale = pset1<Packet>(alpha);
     for (int i = 0; i < R; ++i)
         for (int j = 0; j < NP; ++j) {
@@ -271,7 +290,10 @@ void tiled_block(T* c, Index ldc, Index rows, Index vec_cols, const T* a, Index 
             // Those of kGatherTiles tiles are copied together, kd rows of w entries
             // (ga[k * w + i]), each row of A read once and in one piece; the tiles then read
             // a stream of rows w apart (A^T B at r 64: 1.25x the speed of copying one
-            // tile's entries at a time, docs/performance.md, "Thin products").
+            // tile's entries at a time on an AVX-512 Xeon, 1.2x with AVX2 there when C has
+            // d rows; 0.9x with AVX2 when it has r rows and d columns, docs/performance.md,
+            // "Thin products"). An odd number of cache lines between the rows, to spread
+            // them over more sets of L1, was slower (0.7x with AVX2).
             T* ga = gather_buffer<T>();
             for (Index t0 = 0; t0 < tiles; t0 += kGatherTiles) {
                 const Index t1 = std::min(tiles, t0 + kGatherTiles);
