@@ -6,8 +6,10 @@
 //                                                            (gemm_narrow)
 //   BM_ThinProduct_xVUt_<eigen|kernel>/...                   (x V) U^T  (N x r)(r x d), added
 //                                                            to the output (gemm_nn)
-//   BM_ThinProduct_dyTxV_<eigen|kernel>/...                  dy^T (x V) (d x N)(N x r): dU,
-//                                                            written as dU^T (gemm_tn)
+//   BM_ThinProduct_dyTxV_<eigen|kernel>/...                  dy^T (x V) (d x N)(N x r): dU
+//                                                            (gemm_tn; as dU^T where r is
+//                                                            not whole SIMD packets, as the
+//                                                            layer does)
 //
 // The kernel side gets U^T, V^T already transposed (the layer transposes them once per
 // step); the Eigen side takes the row-major factors as they are, with its best layout for
@@ -42,7 +44,8 @@ void thin_product(benchmark::State& state) {
     const Index d = state.range(0), n = state.range(1), r = state.range(2);
     const Mat x = gaussian(n, d, 1), v = gaussian(d, r, 2), u = gaussian(d, r, 3), xv = gaussian(n, r, 4);
     const Mat vt = v.transpose(), ut = u.transpose();
-    Mat out_nr(n, r), out_nd = Mat::Zero(n, d), dut(r, d);
+    Mat out_nr(n, r), out_nd = Mat::Zero(n, d), dut(r, d), du_rows(d, r);
+    const bool direct = r % lowrank::linalg::detail::kPacket<float> == 0;
     ColMat du(d, r);
     auto once = [&] {
         if constexpr (P == Product::xv) {
@@ -59,8 +62,12 @@ void thin_product(benchmark::State& state) {
             benchmark::DoNotOptimize(out_nd.data());
         } else {
             if constexpr (Kernel) {
-                lowrank::linalg::gemm_tn<float>(dut, xv, x, 1.0f, false);
+                if (direct)
+                    lowrank::linalg::gemm_tn<float>(du_rows, x, xv, 1.0f, false);
+                else
+                    lowrank::linalg::gemm_tn<float>(dut, xv, x, 1.0f, false);
                 benchmark::DoNotOptimize(dut.data());
+                benchmark::DoNotOptimize(du_rows.data());
             } else {
                 du.noalias() = x.transpose() * xv;
                 benchmark::DoNotOptimize(du.data());
